@@ -1,0 +1,264 @@
+"""Vision Transformer shared by every mimar method.
+
+One ViT whose switches cover the variants the papers use (SimMIM/EVA mask token, MAE-style
+token dropping, AIM's bias-free prefix-causal trunk, D-iGPT's block-causal mask) instead of
+one ViT per paper. Weight names follow timm's ``VisionTransformer`` (``patch_embed.proj``,
+``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.ls1.gamma``, ``norm``...),
+so ``mimar export`` hands the weights to timm with no key surgery.
+
+Attention uses ``F.scaled_dot_product_attention`` and accepts a mask: boolean (True =
+*allowed*, SDPA's convention) or additive float, shaped ``(N, N)``, ``(B, N, N)`` or
+``(B, 1, N, N)`` over the full token sequence (prefix tokens included).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import DropPath, trunc_normal_
+from torch import nn
+
+from mimar.nn import sincos_pos_embed_2d
+
+
+@dataclass(frozen=True, kw_only=True)
+class ViTConfig:
+    name: Literal["vit"] = "vit"
+    img_size: int = 224
+    patch_size: int = 16
+    in_chans: int = 3
+    embed_dim: int = 768
+    depth: int = 12
+    num_heads: int = 12
+    mlp_ratio: float = 4.0
+    qkv_bias: bool = True  # SimMIM/EVA: q and v biases (a k bias is softmax-invariant)
+    proj_bias: bool = True  # False for AIM (no biases in attention proj and MLP)
+    class_token: bool = True
+    pos_embed: Literal["learn", "sincos", "none"] = "learn"
+    init_values: float | None = None  # LayerScale; SimMIM ViT-B uses 0.1
+    drop_path_rate: float = 0.0
+    use_mask_token: bool = False  # learnable token that replaces hidden patches (SimMIM, EVA)
+    fix_init: bool = False  # BEiT/SimMIM: divide proj/fc2 of block l by sqrt(2 l)
+    norm_eps: float = 1e-6
+
+    def __post_init__(self) -> None:
+        if self.img_size % self.patch_size:
+            raise ValueError(
+                f"backbone.img_size={self.img_size} is not divisible by "
+                f"backbone.patch_size={self.patch_size}"
+            )
+        if self.embed_dim % self.num_heads:
+            raise ValueError(
+                f"backbone.embed_dim={self.embed_dim} is not divisible by "
+                f"backbone.num_heads={self.num_heads}"
+            )
+        if self.pos_embed == "sincos" and self.embed_dim % 4:
+            raise ValueError("backbone.pos_embed=sincos needs embed_dim divisible by 4")
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int, bias: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(hidden, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int, init_values: float) -> None:
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), init_values))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Block(nn.Module):
+    """Pre-norm block: ``x += Attn(LN(x)); x += MLP(LN(x))`` with optional LayerScale."""
+
+    def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
+        super().__init__()
+        dim = cfg.embed_dim
+        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.proj_bias)
+        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
+        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.proj_bias)
+        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
+        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))
+        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        p = cfg.patch_size
+        self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=p, stride=p)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)  # (B, N, D), row-major grid
+
+
+class ViT(nn.Module):
+    """ViT implementing the Backbone contract of ``mimar.backbones.base``."""
+
+    def __init__(self, cfg: ViTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.embed_dim, self.num_layers = cfg.embed_dim, cfg.depth
+        self.patch_size = self.out_stride = cfg.patch_size
+        self.in_chans, self.img_size = cfg.in_chans, cfg.img_size
+        self.grid_size = cfg.img_size // cfg.patch_size
+        self.num_patches = self.grid_size**2
+        self.num_prefix_tokens = int(cfg.class_token)
+
+        self.patch_embed = PatchEmbed(cfg)
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
+        self.mask_token = (
+            nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.use_mask_token else None
+        )
+        embed_len = self.num_patches + self.num_prefix_tokens
+        if cfg.pos_embed == "none":
+            self.pos_embed = None
+        else:
+            # A fixed sin-cos table is a frozen Parameter (not a buffer) so that it is saved
+            # under timm's name ``pos_embed`` and exports as-is.
+            self.pos_embed = nn.Parameter(
+                torch.zeros(1, embed_len, cfg.embed_dim),
+                requires_grad=cfg.pos_embed == "learn",
+            )
+        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth rule
+        self.blocks = nn.ModuleList(Block(cfg, dpr[i]) for i in range(cfg.depth))
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        self.apply(_init_module)
+        for token in (self.cls_token, self.mask_token):
+            if token is not None:
+                _trunc_normal(token)
+        if self.pos_embed is not None:
+            if self.cfg.pos_embed == "sincos":
+                table = sincos_pos_embed_2d(self.cfg.embed_dim, self.grid_size)
+                self.pos_embed[:, self.num_prefix_tokens :] = table  # class-token row stays 0
+            else:
+                _trunc_normal(self.pos_embed)
+        if self.cfg.fix_init:
+            for layer, block in enumerate(self.blocks, start=1):
+                block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
+                block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+
+    def embed(
+        self,
+        images: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        keep_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Patch embedding, mask token, class token, position embedding and token dropping.
+
+        Args:
+            images: ``(B, C, H, W)``.
+            mask: bool ``(B, N)``, True = hidden: its patch embedding is replaced by the mask
+                token *before* position information is added (SimMIM §2.2, EVA §3.1).
+            keep_ids: long ``(B, n)`` indices of the patches to keep (MAE-style dropping);
+                the others are removed after the position embedding is added.
+        Returns:
+            ``(B, P + N, D)`` or ``(B, P + n, D)`` tokens.
+        """
+        x = self.patch_embed(images)  # (B, N, D)
+        B, N, D = x.shape
+        if mask is not None:
+            if self.mask_token is None:
+                raise ValueError("this ViT has no mask token: set backbone.use_mask_token=true")
+            if mask.shape != (B, N):
+                raise ValueError(f"mask must be (B, N) = {(B, N)}, got {tuple(mask.shape)}")
+            w = mask.unsqueeze(-1).to(x.dtype)  # (B, N, 1)
+            x = x * (1 - w) + self.mask_token.to(x.dtype) * w
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
+        if self.pos_embed is not None:
+            x = x + self.pos_embed.to(x.dtype)
+        if keep_ids is not None:
+            P = self.num_prefix_tokens
+            index = keep_ids.unsqueeze(-1).expand(-1, -1, D)  # (B, n, D)
+            x = torch.cat([x[:, :P], torch.gather(x[:, P:], 1, index)], dim=1)
+        return x
+
+    def forward(
+        self,
+        images: torch.Tensor,
+        *,
+        mask: torch.Tensor | None = None,
+        keep_ids: torch.Tensor | None = None,
+        attn_mask: torch.Tensor | None = None,
+        return_layers: tuple[int, ...] = (),
+    ) -> dict:
+        x = self.embed(images, mask, keep_ids)  # (B, P + N, D)
+        if attn_mask is not None and attn_mask.dim() == 3:
+            attn_mask = attn_mask.unsqueeze(1)  # (B, 1, N, N): broadcast over heads
+        for i in return_layers:
+            if not -self.num_layers <= i < self.num_layers:
+                raise ValueError(f"layer {i} out of range for a ViT of depth {self.num_layers}")
+        wanted = {i % self.num_layers for i in return_layers}
+        layers = {}
+        for i, block in enumerate(self.blocks):
+            x = block(x, attn_mask)
+            if i in wanted:
+                layers[i] = x
+        out = {"tokens": self.norm(x)}  # (B, P + N, D)
+        if return_layers:
+            out["layers"] = [layers[i % self.num_layers] for i in return_layers]
+        return out
+
+    def layer_id(self, name: str) -> int:
+        """BEiT/MAE layer-decay ids: embeddings 0, block i -> i + 1, the rest L + 1."""
+        if name.startswith(("patch_embed", "cls_token", "mask_token", "pos_embed")):
+            return 0
+        if name.startswith("blocks."):
+            return int(name.split(".")[1]) + 1
+        return self.num_layers + 1
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "mask_token", "pos_embed"}
+
+
+def _init_module(m: nn.Module) -> None:
+    # Truncated normal, std 0.02 cut at +-1 std, as SimMIM/EVA do (METHODS.md §10.7-8); zero biases.
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        _trunc_normal(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
+    trunc_normal_(t, std=std, a=-std, b=std)

@@ -1,0 +1,150 @@
+"""``mimar pretrain | eval | export | visualize``: the command line.
+
+Errors a user can fix (bad config keys, missing data or checkpoints) are printed as one
+line, never as a traceback; ``MIMAR_DEBUG=1`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    _setup_logging()
+    try:
+        return args.func(args)
+    except USER_ERRORS as err:
+        if os.environ.get("MIMAR_DEBUG"):
+            raise
+        print(f"mimar {args.command}: error: {err}", file=sys.stderr)
+        return 2
+
+
+def cmd_pretrain(args) -> int:
+    from mimar.config import load_config
+    from mimar.engine.loop import NonFiniteLoss, train
+
+    cfg = load_config(args.config, args.overrides)
+    run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
+        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, "
+                         "or choose another --run-dir")
+    try:
+        result = train(cfg, run_dir, resume=args.resume)
+    except NonFiniteLoss as err:
+        print(f"mimar pretrain: {err}", file=sys.stderr)
+        return 3
+    if result.stopped_by:
+        print(f"stopped by {result.stopped_by} after step {result.step}; checkpoint saved. "
+              f"Continue with: mimar pretrain {args.config} ... --run-dir {run_dir} --resume",
+              file=sys.stderr)
+        return 0
+    print(f"run folder: {run_dir}")
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from mimar.evaluation.runner import evaluate
+
+    evaluate(
+        args.protocols, args.checkpoint, layer=args.layer, pool=args.pool, data_root=args.data,
+        max_train=args.max_train, max_test=args.max_test, baselines=args.baselines,
+        batch_size=args.batch_size, k=args.k, epochs=args.epochs,
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    from mimar.export import export_timm
+    from mimar.loading import load_backbone
+
+    out, meta = export_timm(load_backbone(args.checkpoint), args.out)
+    print(f"wrote {out} and {meta}")
+    return 0
+
+
+def cmd_visualize(args) -> int:
+    import torch
+
+    from mimar.data import iterate_eval_batches, load_images
+    from mimar.loading import load_method
+    from mimar.viz import save_reconstruction
+
+    cfg, method = load_method(args.checkpoint)
+    if not hasattr(method, "visualize"):
+        raise ValueError(f"{type(method).__name__} has no reconstruction picture")
+    data = cfg.data if args.data is None else replace(cfg.data, root=args.data)
+    images = load_images(replace(data, max_images=args.num), args.split)
+    batch, _ = next(iter(iterate_eval_batches(images, data.img_size, args.num)))
+    generator = torch.Generator().manual_seed(args.seed)
+    path = save_reconstruction(method, batch, args.out, mean=images.mean, std=images.std,
+                               generator=generator)
+    print(f"wrote {path}")
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mimar", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    pre = sub.add_parser("pretrain", help="pretrain a backbone with a recipe")
+    pre.add_argument("config", help="recipe YAML, e.g. configs/simmim/vit_tiny_fmnist.yaml")
+    pre.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
+    pre.add_argument("--run-dir", help="run folder (default runs/<recipe>-<time>)")
+    pre.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    pre.set_defaults(func=cmd_pretrain)
+
+    ev = sub.add_parser("eval", help="evaluate a frozen backbone (kNN, linear probe)")
+    ev.add_argument("protocols", nargs="+", choices=["knn", "linear"], metavar="PROTOCOL",
+                    help="knn and/or linear")
+    ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    ev.add_argument("--layer", type=int, default=None, help="block index (default: final)")
+    ev.add_argument("--pool", choices=["avg", "cls"], default="avg")
+    ev.add_argument("--data", default=None, help="data root (default: the run's data.root)")
+    ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
+    ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
+    ev.add_argument("--baselines", action="store_true",
+                    help="also evaluate raw pixels and the randomly initialised backbone")
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    ev.add_argument("--epochs", type=int, default=30, help="linear-probe epochs")
+    ev.set_defaults(func=cmd_eval)
+
+    ex = sub.add_parser("export", help="export the backbone to another library")
+    ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    ex.add_argument("--format", choices=["timm"], default="timm")
+    ex.add_argument("--out", required=True, help="FILE.safetensors (FILE.json is written beside)")
+    ex.set_defaults(func=cmd_export)
+
+    vi = sub.add_parser("visualize", help="draw original / masked / reconstruction rows")
+    vi.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    vi.add_argument("--out", required=True, help="output PNG")
+    vi.add_argument("--data", default=None, help="data root (default: the run's data.root)")
+    vi.add_argument("--split", choices=["train", "test"], default="test")
+    vi.add_argument("--num", type=int, default=8, help="number of images")
+    vi.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
+    vi.set_defaults(func=cmd_visualize)
+    return p
+
+
+def _setup_logging() -> None:
+    rank = int(os.environ.get("RANK", "0"))
+    logging.basicConfig(
+        level=logging.INFO if rank == 0 else logging.WARNING,
+        format="%(asctime)s %(message)s",
+        datefmt="%H:%M:%S",
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,246 @@
+"""Typed configuration: frozen dataclasses, YAML recipes and dotted command-line overrides.
+
+A recipe maps 1:1 onto :class:`PretrainConfig`. Unknown keys and wrongly typed values are
+errors that name the key, the expected type and close matches. A recipe may name one
+``base:`` recipe (path relative to itself) whose values it overrides; no other logic.
+``method`` and ``backbone`` sections pick their dataclass by their ``name`` key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+import yaml
+
+from mimar.backbones.swin import SwinConfig
+from mimar.backbones.vit import ViTConfig
+from mimar.data import DataConfig
+from mimar.methods.simmim import SimMIMConfig
+
+METHOD_CONFIGS = {"simmim": SimMIMConfig}
+BACKBONE_CONFIGS = {"vit": ViTConfig, "swin": SwinConfig}
+
+
+class ConfigError(ValueError):
+    """A recipe or override that does not fit the typed configuration."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class OptimConfig:
+    lr: float | None = None  # absolute peak lr; None -> base_lr * global batch / base_batch_size
+    base_lr: float = 1e-4  # SimMIM: lrs are per 512 images and scaled linearly (§2.5)
+    base_batch_size: int = 512
+    betas: tuple[float, float] = (0.9, 0.999)
+    eps: float = 1e-8
+    weight_decay: float = 0.05
+    warmup_steps: int | None = None  # None -> warmup_fraction of train.steps
+    warmup_fraction: float = 0.05
+    min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
+    clip_grad: float | None = 5.0  # SimMIM §2.5; None or 0 disables clipping
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainConfig:
+    steps: int = 1000  # optimizer steps
+    log_every: int = 1
+    checkpoint_every: int = 500  # periodic checkpoints/step_XXXXXXX.pt; last.pt is always kept
+    accum_steps: int = 1  # gradient accumulation: micro-batches of data.batch_size per step
+    precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast (also on CPU)
+    seed: int = 0
+    device: str = "auto"  # auto -> cuda when available (the local rank's GPU), else cpu
+    threads: int = 0  # torch CPU threads; 0 leaves PyTorch's default
+    progress: bool = True  # rich progress bar (rank 0, interactive terminals)
+
+
+@dataclass(frozen=True, kw_only=True)
+class PretrainConfig:
+    method: Any = field(default_factory=SimMIMConfig)
+    backbone: Any = field(default_factory=ViTConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def __post_init__(self) -> None:
+        b, d = self.backbone, self.data
+        if b.in_chans != d.in_chans:
+            raise ConfigError(
+                f"backbone.in_chans={b.in_chans} but data.in_chans={d.in_chans}: set both equal"
+            )
+        if b.img_size != d.img_size:
+            raise ConfigError(
+                f"backbone.img_size={b.img_size} but data.img_size={d.img_size}: set both equal"
+            )
+        for key in ("steps", "log_every", "accum_steps"):
+            if getattr(self.train, key) < 1:
+                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
+    """Read a YAML recipe, apply ``dotted.key=value`` overrides, return the typed config."""
+    raw = _read_recipe(Path(path))
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        if not sep or not key:
+            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
+        _set_dotted(raw, key.strip().split("."), yaml.safe_load(text) if text else "")
+    return from_dict(raw)
+
+
+def from_dict(raw: dict) -> PretrainConfig:
+    try:
+        return _build(PretrainConfig, raw, "")
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from None
+
+
+def to_dict(cfg: Any) -> Any:
+    """Plain YAML-able structure (tuples as lists)."""
+    if dataclasses.is_dataclass(cfg):
+        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
+    if isinstance(cfg, (tuple, list)):
+        return [to_dict(v) for v in cfg]
+    return cfg
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+def _read_recipe(path: Path, depth: int = 0) -> dict:
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    if depth:
+        raise ConfigError(f"{path}: only one level of 'base:' is allowed")
+    merged = _read_recipe(path.parent / base, depth + 1)
+    _merge(merged, raw)
+    return merged
+
+
+def _merge(into: dict, new: dict) -> None:
+    for key, value in new.items():
+        if isinstance(value, dict) and isinstance(into.get(key), dict):
+            # A section that switches its dataclass (method/backbone name) starts afresh.
+            if "name" in value and value["name"] != into[key].get("name"):
+                into[key] = {}
+            _merge(into[key], value)
+        else:
+            into[key] = value
+
+
+def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
+    node = raw
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError(f"cannot set {'.'.join(keys)}: {key} is not a section")
+    node[keys[-1]] = value
+
+
+def _section_class(cls: type, name: str, raw: Any, path: str) -> type:
+    registry = {"method": METHOD_CONFIGS, "backbone": BACKBONE_CONFIGS}.get(name)
+    if registry is None:
+        return cls
+    kind = raw.get("name") if isinstance(raw, dict) else None
+    if kind is None:
+        kind = next(iter(registry))
+    if kind not in registry:
+        raise ConfigError(
+            f"{path}.name: unknown {name} {kind!r}; choose one of {sorted(registry)}"
+        )
+    return registry[kind]
+
+
+def _build(cls: type, raw: Any, path: str) -> Any:
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path or 'config'}: expected a section (mapping), got {raw!r}")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in raw.items():
+        full = f"{path}.{key}" if path else key
+        if key not in names:
+            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f"; did you mean {' or '.join(close)}?" if close else ""
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(names)})")
+        kind = hints[key]
+        if dataclasses.is_dataclass(kind) or kind is Any:
+            sub = _section_class(kind, key, value, full) if not path else kind
+            kwargs[key] = _build(sub, value, full)
+        else:
+            kwargs[key] = _coerce(value, kind, full)
+    for key in names:
+        kind = hints[key]
+        if key not in kwargs and kind is Any and not path:
+            kwargs[key] = _build(_section_class(kind, key, {}, key), {}, key)
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as err:
+        raise ConfigError(f"{path or 'config'}: {err}") from None
+
+
+def _coerce(value: Any, kind: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``kind``; convert ints to floats, lists to tuples."""
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key)
+            except ConfigError as err:
+                errors.append(err)
+        raise errors[0]
+    if origin is Literal:
+        if value in args:
+            return value
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{key}: expected a list for {_type_name(kind)}, got {value!r}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0], key) for v in value)
+        if len(value) != len(args):
+            raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(kind)}), got {value!r}")
+        return tuple(_coerce(v, a, key) for v, a in zip(value, args))
+    if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    if kind is float and isinstance(value, str):  # YAML 1.1 reads "2e-4" as a string
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    if kind is Any or (isinstance(kind, type) and isinstance(value, kind)):
+        if kind is int and isinstance(value, bool):
+            raise ConfigError(f"{key}: expected int, got {value!r} (bool)")
+        return value
+    raise ConfigError(
+        f"{key}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})"
+    )
+
+
+def _type_name(kind: Any) -> str:
+    if isinstance(kind, type):
+        return kind.__name__
+    return str(kind).replace("typing.", "")

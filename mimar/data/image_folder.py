@@ -1,0 +1,194 @@
+"""A folder of image files, decoded once with PIL into an in-memory uint8 tensor.
+
+Every image is converted to the requested channels, resized so its shorter side is
+``img_size`` and center-cropped to a square at load time. Holding the decoded split in memory
+is meant for small and medium folders (a 100k-image folder at 64 px RGB is ~1.2 GB); a
+streaming reader for ImageNet-scale data would be a separate source.
+
+Layout: ``root/train`` and ``root/val`` (or ``root/test``) are the splits when present, else
+``root`` itself is the train split. Inside a split, if every image sits in a first-level
+sub-folder, the sorted sub-folder names are the classes (torchvision ImageFolder
+convention); otherwise the images are unlabelled. Files and folders whose names start with
+"." are ignored (editor and notebook checkpoints).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from mimar.data.config import DataConfig
+from mimar.data.image_set import IMAGENET_MEAN, IMAGENET_STD, ImageSet, match_stats
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+_SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
+
+
+def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
+    """Decode every image of one split; see the module docstring for the layout."""
+    folder = split_folder(Path(cfg.root), split)
+    paths = list_images(folder)
+    if not paths:
+        raise FileNotFoundError(
+            f"no images found under {folder}: expected files with extensions "
+            f"{', '.join(IMAGE_EXTENSIONS)} (any case), directly or in class sub-folders"
+        )
+    classes, labels = _class_labels(folder, paths, _reference_classes(Path(cfg.root), split))
+    if cfg.max_images and len(paths) > cfg.max_images:
+        # Files are sorted by class folder, so the first max_images would cover only the first
+        # classes; an evenly spaced subset keeps them all. Skipped files still count.
+        picks = [i * len(paths) // cfg.max_images for i in range(cfg.max_images)]
+        paths = [paths[i] for i in picks]
+        labels = [labels[i] for i in picks] if labels else labels
+    arrays, bad = _decode_all(paths, cfg.img_size, cfg.in_chans, cfg.num_workers)
+    if bad and cfg.on_bad_image == "error":
+        path, error = bad[0]
+        raise ValueError(
+            f"cannot decode image {path}: {error} "
+            f"(set data.on_bad_image=skip to skip unreadable files)"
+        )
+    if bad:
+        shown = ", ".join(str(path) for path, _ in bad[:3])
+        more = " ..." if len(bad) > 3 else ""
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image(s) under {folder}: {shown}{more}", stacklevel=3
+        )
+    good = [i for i, array in enumerate(arrays) if array is not None]
+    if not good:
+        raise ValueError(f"every image under {folder} was unreadable ({len(bad)} files)")
+    images = torch.from_numpy(np.stack([arrays[i] for i in good]))  # (N, H, W, C)
+    return ImageSet(
+        images=images.permute(0, 3, 1, 2).contiguous(),  # (N, C, H, W)
+        labels=torch.tensor([labels[i] for i in good], dtype=torch.long) if classes else None,
+        classes=classes,
+        mean=match_stats(IMAGENET_MEAN, cfg.in_chans),
+        std=match_stats(IMAGENET_STD, cfg.in_chans),
+        skipped=len(bad),
+        source=f"image folder {split} ({len(good)} images, {len(bad)} skipped) from {folder}",
+    )
+
+
+def split_folder(root: Path, split: str) -> Path:
+    """The folder holding ``split``: root/train | root, and root/val | root/test."""
+    if not root.is_dir():
+        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+    held_out = [root / name for name in ("val", "test") if (root / name).is_dir()]
+    if split == "train":
+        if (root / "train").is_dir():
+            return root / "train"
+        if held_out:  # root itself would also contain the held-out images
+            raise FileNotFoundError(
+                f"{root} has a {held_out[0].name}/ split but no train/ folder; put the "
+                f"training images in {root / 'train'}"
+            )
+        return root
+    if held_out:
+        return held_out[0]
+    raise FileNotFoundError(
+        f"no {split} split in image folder {root}: expected {root / 'val'} or {root / 'test'}"
+    )
+
+
+def list_images(folder: Path) -> list[Path]:
+    """All image files under ``folder`` (recursive), sorted by relative path."""
+    paths = [
+        path
+        for path in folder.rglob("*")
+        if path.suffix.lower() in IMAGE_EXTENSIONS
+        and path.is_file()
+        and not any(part.startswith(".") for part in path.relative_to(folder).parts)
+    ]
+    return sorted(paths, key=lambda path: path.relative_to(folder).as_posix())
+
+
+def decode_image(path: Path, size: int, in_chans: int) -> np.ndarray:
+    """Decode one file to uint8 ``(size, size, in_chans)``: convert, resize short side, crop."""
+    with Image.open(path) as img:
+        img.load()
+        img = _convert(img, "L" if in_chans == 1 else "RGB")
+        img = _resize_center_crop(img, size)
+        array = np.asarray(img, dtype=np.uint8)
+    return array[:, :, None] if array.ndim == 2 else array
+
+
+def _convert(img: Image.Image, mode: str) -> Image.Image:
+    if img.mode in _SIXTEEN_BIT_MODES:  # PIL's convert would clip at 255; rescale instead
+        img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
+    if img.mode == "P":  # via RGBA so palette transparency is read without a PIL warning
+        img = img.convert("RGBA")
+    if img.mode not in ("L", "RGB"):  # CMYK, RGBA, LA, 1, YCbCr, ...: alpha is dropped
+        img = img.convert("RGB")
+    return img.convert(mode)
+
+
+def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
+    width, height = img.size
+    scale = size / min(width, height)
+    new_w, new_h = max(size, round(width * scale)), max(size, round(height * scale))
+    if (new_w, new_h) != (width, height):
+        img = img.resize((new_w, new_h), Image.Resampling.BILINEAR)  # PIL antialiases
+    left, top = (new_w - size) // 2, (new_h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+def _class_labels(
+    folder: Path, paths: list[Path], reference: list[str] | None
+) -> tuple[list[str] | None, list[int]]:
+    """Classes from first-level sub-folders when every image has one, else (None, [])."""
+    parts = [path.relative_to(folder).parts for path in paths]
+    if any(len(p) < 2 for p in parts):
+        return None, []
+    found = sorted({p[0] for p in parts})
+    # A held-out split missing some classes must still index them like the train split.
+    classes = reference if reference and set(found) <= set(reference) else found
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [index[p[0]] for p in parts]
+
+
+def _reference_classes(root: Path, split: str) -> list[str] | None:
+    train = root / "train"
+    if split == "train" or not train.is_dir():
+        return None
+    return sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+
+
+class _DecodeFiles(Dataset):
+    """Decodes by index so a DataLoader can spread the work over processes."""
+
+    def __init__(self, paths: list[Path], size: int, in_chans: int) -> None:
+        self.paths, self.size, self.in_chans = paths, size, in_chans
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> np.ndarray | str:
+        try:
+            return decode_image(self.paths[i], self.size, self.in_chans)
+        except Exception as err:  # PIL raises many types for damaged files
+            return f"{type(err).__name__}: {err}"
+
+
+def _unchanged(item: np.ndarray | str) -> np.ndarray | str:
+    return item
+
+
+def _decode_all(
+    paths: list[Path], size: int, in_chans: int, num_workers: int
+) -> tuple[list[np.ndarray | None], list[tuple[Path, str]]]:
+    """Decoded arrays aligned with ``paths`` (None where unreadable) and the failures."""
+    files = _DecodeFiles(paths, size, in_chans)
+    loader = DataLoader(files, batch_size=None, num_workers=num_workers, collate_fn=_unchanged)
+    arrays: list[np.ndarray | None] = []
+    bad: list[tuple[Path, str]] = []
+    for path, item in zip(paths, loader, strict=True):
+        if isinstance(item, str):
+            bad.append((path, item))
+            arrays.append(None)
+        else:
+            arrays.append(item)
+    return arrays, bad

@@ -1,0 +1,325 @@
+"""Tests for mimar.evaluation: feature extraction, weighted kNN, linear probe, reporting."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+from rich.console import Console
+from torch import nn
+
+from mimar.evaluation import (
+    extract_features,
+    knn_classify,
+    knn_predict,
+    linear_probe,
+    print_results,
+    results_table,
+    write_json,
+)
+from mimar.evaluation.linear import _train_heads
+
+# --------------------------------------------------------------------------- feature extraction
+
+
+class TinyBackbone(nn.Module):
+    """Backbone-contract toy with outputs computable by hand.
+
+    Identity patch embed (2x2 patches of a 3x4x4 image -> 4 tokens of width 12), prefix tokens
+    filled with 100, block i adds i + 1 to every token, the "final norm" halves the tokens.
+    """
+
+    patch_size = out_stride = 2
+    in_chans = 3
+    img_size = 4
+    num_layers = 3
+    embed_dim = 12
+
+    def __init__(self, num_prefix_tokens: int = 1):
+        super().__init__()
+        self.num_prefix_tokens = num_prefix_tokens
+        self.patch_embed = nn.Linear(12, 12, bias=False)
+        with torch.no_grad():
+            self.patch_embed.weight.copy_(torch.eye(12))
+        self.calls: list[tuple[bool, bool]] = []  # (training, inference mode) seen per forward
+
+    def forward(self, images, *, mask=None, keep_ids=None, attn_mask=None, return_layers=()):
+        self.calls.append((self.training, torch.is_inference_mode_enabled()))
+        B = images.shape[0]
+        patches = images.unfold(2, 2, 2).unfold(3, 2, 2)  # (B, C, 2, 2, p, p)
+        patches = patches.permute(0, 2, 3, 1, 4, 5).reshape(B, 4, 12)  # (B, N, C*p*p)
+        x = self.patch_embed(patches)  # (B, N, D)
+        prefix = torch.full((B, self.num_prefix_tokens, 12), 100.0, device=x.device)
+        x = torch.cat([prefix, x], dim=1)  # (B, P+N, D)
+        layers = []
+        for i in range(self.num_layers):
+            x = x + (i + 1)
+            layers.append(x)
+        out = {"tokens": 0.5 * x}
+        if return_layers:
+            out["layers"] = [layers[i] for i in return_layers]
+        return out
+
+    def layer_id(self, name: str) -> int:
+        return 0
+
+    def no_weight_decay(self) -> set[str]:
+        return set()
+
+
+def _patch_mean(images: torch.Tensor) -> torch.Tensor:
+    """Mean of the flattened 2x2 patches, patchified by reshape (independent of the unfold)."""
+    B = images.shape[0]
+    patches = images.reshape(B, 3, 2, 2, 2, 2).permute(0, 2, 4, 1, 3, 5).reshape(B, 4, 12)
+    return patches.mean(dim=1)  # (B, 12)
+
+
+@pytest.fixture
+def image_batches():
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(5, 3, 4, 4, generator=gen)
+    labels = torch.tensor([3, 1, 4, 1, 5])
+    return images, labels, [(images[:3], labels[:3]), (images[3:], labels[3:])]
+
+
+def test_extract_avg_excludes_prefix_and_matches_hand_mean(image_batches):
+    images, labels, batches = image_batches
+    feats, got_labels = extract_features(TinyBackbone(), batches)
+    assert feats.shape == (5, 12) and feats.dtype == torch.float32
+    # final tokens = 0.5 * (patch + 1 + 2 + 3); the class token (100) must not leak in
+    torch.testing.assert_close(feats, 0.5 * (_patch_mean(images) + 6))
+    assert torch.equal(got_labels, labels)
+    assert not feats.is_inference()  # usable in autograd by the probes
+
+
+def test_extract_cls_and_layer_taps(image_batches):
+    images, _, batches = image_batches
+    backbone = TinyBackbone()
+    cls_final, _ = extract_features(backbone, batches, pool="cls")
+    torch.testing.assert_close(cls_final, torch.full((5, 12), 0.5 * (100 + 6)))
+    cls_block1, _ = extract_features(backbone, batches, pool="cls", layer=1)
+    torch.testing.assert_close(cls_block1, torch.full((5, 12), 100.0 + 1 + 2))
+    avg_block0, _ = extract_features(backbone, batches, layer=0)
+    torch.testing.assert_close(avg_block0, _patch_mean(images) + 1)  # raw block 0, no norm
+    avg_last, _ = extract_features(backbone, batches, layer=-1)
+    torch.testing.assert_close(avg_last, _patch_mean(images) + 6)
+
+
+def test_extract_without_prefix_tokens(image_batches):
+    images, _, batches = image_batches
+    backbone = TinyBackbone(num_prefix_tokens=0)
+    feats, _ = extract_features(backbone, batches)
+    torch.testing.assert_close(feats, 0.5 * (_patch_mean(images) + 6))
+    with pytest.raises(ValueError, match="class token"):
+        extract_features(backbone, batches, pool="cls")
+    with pytest.raises(ValueError, match="pool"):
+        extract_features(backbone, batches, pool="max")  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_extract_runs_eval_inference_mode_and_restores_mode(image_batches, training):
+    _, _, batches = image_batches
+    backbone = TinyBackbone().train(training)
+    extract_features(backbone, batches)
+    assert backbone.calls == [(False, True), (False, True)]
+    assert backbone.training is training
+    with pytest.raises(RuntimeError):  # a failing forward still restores the mode
+        extract_features(backbone, [(torch.randn(2, 5, 4, 4), None)])
+    assert backbone.training is training
+
+
+def test_extract_labels_none_progress_and_generators(image_batches):
+    images, _, _ = image_batches
+    unlabelled = ((images[i : i + 2], None) for i in range(0, 5, 2))  # no __len__
+    feats, labels = extract_features(TinyBackbone(), unlabelled, progress=True)
+    assert feats.shape == (5, 12) and labels is None
+    feats, _ = extract_features(TinyBackbone(), [(images, None)], progress=True)
+    assert feats.shape == (5, 12)
+    with pytest.raises(ValueError, match="labels"):
+        extract_features(TinyBackbone(), [(images[:2], torch.tensor([0, 1])), (images[2:], None)])
+
+
+def test_extract_autocast_returns_float32(image_batches):
+    images, _, batches = image_batches
+    feats, _ = extract_features(TinyBackbone(), batches, autocast_dtype=torch.bfloat16)
+    assert feats.dtype == torch.float32
+    torch.testing.assert_close(feats, 0.5 * (_patch_mean(images) + 6), rtol=3e-2, atol=3e-2)
+
+
+# ------------------------------------------------------------------------------------------ kNN
+
+
+def _unit(degrees: float, norm: float = 1.0) -> list[float]:
+    rad = math.radians(degrees)
+    return [norm * math.cos(rad), norm * math.sin(rad)]
+
+
+# Class B (=1) sits at 0 deg, class A (=0) at +-60 deg and 180 deg. Norms differ on purpose:
+# the vote must use cosine similarity only.
+TOY_TRAIN = torch.tensor([_unit(0, 3.0), _unit(60, 0.5), _unit(-60, 2.0), _unit(180, 7.0)])
+TOY_LABELS = torch.tensor([1, 0, 0, 0])
+# Query at 0 deg: its 3 neighbours are B (cos 1) and A, A (cos 0.5 each).
+# Query at 180 deg: its 3 neighbours are A (cos 1), A, A (cos -0.5); always A.
+TOY_TEST = torch.tensor([_unit(0), _unit(180, 4.0)])
+TOY_TEST_LABELS = torch.tensor([1, 0])
+
+
+def _hand_vote_first_query(temperature: float) -> int:
+    vote_b = math.exp(1.0 / temperature)
+    vote_a = 2 * math.exp(0.5 / temperature)
+    return 1 if vote_b > vote_a else 0
+
+
+@pytest.mark.parametrize(
+    ("temperature", "expected"),
+    [
+        (0.07, 1),  # DINO temperature: the single very close B outweighs two As
+        (0.7, 1),  # just below the crossover T* = 0.5 / ln 2 ~ 0.721
+        (0.75, 0),  # just above it
+        (1e6, 0),  # weights ~ 1: plain majority vote, 2 As beat 1 B
+    ],
+)
+def test_knn_weighted_vote_matches_hand_computation(temperature, expected):
+    assert _hand_vote_first_query(temperature) == expected
+    preds = knn_predict(TOY_TRAIN, TOY_LABELS, TOY_TEST, k=3, temperature=temperature)
+    assert preds.tolist() == [expected, 0]
+    result = knn_classify(
+        TOY_TRAIN, TOY_LABELS, TOY_TEST, TOY_TEST_LABELS, k=3, temperature=temperature
+    )
+    assert result["top1"] == (100.0 if expected == 1 else 50.0)
+    assert result | {"top1": 0} == {
+        "top1": 0,
+        "k": 3,
+        "temperature": temperature,
+        "n_train": 4,
+        "n_test": 2,
+    }
+
+
+def test_knn_k_larger_than_train_and_chunking_agree():
+    gen = torch.Generator().manual_seed(0)
+    train, test = torch.randn(50, 8, generator=gen), torch.randn(37, 8, generator=gen)
+    labels = torch.randint(0, 5, (50,), generator=gen)
+    full = knn_predict(train, labels, test, k=7, chunk_size=1024)
+    assert torch.equal(knn_predict(train, labels, test, k=7, chunk_size=4), full)
+    # k capped at n_train: every query sees all 4 toy points
+    preds = knn_predict(TOY_TRAIN, TOY_LABELS, TOY_TEST, k=100, temperature=1e6)
+    assert preds.tolist() == [0, 0]  # 3 As vs 1 B for both queries
+
+
+def test_knn_separable_clusters_is_perfect():
+    gen = torch.Generator().manual_seed(0)
+    centers = 10 * torch.randn(5, 32, generator=gen)
+    train_labels = torch.arange(5).repeat_interleave(40)
+    test_labels = torch.arange(5).repeat_interleave(20)
+    train = centers[train_labels] + 0.5 * torch.randn(200, 32, generator=gen)
+    test = centers[test_labels] + 0.5 * torch.randn(100, 32, generator=gen)
+    result = knn_classify(train, train_labels, test, test_labels, k=20, chunk_size=16)
+    assert result["top1"] == 100.0
+    assert (result["n_train"], result["n_test"]) == (200, 100)
+
+
+# ------------------------------------------------------------------------------- linear probe
+
+
+def _clusters(n_per_class: int, gen: torch.Generator, centers: torch.Tensor):
+    labels = torch.arange(len(centers)).repeat_interleave(n_per_class)
+    feats = centers[labels] + torch.randn(len(labels), centers.shape[1], generator=gen)
+    return feats, labels
+
+
+def test_linear_probe_separable_data():
+    gen = torch.Generator().manual_seed(0)
+    centers = 4 * torch.randn(4, 16, generator=gen) + 3.0  # offset: standardisation matters
+    train_feats, train_labels = _clusters(200, gen, centers)
+    test_feats, test_labels = _clusters(100, gen, centers)
+    result = linear_probe(
+        train_feats, train_labels, test_feats, test_labels, epochs=10, batch_size=64
+    )
+    assert result["top1"] >= 99.0
+    assert result["best_lr"] in (1e-3, 3e-3, 1e-2, 3e-2)
+    assert set(result["val_top1"]) == {1e-3, 3e-3, 1e-2, 3e-2}
+    assert result["val_top1"][result["best_lr"]] == max(result["val_top1"].values())
+    assert result["epochs"] == 10
+
+
+def test_linear_probe_random_labels_is_near_chance_and_ignores_test_labels():
+    gen = torch.Generator().manual_seed(1)
+    train_feats, test_feats = torch.randn(2000, 16, generator=gen), torch.randn(2000, 16)
+    train_labels = torch.randint(0, 4, (2000,), generator=gen)
+    test_labels = torch.randint(0, 4, (2000,), generator=gen)
+    kwargs = {"epochs": 5, "batch_size": 128, "lrs": (1e-2, 1e-1)}
+    result = linear_probe(train_feats, train_labels, test_feats, test_labels, **kwargs)
+    assert 18.0 < result["top1"] < 32.0  # chance is 25 %
+    assert all(acc < 35.0 for acc in result["val_top1"].values())
+    assert result["best_lr"] in (1e-2, 1e-1)
+    # test labels never influence training or lr choice; a fixed seed repeats exactly
+    shuffled = test_labels[torch.randperm(2000, generator=gen)]
+    again = linear_probe(train_feats, train_labels, test_feats, shuffled, **kwargs)
+    assert again["val_top1"] == result["val_top1"] and again["best_lr"] == result["best_lr"]
+    same = linear_probe(train_feats, train_labels, test_feats, test_labels, **kwargs)
+    assert same == result
+
+
+def test_linear_heads_get_their_own_learning_rate():
+    # From zero init, AdamW moves each weight by ~lr per step, so with tiny lrs (gradients
+    # barely change) the head weight norms scale with their lr: 100x apart here.
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(256, 16, generator=gen), torch.randint(0, 3, (256,), generator=gen)
+    weight, bias = _train_heads(x, y, 3, (1e-6, 1e-4), 2, 0.0, 64, gen)
+    assert weight.shape == (2, 16, 3) and bias.shape == (2, 3)
+    ratio = weight[1].norm() / weight[0].norm()
+    assert 95.0 < ratio < 105.0
+
+
+def test_linear_probe_rejects_bad_arguments():
+    x, y = torch.randn(10, 4), torch.zeros(10, dtype=torch.long)
+    with pytest.raises(ValueError):
+        linear_probe(x, y, x, y, val_fraction=0.0)
+    with pytest.raises(ValueError):
+        linear_probe(x, y, x, y, lrs=())
+    with pytest.raises(ValueError):
+        linear_probe(x, y[:5], x, y)
+
+
+# ------------------------------------------------------------------------------------ reporting
+
+
+def test_results_table_and_print(capsys):
+    rows = [
+        {"model": "vit_tiny", "protocol": "knn", "layer": -1, "top-1": 71.234},
+        {"model": "vit_tiny", "protocol": "linear", "top1": 80.5, "notes": "lr 0.01"},
+    ]
+    table = results_table(rows, "IN-1k")
+    assert [column.header for column in table.columns] == [
+        "model",
+        "protocol",
+        "layer",
+        "top-1",
+        "notes",
+    ]
+    assert table.row_count == 2
+    assert list(table.columns[3].cells) == ["71.23", "80.50"]
+    assert list(table.columns[2].cells) == ["-1", ""]  # missing -> ""
+    assert list(table.columns[4].cells) == ["", "lr 0.01"]
+    print_results(rows, "IN-1k")
+    out = capsys.readouterr().out
+    assert "IN-1k" in out and "71.23" in out and "lr 0.01" in out
+    console = Console(record=True, width=100)
+    print_results([], "empty", console=console)
+    assert "top-1" in console.export_text()
+
+
+def test_write_json_is_atomic_and_round_trips(tmp_path):
+    path = tmp_path / "runs" / "eval" / "results.json"  # parents are created
+    payload = {"top1": 71.5, "val_top1": {"0.001": 70.0}, "feats": torch.tensor([1.0, 2.0])}
+    write_json(path, payload)
+    assert json.loads(path.read_text()) == payload | {"feats": [1.0, 2.0]}
+    write_json(path, {"top1": 72.0})  # overwrite
+    assert json.loads(path.read_text()) == {"top1": 72.0}
+    with pytest.raises(TypeError):
+        write_json(path, {"bad": object()})
+    assert json.loads(path.read_text()) == {"top1": 72.0}  # old content intact
+    assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp files left
