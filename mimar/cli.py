@@ -49,7 +49,8 @@ def cmd_pretrain(args) -> int:
               f"Continue with: mimar pretrain {args.config} ... --run-dir {run_dir} --resume",
               file=sys.stderr)
         return 0
-    print(f"run folder: {run_dir}")
+    if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
+        print(f"run folder: {run_dir}")
     return 0
 
 

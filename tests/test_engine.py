@@ -141,7 +141,7 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     assert pretrain(one, "train.steps=4") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--master-port", "0", "-m", "mimar.cli", "pretrain", *common, "--run-dir", str(two)]
+           "--standalone", "-m", "mimar.cli", "pretrain", *common, "--run-dir", str(two)]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     a, b = losses(one), losses(two)
