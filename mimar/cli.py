@@ -35,19 +35,24 @@ def cmd_pretrain(args) -> int:
     from mimar.engine.loop import NonFiniteLoss, train
 
     cfg = load_config(args.config, args.overrides)
-    run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{time.strftime('%Y%m%d-%H%M%S')}")
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{stamp}")
     if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise ValueError(f"{run_dir} already holds a run: pass --resume to continue it, "
-                         "or choose another --run-dir")
+        raise ValueError(
+            f"{run_dir} already holds a run: pass --resume to continue it, "
+            "or choose another --run-dir"
+        )
     try:
         result = train(cfg, run_dir, resume=args.resume)
     except NonFiniteLoss as err:
         print(f"mimar pretrain: {err}", file=sys.stderr)
         return 3
     if result.stopped_by:
-        print(f"stopped by {result.stopped_by} after step {result.step}; checkpoint saved. "
-              f"Continue with: mimar pretrain {args.config} ... --run-dir {run_dir} --resume",
-              file=sys.stderr)
+        print(
+            f"stopped by {result.stopped_by} after step {result.step}; checkpoint saved. "
+            f"Continue with: mimar pretrain {args.config} ... --run-dir {run_dir} --resume",
+            file=sys.stderr,
+        )
         return 0
     if os.environ.get("RANK", "0") == "0":  # torchrun: one line, not one per process
         print(f"run folder: {run_dir}")
@@ -58,9 +63,17 @@ def cmd_eval(args) -> int:
     from mimar.evaluation.runner import evaluate
 
     evaluate(
-        args.protocols, args.checkpoint, layer=args.layer, pool=args.pool, data_root=args.data,
-        max_train=args.max_train, max_test=args.max_test, baselines=args.baselines,
-        batch_size=args.batch_size, k=args.k, epochs=args.epochs,
+        args.protocols,
+        args.checkpoint,
+        layer=args.layer,
+        pool=args.pool,
+        data_root=args.data,
+        max_train=args.max_train,
+        max_test=args.max_test,
+        baselines=args.baselines,
+        batch_size=args.batch_size,
+        k=args.k,
+        epochs=args.epochs,
     )
     return 0
 
@@ -88,8 +101,9 @@ def cmd_visualize(args) -> int:
     images = load_images(replace(data, max_images=args.num), args.split)
     batch, _ = next(iter(iterate_eval_batches(images, data.img_size, args.num)))
     generator = torch.Generator().manual_seed(args.seed)
-    path = save_reconstruction(method, batch, args.out, mean=images.mean, std=images.std,
-                               generator=generator)
+    path = save_reconstruction(
+        method, batch, args.out, mean=images.mean, std=images.std, generator=generator
+    )
     print(f"wrote {path}")
     return 0
 
@@ -106,16 +120,24 @@ def _parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     ev = sub.add_parser("eval", help="evaluate a frozen backbone (kNN, linear probe)")
-    ev.add_argument("protocols", nargs="+", choices=["knn", "linear"], metavar="PROTOCOL",
-                    help="knn and/or linear")
+    ev.add_argument(
+        "protocols",
+        nargs="+",
+        choices=["knn", "linear"],
+        metavar="PROTOCOL",
+        help="knn and/or linear",
+    )
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     ev.add_argument("--layer", type=int, default=None, help="block index (default: final)")
     ev.add_argument("--pool", choices=["avg", "cls"], default="avg")
     ev.add_argument("--data", default=None, help="data root (default: the run's data.root)")
     ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
     ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
-    ev.add_argument("--baselines", action="store_true",
-                    help="also evaluate raw pixels and the randomly initialised backbone")
+    ev.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also evaluate raw pixels and the randomly initialised backbone",
+    )
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
     ev.add_argument("--epochs", type=int, default=30, help="linear-probe epochs")

@@ -161,9 +161,7 @@ def _section_class(cls: type, name: str, raw: Any, path: str) -> type:
     if kind is None:
         kind = next(iter(registry))
     if kind not in registry:
-        raise ConfigError(
-            f"{path}.name: unknown {name} {kind!r}; choose one of {sorted(registry)}"
-        )
+        raise ConfigError(f"{path}.name: unknown {name} {kind!r}; choose one of {sorted(registry)}")
     return registry[kind]
 
 
@@ -222,7 +220,9 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
-            raise ConfigError(f"{key}: expected {len(args)} values ({_type_name(kind)}), got {value!r}")
+            raise ConfigError(
+                f"{key}: expected {len(args)} values ({_type_name(kind)}), got {value!r}"
+            )
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
         return float(value)
@@ -235,9 +235,7 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
         if kind is int and isinstance(value, bool):
             raise ConfigError(f"{key}: expected int, got {value!r} (bool)")
         return value
-    raise ConfigError(
-        f"{key}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})"
-    )
+    raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})")
 
 
 def _type_name(kind: Any) -> str:

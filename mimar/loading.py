@@ -54,7 +54,7 @@ def load_backbone(source: str | Path) -> nn.Module:
     cfg, state = load_run(path)
     backbone = build_backbone(cfg.backbone)
     prefix = "backbone."
-    weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     backbone.load_state_dict(weights)
     return backbone.eval()
 

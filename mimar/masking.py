@@ -69,7 +69,8 @@ def avg_dist(mask: torch.Tensor) -> torch.Tensor:
             continue
         if len(visible) == 0:
             raise ValueError("avg_dist: every cell is hidden, no visible cell to measure from")
-        nearest = torch.cat([torch.cdist(chunk, visible).min(dim=1).values
-                             for chunk in hidden.split(4096)])
+        nearest = torch.cat(
+            [torch.cdist(chunk, visible).min(dim=1).values for chunk in hidden.split(4096)]
+        )
         results.append(nearest.mean())
     return torch.stack(results).mean()

@@ -20,8 +20,14 @@ def denormalize(images: torch.Tensor, mean, std) -> torch.Tensor:
 
 @torch.no_grad()
 def save_reconstruction(
-    method, images: torch.Tensor, path: str | Path, *, mean, std,
-    generator: torch.Generator | None = None, caption: str | None = None,
+    method,
+    images: torch.Tensor,
+    path: str | Path,
+    *,
+    mean,
+    std,
+    generator: torch.Generator | None = None,
+    caption: str | None = None,
 ) -> Path:
     """Ask ``method.visualize(images, generator)`` for rows and draw them as one grid.
 

@@ -5,10 +5,10 @@ import json
 import pytest
 import timm
 import torch
+from helpers import DEMO, TINY
 from safetensors.torch import load_file
 
 import mimar
-from helpers import DEMO, TINY
 from mimar.backbones.vit import ViT, ViTConfig
 from mimar.cli import main
 from mimar.export import export_timm
@@ -23,8 +23,7 @@ def run(tmp_path_factory):
 
 def _timm_from_export(path):
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0,
-                              **meta["kwargs"])
+    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["kwargs"])
     model.load_state_dict(load_file(path), strict=True)
     return model.eval()
 
@@ -50,9 +49,21 @@ def test_export_loads_into_timm_strictly_and_gives_the_same_features(run, tmp_pa
 
 def test_export_without_class_token_uses_mean_pooling_and_keeps_sincos_positions(tmp_path):
     torch.manual_seed(0)
-    vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=3, embed_dim=32, depth=2,
-                        num_heads=2, class_token=False, pos_embed="sincos", qkv_bias=False,
-                        proj_bias=False, init_values=0.1)).eval()
+    vit = ViT(
+        ViTConfig(
+            img_size=16,
+            patch_size=4,
+            in_chans=3,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            class_token=False,
+            pos_embed="sincos",
+            qkv_bias=False,
+            proj_bias=False,
+            init_values=0.1,
+        )
+    ).eval()
     path, meta_path = export_timm(vit, tmp_path / "aimlike.safetensors")
     assert json.loads(meta_path.read_text())["kwargs"]["global_pool"] == "avg"
     model = _timm_from_export(path)
@@ -70,8 +81,23 @@ def test_export_rejects_a_wrong_suffix(run, tmp_path, capsys):
 
 
 def test_eval_writes_json_with_baselines(run, capsys):
-    assert main(["eval", "knn", "linear", "--checkpoint", str(run), "--baselines",
-                 "--epochs", "3", "--layer", "1"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "knn",
+                "linear",
+                "--checkpoint",
+                str(run),
+                "--baselines",
+                "--epochs",
+                "3",
+                "--layer",
+                "1",
+            ]
+        )
+        == 0
+    )
     table = capsys.readouterr().out
     for name in ("raw pixels", "random init", "pretrained"):
         assert name in table

@@ -8,8 +8,16 @@ DEMO = "configs/simmim/vit_tiny_fmnist.yaml"
 
 
 def test_demo_recipe_loads_with_typed_overrides():
-    cfg = load_config(DEMO, ["train.steps=200", "optim.lr=2e-4", "data.root=/x",
-                             "data.scale=[0.5, 1]", "optim.clip_grad=null"])
+    cfg = load_config(
+        DEMO,
+        [
+            "train.steps=200",
+            "optim.lr=2e-4",
+            "data.root=/x",
+            "data.scale=[0.5, 1]",
+            "optim.clip_grad=null",
+        ],
+    )
     assert cfg.train.steps == 200 and cfg.optim.lr == 2e-4 and cfg.data.root == "/x"
     assert cfg.data.scale == (0.5, 1.0) and isinstance(cfg.data.scale[1], float)
     assert cfg.optim.clip_grad is None

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from helpers import DEMO, TINY, losses
+
 from mimar.cli import main
 from mimar.engine import checkpoint
 from mimar.engine.logger import MetricsLog
@@ -26,8 +26,13 @@ def pretrain(run_dir, *extra, resume=False):
 def test_pretrain_leaves_the_whole_run_folder(tmp_path):
     run = tmp_path / "run"
     assert pretrain(run, "train.steps=20") == 0
-    for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt",
-                 "checkpoints/step_0000005.pt", "reconstruction.png"):
+    for name in (
+        "config.yaml",
+        "metrics.jsonl",
+        "checkpoints/last.pt",
+        "checkpoints/step_0000005.pt",
+        "reconstruction.png",
+    ):
         assert (run / name).exists(), name
     rows = losses(run)
     assert sorted(rows) == list(range(1, 21))  # log_every defaults to 1
@@ -60,10 +65,20 @@ def test_resume_after_signal_logs_the_same_losses(tmp_path, monkeypatch):
 
 def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "mimar.cli", "pretrain", DEMO, *TINY, "train.steps=100000",
-           "--run-dir", str(run)]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "mimar.cli",
+        "pretrain",
+        DEMO,
+        *TINY,
+        "train.steps=100000",
+        "--run-dir",
+        str(run),
+    ]
+    proc = subprocess.Popen(
+        cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     metrics = run / "metrics.jsonl"
     deadline = time.time() + 120
     while time.time() < deadline and not (metrics.exists() and len(metrics.read_text()) > 0):
@@ -117,15 +132,33 @@ def test_param_groups_skip_decay_for_norms_biases_and_tokens():
     from mimar.backbones.vit import ViT, ViTConfig
     from mimar.methods.simmim import SimMIMConfig
 
-    vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                        num_heads=2, use_mask_token=True))
+    vit = ViT(
+        ViTConfig(
+            img_size=16,
+            patch_size=4,
+            in_chans=1,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            use_mask_token=True,
+        )
+    )
     groups = param_groups(SimMIM(SimMIMConfig(mask_patch_size=8), vit), 0.05)
     decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}
-    assert {"backbone.pos_embed", "backbone.cls_token", "backbone.mask_token",
-            "backbone.norm.weight", "backbone.blocks.0.attn.qkv.bias", "head.conv.bias"} <= no_decay
-    assert {"backbone.blocks.0.attn.qkv.weight", "head.conv.weight",
-            "backbone.patch_embed.proj.weight"} <= decay
+    assert {
+        "backbone.pos_embed",
+        "backbone.cls_token",
+        "backbone.mask_token",
+        "backbone.norm.weight",
+        "backbone.blocks.0.attn.qkv.bias",
+        "head.conv.bias",
+    } <= no_decay
+    assert {
+        "backbone.blocks.0.attn.qkv.weight",
+        "head.conv.weight",
+        "backbone.patch_embed.proj.weight",
+    } <= decay
     # layer decay: block 0 of 2 gets decay^(L + 1 - 1) = decay^2
     groups = param_groups(SimMIM(SimMIMConfig(mask_patch_size=8), vit), 0.05, layer_decay=0.5)
     scale = {n: g["lr_scale"] for g in groups for n in g["names"]}
@@ -140,8 +173,20 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     common = [DEMO, *TINY, "train.steps=4"]
     assert pretrain(one, "train.steps=4") == 0
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-           "--standalone", "-m", "mimar.cli", "pretrain", *common, "--run-dir", str(two)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "-m",
+        "mimar.cli",
+        "pretrain",
+        *common,
+        "--run-dir",
+        str(two),
+    ]
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stdout + out.stderr
     a, b = losses(one), losses(two)

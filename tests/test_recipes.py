@@ -3,16 +3,21 @@
 from pathlib import Path
 
 import pytest
+from helpers import losses
 
 import mimar
-from helpers import losses
 from mimar.cli import main
 from mimar.engine.optim import scaled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
-CONTRACT_KEYS = ("train.steps", "train.log_every", "train.checkpoint_every", "data.root",
-                 "data.batch_size")
+CONTRACT_KEYS = (
+    "train.steps",
+    "train.log_every",
+    "train.checkpoint_every",
+    "data.root",
+    "data.batch_size",
+)
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
@@ -26,10 +31,13 @@ def test_recipe_loads_and_has_the_contract_keys(path):
     assert (cfg.train.steps, cfg.train.log_every, cfg.data.batch_size) == (3, 1, 2)
 
 
-@pytest.mark.parametrize("recipe, params_m, peak_lr, stride", [
-    ("configs/simmim/vit_base_in1k.yaml", 85.8, 4e-4, 16),   # ViT-B/16 + mask token
-    ("configs/simmim/swin_base_in1k.yaml", 86.7, 8e-4, 32),  # Swin-B, window 6
-])
+@pytest.mark.parametrize(
+    "recipe, params_m, peak_lr, stride",
+    [
+        ("configs/simmim/vit_base_in1k.yaml", 85.8, 4e-4, 16),  # ViT-B/16 + mask token
+        ("configs/simmim/swin_base_in1k.yaml", 86.7, 8e-4, 32),  # Swin-B, window 6
+    ],
+)
 def test_paper_recipe_builds_at_full_size(recipe, params_m, peak_lr, stride):
     cfg = mimar.load_config(ROOT / recipe)
     method = mimar.build_method(cfg)
@@ -41,13 +49,25 @@ def test_paper_recipe_builds_at_full_size(recipe, params_m, peak_lr, stride):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("recipe", ["configs/simmim/vit_base_in1k.yaml",
-                                    "configs/simmim/swin_base_in1k.yaml"])
+@pytest.mark.parametrize(
+    "recipe", ["configs/simmim/vit_base_in1k.yaml", "configs/simmim/swin_base_in1k.yaml"]
+)
 def test_paper_recipe_trains_one_step_at_tiny_batch(recipe, tmp_path):
     run = tmp_path / "run"
-    argv = ["pretrain", str(ROOT / recipe), "data.name=synthetic", "data.synthetic_size=2",
-            "data.batch_size=2", "data.num_workers=0", "train.steps=1", "train.progress=false",
-            "train.precision=fp32", "train.threads=2", "--run-dir", str(run)]
+    argv = [
+        "pretrain",
+        str(ROOT / recipe),
+        "data.name=synthetic",
+        "data.synthetic_size=2",
+        "data.batch_size=2",
+        "data.num_workers=0",
+        "train.steps=1",
+        "train.progress=false",
+        "train.precision=fp32",
+        "train.threads=2",
+        "--run-dir",
+        str(run),
+    ]
     assert main(argv) == 0
     (loss,) = losses(run).values()
     assert 0 < loss < 10

@@ -8,17 +8,28 @@ from mimar.targets import patchify, unpatchify, upsample_mask
 
 
 def tiny_simmim(in_chans=1):
-    vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=in_chans, embed_dim=32, depth=2,
-                        num_heads=2, use_mask_token=True))
+    vit = ViT(
+        ViTConfig(
+            img_size=16,
+            patch_size=4,
+            in_chans=in_chans,
+            embed_dim=32,
+            depth=2,
+            num_heads=2,
+            use_mask_token=True,
+        )
+    )
     return SimMIM(SimMIMConfig(mask_patch_size=8, mask_ratio=0.5), vit)
 
 
 def test_masked_l1_hand_computed_two_images():
     # 2 images, 2 channels, 2x2 pixels; predictions 0 so |pred - target| = |target|
-    target = torch.tensor([
-        [[[1.0, -2.0], [3.0, 4.0]], [[0.5, 0.5], [-1.0, 2.0]]],
-        [[[0.0, 1.0], [1.0, 0.0]], [[2.0, -3.0], [0.0, 1.0]]],
-    ])
+    target = torch.tensor(
+        [
+            [[[1.0, -2.0], [3.0, 4.0]], [[0.5, 0.5], [-1.0, 2.0]]],
+            [[[0.0, 1.0], [1.0, 0.0]], [[2.0, -3.0], [0.0, 1.0]]],
+        ]
+    )
     pred = torch.zeros_like(target)
     pixel_mask = torch.tensor([[[[1.0, 0.0], [0.0, 1.0]]], [[[0.0, 1.0], [0.0, 0.0]]]])
     # hidden pixel-channels: img0 (0,0): 1, 0.5; (1,1): 4, 2; img1 (0,1): 1, 3 -> sum 11.5
@@ -40,8 +51,9 @@ def test_simmim_loss_is_l1_on_hidden_pixels_of_the_input():
     torch.testing.assert_close(out["loss"], expected, rtol=1e-4, atol=1e-6)
     # visible pixels do not matter for the loss
     rec_visible_only = x * (1 - pix) + rec * pix
-    torch.testing.assert_close(masked_l1(rec_visible_only, x, pix), out["loss"], rtol=1e-4,
-                               atol=1e-6)
+    torch.testing.assert_close(
+        masked_l1(rec_visible_only, x, pix), out["loss"], rtol=1e-4, atol=1e-6
+    )
 
 
 def test_head_is_pixel_shuffle_of_a_1x1_conv():
@@ -72,8 +84,7 @@ def test_gradients_reach_every_trainable_parameter():
 
 
 def test_simmim_needs_mask_token():
-    vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
-                        num_heads=2))
+    vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2))
     with pytest.raises(ValueError, match="use_mask_token"):
         SimMIM(SimMIMConfig(mask_patch_size=8), vit)
 

@@ -68,9 +68,7 @@ class ProgressBar:
             self.progress.start()
 
     def update(self, row: dict) -> None:
-        stats = (
-            f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
-        )
+        stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
         if self.progress is not None:
             self.progress.update(self.task, completed=row["step"], stats=stats)
         elif self.enabled and (

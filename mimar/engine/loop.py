@@ -58,8 +58,11 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
     run_dir, t = Path(run_dir), cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    rank, world, local_rank = dist.init("cuda" if "cuda" in t.device or (
-        t.device == "auto" and torch.cuda.is_available()) else "cpu")
+    rank, world, local_rank = dist.init(
+        "cuda"
+        if "cuda" in t.device or (t.device == "auto" and torch.cuda.is_available())
+        else "cpu"
+    )
     device = pick_device(t.device, local_rank)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     state = checkpoint.load(ckpt_path) if resume else None
@@ -97,9 +100,13 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
             tic = time.perf_counter()
             out = train_step(model, method, optimizer, loader, cfg, step, lr, device)
             step += 1
-            row = {"step": step, "epoch": loader.epoch_of(step * t.accum_steps), "lr": lr,
-                   **out, "images_per_s": cfg.data.batch_size * t.accum_steps
-                   / (time.perf_counter() - tic)}
+            row = {
+                "step": step,
+                "epoch": loader.epoch_of(step * t.accum_steps),
+                "lr": lr,
+                **out,
+                "images_per_s": cfg.data.batch_size * t.accum_steps / (time.perf_counter() - tic),
+            }
             if metrics is not None and (step % t.log_every == 0 or step == t.steps):
                 metrics.write(row)
             bar.update(row)
@@ -110,9 +117,14 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
                 return RunResult(step, stop.signal or "signal on another rank")
         save(step)
         if rank == 0 and hasattr(method, "visualize"):
-            viz.save_reconstruction(method, loader.batch(0)[:8].to(device),
-                                    run_dir / "reconstruction.png", mean=images.mean,
-                                    std=images.std, generator=loader.generator_for(0))
+            viz.save_reconstruction(
+                method,
+                loader.batch(0)[:8].to(device),
+                run_dir / "reconstruction.png",
+                mean=images.mean,
+                std=images.std,
+                generator=loader.generator_for(0),
+            )
         return RunResult(step, None)
     finally:
         bar.close()
@@ -122,15 +134,22 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
 
 
 def train_step(
-    model: nn.Module, method: nn.Module, optimizer, loader, cfg: PretrainConfig,
-    step: int, lr: float, device: torch.device,
+    model: nn.Module,
+    method: nn.Module,
+    optimizer,
+    loader,
+    cfg: PretrainConfig,
+    step: int,
+    lr: float,
+    device: torch.device,
 ) -> dict:
     """One optimizer step over ``accum_steps`` micro-batches; returns scalars to log."""
     t, rank, world = cfg.train, loader.rank, loader.world_size
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     autocast = (
-        torch.autocast(device.type, dtype=torch.bfloat16) if t.precision == "bf16"
+        torch.autocast(device.type, dtype=torch.bfloat16)
+        if t.precision == "bf16"
         else nullcontext()
     )
     model.train()
@@ -180,8 +199,10 @@ def _saver(cfg, method, optimizer, run_dir: Path, rank: int):
             "model": method.state_dict(),
             "optimizer": optimizer.state_dict(),
             "step": step,
-            "rng": {"torch": torch.get_rng_state(),
-                    "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None},
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            },
             "config": to_dict(cfg),
             "git_sha": checkpoint.git_sha(),
         }
@@ -189,6 +210,7 @@ def _saver(cfg, method, optimizer, run_dir: Path, rank: int):
         checkpoint.save_atomic(state, folder / "last.pt")
         if periodic:
             checkpoint.save_atomic(state, folder / f"step_{step:07d}.pt")
+
     return save
 
 
@@ -212,9 +234,18 @@ class _StopFlag:
 def _describe(method, optimizer, images, peak_lr: float, world: int) -> None:
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
     log.info("data: %s", images.source)
-    log.info("model: %s, %.2fM trainable parameters, %d process(es)", type(method).__name__,
-             trainable / 1e6, world)
+    log.info(
+        "model: %s, %.2fM trainable parameters, %d process(es)",
+        type(method).__name__,
+        trainable / 1e6,
+        world,
+    )
     log.info("peak lr %.3g; optimizer groups:", peak_lr)
     for g in optimizer.param_groups:
-        log.info("  weight_decay=%g lr_scale=%.3g: %d tensors (%s ...)", g["weight_decay"],
-                 g["lr_scale"], len(g["params"]), ", ".join(g["names"][:3]))
+        log.info(
+            "  weight_decay=%g lr_scale=%.3g: %d tensors (%s ...)",
+            g["weight_decay"],
+            g["lr_scale"],
+            len(g["params"]),
+            ", ".join(g["names"][:3]),
+        )

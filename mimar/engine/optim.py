@@ -8,9 +8,7 @@ import torch
 from torch import nn
 
 
-def param_groups(
-    model: nn.Module, weight_decay: float, layer_decay: float = 1.0
-) -> list[dict]:
+def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
     """Group trainable parameters by (weight decay on/off, layer-decay id).
 
     No weight decay for 1-D parameters (norms, biases, LayerScale), and for whatever the

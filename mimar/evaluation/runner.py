@@ -33,9 +33,18 @@ def run_folder(checkpoint: str | Path) -> Path:
 
 
 def evaluate(
-    protocols: list[str], checkpoint: str | Path, *, layer: int | None = None,
-    pool: str = "avg", data_root: str | None = None, max_train: int = 0, max_test: int = 0,
-    baselines: bool = False, batch_size: int = 256, k: int = 20, epochs: int = 30,
+    protocols: list[str],
+    checkpoint: str | Path,
+    *,
+    layer: int | None = None,
+    pool: str = "avg",
+    data_root: str | None = None,
+    max_train: int = 0,
+    max_test: int = 0,
+    baselines: bool = False,
+    batch_size: int = 256,
+    k: int = 20,
+    epochs: int = 30,
 ) -> dict[str, list[dict]]:
     cfg, _ = load_run(checkpoint)
     data = cfg.data if data_root is None else replace(cfg.data, root=data_root)
@@ -62,19 +71,33 @@ def evaluate(
                 res = knn_classify(f_train, train.labels, f_test, test.labels, k=k)
             else:
                 res = linear_probe(f_train, train.labels, f_test, test.labels, epochs=epochs)
-            row = {"model": name, "protocol": protocol,
-                   "layer": "pixels" if backbone is None else where,
-                   "top1": res["top1"], "notes": notes, "details": res}
+            row = {
+                "model": name,
+                "protocol": protocol,
+                "layer": "pixels" if backbone is None else where,
+                "top1": res["top1"],
+                "notes": notes,
+                "details": res,
+            }
             results[protocol].append(row)
     out = run_folder(checkpoint) / "eval"
     for protocol, rows in results.items():
-        write_json(out / f"{protocol}.json", {
-            "protocol": protocol, "checkpoint": str(checkpoint), "pool": pool, "layer": layer,
-            "n_train": len(train.labels), "n_test": len(test.labels), "rows": rows,
-        })
+        write_json(
+            out / f"{protocol}.json",
+            {
+                "protocol": protocol,
+                "checkpoint": str(checkpoint),
+                "pool": pool,
+                "layer": layer,
+                "n_train": len(train.labels),
+                "n_test": len(test.labels),
+                "rows": rows,
+            },
+        )
     table = [r for p in protocols for r in results[p]]
-    print_results(table, f"{cfg.method.name} {cfg.backbone.name}: frozen features, "
-                         f"{data.name} test top-1 (%)")
+    print_results(
+        table, f"{cfg.method.name} {cfg.backbone.name}: frozen features, {data.name} test top-1 (%)"
+    )
     return results
 
 
@@ -82,8 +105,9 @@ def _features(backbone, images, img_size, batch_size, layer, pool, dtype) -> tor
     batches = iterate_eval_batches(images, img_size, batch_size)
     if backbone is None:  # raw-pixel control: the normalised image as a vector
         return torch.cat([b.flatten(1) for b, _ in batches])
-    feats, _ = extract_features(backbone, batches, layer=layer, pool=pool,
-                                autocast_dtype=dtype, progress=True)
+    feats, _ = extract_features(
+        backbone, batches, layer=layer, pool=pool, autocast_dtype=dtype, progress=True
+    )
     return feats
 
 
