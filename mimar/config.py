@@ -21,9 +21,10 @@ import yaml
 from mimar.backbones.swin import SwinConfig
 from mimar.backbones.vit import ViTConfig
 from mimar.data import DataConfig
+from mimar.methods.aim import AIMConfig
 from mimar.methods.simmim import SimMIMConfig
 
-METHOD_CONFIGS = {"simmim": SimMIMConfig}
+METHOD_CONFIGS = {"simmim": SimMIMConfig, "aim": AIMConfig}
 BACKBONE_CONFIGS = {"vit": ViTConfig, "swin": SwinConfig}
 
 

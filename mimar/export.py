@@ -34,6 +34,7 @@ def timm_kwargs(backbone: ViT) -> dict:
         "fc_norm": False,
         "pos_embed": "none" if c.pos_embed == "none" else "learn",
         "no_embed_class": False,
+        **({"embed_norm_layer": "layernorm"} if c.patch_norm else {}),
     }
 
 

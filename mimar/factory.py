@@ -6,6 +6,7 @@ from torch import nn
 
 from mimar.backbones.swin import Swin, SwinConfig
 from mimar.backbones.vit import ViT, ViTConfig
+from mimar.methods.aim import AIM, AIMConfig
 from mimar.methods.simmim import SimMIM, SimMIMConfig
 
 
@@ -22,4 +23,6 @@ def build_method(cfg) -> nn.Module:
     backbone = build_backbone(cfg.backbone)
     if isinstance(cfg.method, SimMIMConfig):
         return SimMIM(cfg.method, backbone)
+    if isinstance(cfg.method, AIMConfig):
+        return AIM(cfg.method, backbone)
     raise TypeError(f"no method for config {type(cfg.method).__name__}")

@@ -16,3 +16,15 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor
     C = pred.shape[1]
     l1 = (pred.float() - target.float()).abs()  # (B, C, H, W)
     return (l1 * pixel_mask).sum() / (pixel_mask.sum() + 1e-5) / C
+
+
+def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """AIM's loss (METHODS.md §5.4): squared error averaged over the T values of a token,
+    then over the valid tokens of the whole batch.
+
+    ``sum_{b,i} valid[b,i] * mean_t (pred - target)^2 / sum(valid)`` for ``(B, N, T)``
+    predictions and targets and a bool ``(B, N)`` ``valid`` (True = counted).
+    """
+    err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
+    w = valid.to(err.dtype)
+    return (err * w).sum() / w.sum().clamp(min=1)

@@ -74,3 +74,64 @@ def avg_dist(mask: torch.Tensor) -> torch.Tensor:
         )
         results.append(nearest.mean())
     return torch.stack(results).mean()
+
+
+# --- Autoregressive orders and attention masks (AIM, METHODS.md §5.2) -----------------------
+
+ORDERS = ("raster", "spiral", "checkerboard", "random")
+
+
+def patch_order(kind: str, grid: int, seed: int = 0) -> torch.Tensor:
+    """The order in which an autoregressive model reads a ``grid x grid`` patch grid.
+
+    Returns a permutation ``order`` of ``range(grid**2)`` (long ``(N,)``): sequence position
+    ``t`` holds the patch with row-major index ``order[t]``. The AIM paper's ablation orders:
+    "raster" (row by row, its default), "spiral" (clockwise from the top-left corner inwards),
+    "checkerboard" (the cells with even row + column first, then the odd ones, each in raster
+    order) and "random" (one fixed permutation drawn from ``seed``, the same for every image).
+    """
+    n = grid * grid
+    if kind == "raster":
+        return torch.arange(n)
+    if kind == "checkerboard":
+        rows, cols = torch.arange(n) // grid, torch.arange(n) % grid
+        return torch.argsort((rows + cols) % 2, stable=True)
+    if kind == "random":
+        return torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    if kind == "spiral":
+        return _spiral(grid)
+    raise ValueError(f"unknown patch order {kind!r}; choose one of {ORDERS}")
+
+
+def _spiral(grid: int) -> torch.Tensor:
+    ids = torch.arange(grid * grid).reshape(grid, grid)
+    out = []
+    while ids.numel():
+        out.append(ids[0])  # the top row, left to right
+        ids = ids[1:].T.flip(0)  # turn the rest so its right column becomes the top row
+    return torch.cat(out)
+
+
+def sample_prefix_len(
+    batch_size: int, low: int, high: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """AIM's per-sample prefix length ``S ~ Uniform{low, ..., high}`` (long ``(B,)``)."""
+    return torch.randint(low, high + 1, (batch_size,), generator=generator)
+
+
+def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """Prefix-causal attention (AIM §5.2): query q may attend key k iff ``k < S or k <= q``.
+
+    The first S tokens attend to each other bidirectionally (and never to later tokens); every
+    later token sees the whole prefix and the tokens before it. S = 0 is plain causal.
+
+    Args:
+        prefix_len: long ``(B,)`` prefix lengths S.
+        num_tokens: sequence length N.
+    Returns:
+        bool ``(B, N, N)``, True = allowed (``scaled_dot_product_attention``'s convention).
+    """
+    pos = torch.arange(num_tokens, device=prefix_len.device)
+    causal = pos[None, :] <= pos[:, None]  # (N, N): key <= query
+    in_prefix = pos[None, :] < prefix_len[:, None]  # (B, N): key is a prefix token
+    return causal[None] | in_prefix[:, None, :]  # (B, N, N)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import matplotlib
@@ -51,7 +52,7 @@ def save_reconstruction(
             ax.set_yticks([])
         axes[r][0].set_ylabel(title, fontsize=9)
     if caption:
-        fig.suptitle(caption, fontsize=9)
+        fig.suptitle(textwrap.fill(caption, width=max(60, 16 * n)), fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -44,6 +44,9 @@ class ViTConfig:
     use_mask_token: bool = False  # learnable token that replaces hidden patches (SimMIM, EVA)
     fix_init: bool = False  # BEiT/SimMIM: divide proj/fc2 of block l by sqrt(2 l)
     norm_eps: float = 1e-6
+    patch_norm: bool = False  # AIM: LayerNorm right after the patch projection (timm's
+    # ``patch_embed.norm``, ``embed_norm_layer="layernorm"``)
+    weight_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # AIM: xavier-uniform
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -58,6 +61,10 @@ class ViTConfig:
             )
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             raise ValueError("backbone.pos_embed=sincos needs embed_dim divisible by 4")
+        if self.weight_init not in ("trunc_normal", "xavier"):
+            raise ValueError(
+                f"backbone.weight_init must be trunc_normal or xavier, got {self.weight_init!r}"
+            )
 
 
 class Attention(nn.Module):
@@ -120,9 +127,11 @@ class PatchEmbed(nn.Module):
         super().__init__()
         p = cfg.patch_size
         self.proj = nn.Conv2d(cfg.in_chans, cfg.embed_dim, kernel_size=p, stride=p)
+        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.patch_norm else None
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        return self.proj(images).flatten(2).transpose(1, 2)  # (B, N, D), row-major grid
+        x = self.proj(images).flatten(2).transpose(1, 2)  # (B, N, D), row-major grid
+        return x if self.norm is None else self.norm(x)
 
 
 class ViT(nn.Module):
@@ -160,7 +169,7 @@ class ViT(nn.Module):
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.apply(_init_module)
+        self.apply(_xavier_module if self.cfg.weight_init == "xavier" else _init_module)
         for token in (self.cls_token, self.mask_token):
             if token is not None:
                 _trunc_normal(token)
@@ -253,6 +262,18 @@ def _init_module(m: nn.Module) -> None:
     # Truncated normal, std 0.02 cut at +-1 std, as SimMIM/EVA do (METHODS.md §10.7-8); zero biases.
     if isinstance(m, (nn.Linear, nn.Conv2d)):
         _trunc_normal(m.weight)
+        if m.bias is not None:
+            nn.init.zeros_(m.bias)
+    elif isinstance(m, nn.LayerNorm):
+        nn.init.ones_(m.weight)
+        nn.init.zeros_(m.bias)
+
+
+def _xavier_module(m: nn.Module) -> None:
+    # AIM (METHODS.md §5.1): xavier-uniform linears; the patch conv is initialised like a
+    # linear layer on its flattened (D, C*p*p) weight; zero biases; LayerNorms at 1 and 0.
+    if isinstance(m, (nn.Linear, nn.Conv2d)):
+        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
         if m.bias is not None:
             nn.init.zeros_(m.bias)
     elif isinstance(m, nn.LayerNorm):

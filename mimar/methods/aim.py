@@ -1,0 +1,138 @@
+"""AIM: Scalable Pre-training of Large Autoregressive Image Models.
+
+El-Nouby, Klein, Zhai, Bautista, Toshev, Shankar, Susskind, Joulin. ICML 2024.
+arXiv:2401.08541.
+
+Idea: read the patches of an image in a fixed order (raster) and regress each next patch's
+per-patch-normalised pixels, GPT-style. A prefix of S patches (S drawn per image) attends
+bidirectionally, the rest causally, so that the trunk also works with full bidirectional
+attention downstream. A heavy per-token MLP head carries the pixel-specific work, so the
+trunk's features stay general; no class token, no biases, sin-cos positions twice.
+
+Glossary (paper -> code): prefix length S -> ``prefix_len``; prefix-causal mask ->
+``masking.prefix_causal_mask``; MLP head -> ``heads.AIMHead``; patch order -> ``order``
+(``order[t]`` = row-major id of the patch at sequence position t); normalised pixel target
+-> ``targets.normalize_patches``.
+
+Checked against apple/ml-aim (v1) and apple/ml-l3m via METHODS.md §5 and §10: prefix range
+[1, N-1] per sample, loss on non-prefix targets only, head width 2048 x 12 blocks with the
+``h += LN(h)`` quirk of the released config (``head_residual_norm``), LN eps 1e-5 in the head.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+from mimar.heads import AIMHead
+from mimar.losses import masked_mse
+from mimar.masking import ORDERS, patch_order, prefix_causal_mask, sample_prefix_len
+from mimar.nn import sincos_pos_embed_2d
+from mimar.targets import normalize_patches, patchify, unpatchify
+
+
+@dataclass(frozen=True, kw_only=True)
+class AIMConfig:
+    name: Literal["aim"] = "aim"
+    order: Literal["raster", "spiral", "checkerboard", "random"] = "raster"  # AIM Tab. 3b
+    order_seed: int = 0  # the fixed permutation of order=random
+    prefix_min: int = 1  # S ~ U{prefix_min, ..., prefix_max}: l3m prefix_range [1, N-1]
+    prefix_max: int = 0  # 0 -> N - 1
+    head_width: int = 2048  # METHODS.md §5.3 (l3m SimpleDecoder)
+    head_depth: int = 12  # AIM Tab. 3c: 12 MLP blocks
+    head_mlp_ratio: float = 4.0
+    head_residual_norm: bool = True  # released-code quirk h += LN(h); False = paper text
+    norm_pix_eps: float = 1e-6  # per-patch target normalisation (§5.4)
+
+    def __post_init__(self) -> None:
+        if self.order not in ORDERS:
+            raise ValueError(f"method.order must be one of {ORDERS}, got {self.order!r}")
+        if self.prefix_min < 0 or (self.prefix_max and self.prefix_max < self.prefix_min):
+            raise ValueError(
+                f"method.prefix_min={self.prefix_min}, prefix_max={self.prefix_max}: need "
+                "0 <= prefix_min <= prefix_max (0 = N - 1)"
+            )
+
+
+class AIM(nn.Module):
+    def __init__(self, cfg: AIMConfig, backbone: nn.Module) -> None:
+        super().__init__()
+        if getattr(backbone, "num_prefix_tokens", 1) != 0 or not hasattr(backbone, "grid_size"):
+            raise ValueError(
+                "AIM needs a ViT without class token: set backbone.name=vit "
+                "backbone.class_token=false"
+            )
+        self.cfg, self.backbone = cfg, backbone
+        self.num_patches = n = backbone.num_patches
+        self.prefix_range = (cfg.prefix_min, cfg.prefix_max or n - 1)
+        if self.prefix_range[1] > n - 1:
+            raise ValueError(f"method.prefix_max must be < {n} (the number of patches)")
+        self.register_buffer(
+            "order", patch_order(cfg.order, backbone.grid_size, cfg.order_seed), persistent=False
+        )  # (N,)
+        self.patch_dim = backbone.patch_size**2 * backbone.in_chans
+        self.head = AIMHead(
+            backbone.embed_dim,
+            cfg.head_width,
+            cfg.head_depth,
+            cfg.head_mlp_ratio,
+            self.patch_dim,
+            sincos_pos_embed_2d(cfg.head_width, backbone.grid_size),
+            cfg.head_residual_norm,
+        )
+
+    def sample_corruption(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
+        """One prefix length per image, drawn by the engine for the whole global batch."""
+        return {"prefix_len": sample_prefix_len(batch_size, *self.prefix_range, generator)}
+
+    def forward(self, images: torch.Tensor, prefix_len: torch.Tensor | None = None) -> dict:
+        if prefix_len is None:
+            prefix_len = self.sample_corruption(images.shape[0])["prefix_len"]
+        prefix_len = prefix_len.to(images.device)  # (B,)
+        pred = self.predict(images, prefix_len)  # (B, N, T): position t predicts patch t + 1
+        target = self.target(images)  # (B, N, T) in sequence order
+        n = self.num_patches
+        valid = torch.arange(1, n, device=images.device) >= prefix_len[:, None]  # (B, N-1)
+        loss = masked_mse(pred[:, :-1], target[:, 1:], valid)  # non-prefix targets only
+        return {"loss": loss, "prefix_len": prefix_len.float().mean()}
+
+    def predict(self, images: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
+        """Encode the patches in ``order`` under the prefix-causal mask; decode each token."""
+        B = images.shape[0]
+        attn_mask = prefix_causal_mask(prefix_len, self.num_patches)  # (B, N, N)
+        keep = self.order.expand(B, -1)  # a full permutation: reorder after pos-embed
+        tokens = self.backbone(images, keep_ids=keep, attn_mask=attn_mask)["tokens"]  # (B,N,D)
+        return self.head(tokens, self.order)  # (B, N, T)
+
+    def target(self, images: torch.Tensor) -> torch.Tensor:
+        patches = patchify(images, self.backbone.patch_size)[:, self.order]  # (B, N, T)
+        return normalize_patches(patches.float(), self.cfg.norm_pix_eps)
+
+    @torch.no_grad()
+    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """Rows: input, the prefix (first half of the order), and the image with every later
+        patch replaced by its one-step-ahead prediction (teacher forcing), de-normalised with
+        the *target* patch's own mean and std, as the model predicts normalised pixels."""
+        B, n, p = images.shape[0], self.num_patches, self.backbone.patch_size
+        S = n // 2
+        pred = self.predict(images, torch.full((B,), S, device=images.device)).float()
+        seq = patchify(images.float(), p)[:, self.order]  # (B, N, T) raw pixels, sequence order
+        mean, std = seq.mean(-1, keepdim=True), (seq.var(-1, keepdim=True) + 1e-6).sqrt()
+        guess = pred[:, :-1] * std[:, 1:] + mean[:, 1:]  # predictions of patches 1..N-1
+        prefix, recon = seq.clone(), seq.clone()
+        prefix[:, S:] = images.amin()
+        recon[:, S:] = guess[:, S - 1 :]
+        rows = {}
+        for title, x in (("original", seq), ("prefix", prefix), ("next-patch prediction", recon)):
+            raster = torch.empty_like(x)
+            raster[:, self.order] = x
+            rows[title] = unpatchify(raster, p, self.backbone.in_chans)
+        rows["caption"] = (
+            f"AIM: prefix = first {S} of {n} patches ({self.cfg.order} order); every later patch "
+            "is predicted from the true patches before it, de-normalised with the target "
+            "patch's own mean and variance"
+        )
+        return rows
