@@ -228,3 +228,22 @@ def test_thirty_steps_on_synthetic_data_lower_the_loss(tmp_path):
     last = sum(rows[s] for s in range(26, 31)) / 5
     assert last < 0.8 * first
     assert (run / "reconstruction.png").exists()
+
+
+@pytest.mark.parametrize("name, paper_b", [("600m", 0.6), ("1b", 1.2), ("3b", 2.7), ("7b", 6.5)])
+def test_paper_model_shapes_build_on_meta_and_match_the_paper_sizes(name, paper_b):
+    import mimar
+
+    cfg = mimar.load_config(f"configs/aim/aim_{name}.yaml")
+    with torch.device("meta"):  # no memory: 7B parameters would need 26 GB
+        model = mimar.build_method(cfg)
+    trunk = sum(p.numel() for p in model.backbone.parameters()) / 1e9
+    assert model.backbone.pos_embed.is_meta
+    if name == "600m":
+        # The public AIM-0.6B shape (1536 x 24, ml-aim's aim_600M) counts 0.68B; the paper's
+        # "0.6B" label is 12 % below it. We keep the released shape.
+        assert trunk == pytest.approx(0.681, abs=0.001)
+    else:
+        assert trunk == pytest.approx(paper_b, rel=0.05)
+    head = sum(p.numel() for p in model.head.parameters()) / 1e9
+    assert head == pytest.approx(0.41, abs=0.01)  # 12 blocks x 2 x 2048 x 8192 + in/out

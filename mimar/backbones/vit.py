@@ -162,7 +162,8 @@ class ViT(nn.Module):
                 torch.zeros(1, embed_len, cfg.embed_dim),
                 requires_grad=cfg.pos_embed == "learn",
             )
-        dpr = torch.linspace(0, cfg.drop_path_rate, cfg.depth).tolist()  # stochastic depth rule
+        # stochastic depth grows linearly with depth (plain floats: builds on the meta device)
+        dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(Block(cfg, dpr[i]) for i in range(cfg.depth))
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
         self.init_weights()
