@@ -74,6 +74,9 @@ def cmd_eval(args) -> int:
         batch_size=args.batch_size,
         k=args.k,
         epochs=args.epochs,
+        attention=args.attention,
+        blocks=args.blocks,
+        lora_rank=args.lora_rank,
     )
     return 0
 
@@ -119,29 +122,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
     pre.set_defaults(func=cmd_pretrain)
 
-    ev = sub.add_parser("eval", help="evaluate a frozen backbone (kNN, linear probe)")
-    ev.add_argument(
-        "protocols",
-        nargs="+",
-        choices=["knn", "linear"],
-        metavar="PROTOCOL",
-        help="knn and/or linear",
-    )
-    ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
-    ev.add_argument("--layer", type=int, default=None, help="block index (default: final)")
-    ev.add_argument("--pool", choices=["avg", "cls"], default="avg")
-    ev.add_argument("--data", default=None, help="data root (default: the run's data.root)")
-    ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
-    ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
-    ev.add_argument(
-        "--baselines",
-        action="store_true",
-        help="also evaluate raw pixels and the randomly initialised backbone",
-    )
-    ev.add_argument("--batch-size", type=int, default=256)
-    ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
-    ev.add_argument("--epochs", type=int, default=30, help="linear-probe epochs")
-    ev.set_defaults(func=cmd_eval)
+    _add_eval_parser(sub)
 
     ex = sub.add_parser("export", help="export the backbone to another library")
     ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
@@ -158,6 +139,79 @@ def _parser() -> argparse.ArgumentParser:
     vi.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
     vi.set_defaults(func=cmd_visualize)
     return p
+
+
+def _add_eval_parser(sub) -> None:
+    ev = sub.add_parser(
+        "eval",
+        help="evaluate a backbone (kNN, linear and attentive probes, LoRA)",
+        description="Evaluate a run's backbone; writes RUN_DIR/eval/<protocol>.json each.",
+    )
+    ev.add_argument(
+        "protocols",
+        nargs="+",
+        choices=["knn", "linear", "attentive", "lora"],
+        metavar="PROTOCOL",
+        help="any of knn, linear, attentive, lora",
+    )
+    ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
+    ev.add_argument(
+        "--layer",
+        type=_layer,
+        default=None,
+        help="kNN/linear: block index, or 'all' (one row per block, best marked); "
+        "default: final normed tokens",
+    )
+    ev.add_argument("--pool", choices=["avg", "cls"], default="avg")
+    ev.add_argument(
+        "--attention",
+        choices=["bidirectional", "causal"],
+        default="bidirectional",
+        help="causal: lower-triangular attn_mask over all tokens (AIM Tab. 3d)",
+    )
+    ev.add_argument(
+        "--blocks",
+        type=_int_list,
+        default=None,
+        help="attentive probe: comma list of blocks whose raw outputs are averaged "
+        "(default: the last 3)",
+    )
+    ev.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha 16)")
+    ev.add_argument("--data", default=None, help="data root (default: the run's data.root)")
+    ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
+    ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
+    ev.add_argument(
+        "--baselines",
+        action="store_true",
+        help="also evaluate raw pixels (kNN/linear only) and the randomly initialised backbone",
+    )
+    ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    ev.add_argument(
+        "--epochs",
+        type=int,
+        default=None,
+        help="training epochs of every trained protocol (default: linear 30, attentive 10, lora 3)",
+    )
+    ev.set_defaults(func=cmd_eval)
+
+
+def _layer(value: str) -> int | str:
+    if value == "all":
+        return value
+    try:
+        return int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a block index or 'all', got {value!r}"
+        ) from None
+
+
+def _int_list(value: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated ints, got {value!r}") from None
 
 
 def _setup_logging() -> None:

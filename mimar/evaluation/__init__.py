@@ -1,15 +1,39 @@
-"""Frozen-feature evaluation: feature extraction, kNN and linear probes, result reporting."""
+"""Evaluation: feature extraction, kNN / linear / attentive probes, LoRA, result reporting."""
 
-from mimar.evaluation.features import extract_features, pool_tokens
+from mimar.evaluation.attentive import (
+    AttentiveClassifier,
+    AttentivePooler,
+    attentive_params,
+    attentive_probe,
+)
+from mimar.evaluation.features import (
+    causal_mask,
+    extract_block_tokens,
+    extract_features,
+    extract_layer_features,
+    pool_tokens,
+)
 from mimar.evaluation.knn import knn_classify, knn_predict
 from mimar.evaluation.linear import linear_probe
+from mimar.evaluation.lora import LoRALinear, add_lora, lora_finetune, merge_lora
 from mimar.evaluation.report import print_results, results_table, write_json
 
 __all__ = [
+    "AttentiveClassifier",
+    "AttentivePooler",
+    "LoRALinear",
+    "add_lora",
+    "attentive_params",
+    "attentive_probe",
+    "causal_mask",
+    "extract_block_tokens",
     "extract_features",
+    "extract_layer_features",
     "knn_classify",
     "knn_predict",
     "linear_probe",
+    "lora_finetune",
+    "merge_lora",
     "pool_tokens",
     "print_results",
     "results_table",

@@ -1,14 +1,24 @@
-"""Frozen-feature extraction shared by the kNN and linear probes.
+"""Frozen-feature extraction shared by the kNN, linear and attentive probes.
 
-One pass over a dataset with the backbone in eval mode, pooling either the final (normed)
-tokens or the raw output of one block (a "layer tap") into one vector per image.
+One pass over a dataset with the backbone in eval mode. Three shapes of output:
+
+* :func:`extract_features`: one pooled vector per image from the final (normed) tokens or the
+  raw output of one block (a "layer tap"), for kNN and linear probes.
+* :func:`extract_layer_features`: the same for several taps at once (``--layer all``), from ONE
+  forward pass per batch with ``return_layers`` listing every tap.
+* :func:`extract_block_tokens`: the mean of the raw outputs of a set of blocks, patch tokens
+  kept (prefix excluded), for the attentive probe (AIM, METHODS.md §5.6).
+
+Every function takes an optional ``attn_mask`` (bool, True = allowed, over the whole token
+sequence, prefix included); :func:`causal_mask` builds the lower-triangular one that AIM's
+Table 3d uses to compare causal with bidirectional attention at evaluation time.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
-from typing import Literal
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
 
 import torch
 from rich.progress import track
@@ -16,6 +26,7 @@ from torch import nn
 
 Pool = Literal["avg", "cls"]
 POOLS: tuple[str, ...] = ("avg", "cls")
+Batches = Iterable[tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def pool_tokens(tokens: torch.Tensor, pool: Pool, num_prefix_tokens: int) -> torch.Tensor:
@@ -33,12 +44,28 @@ def pool_tokens(tokens: torch.Tensor, pool: Pool, num_prefix_tokens: int) -> tor
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
+def causal_mask(num_tokens: int) -> torch.Tensor:
+    """Bool ``(T, T)`` lower-triangular mask, True = allowed: token i sees tokens 0..i."""
+    return torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
+
+
+def tap_indices(backbone: nn.Module) -> tuple[int, ...]:
+    """Every index ``return_layers`` accepts: blocks for a ViT, stages for a Swin.
+
+    Swin's ``"layers"`` are its stages (see ``mimar.backbones.swin``), which it lists as
+    ``stage_dims``; every other backbone taps its ``num_layers`` blocks.
+    """
+    stage_dims = getattr(backbone, "stage_dims", None)
+    return tuple(range(len(stage_dims) if stage_dims else backbone.num_layers))
+
+
 def extract_features(
     backbone: nn.Module,
-    batches: Iterable[tuple[torch.Tensor, torch.Tensor | None]],
+    batches: Batches,
     *,
     layer: int | None = None,
     pool: Pool = "avg",
+    attn_mask: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
     progress: bool = False,
@@ -55,6 +82,7 @@ def extract_features(
         layer: None for the final normed ``"tokens"``; ``i`` for the raw output of block ``i``
             (0-based, negative counts from the end), requested via ``return_layers=(i,)``.
         pool: "avg" (mean over patch tokens, prefix excluded) or "cls" (token 0).
+        attn_mask: passed to the backbone as is (e.g. :func:`causal_mask`); None = full.
         device: where images are sent; also the autocast device type.
         autocast_dtype: run the forward under ``torch.autocast`` with this dtype when given.
         progress: show a rich progress bar (with a total when ``batches`` has a length).
@@ -63,15 +91,106 @@ def extract_features(
         ``(features (N, D) float32 on CPU, labels (N,) on CPU or None)``. Labels are None only
         when every batch came without labels.
     """
+    feats, labels = extract_layer_features(
+        backbone,
+        batches,
+        layers=(layer,),
+        pool=pool,
+        attn_mask=attn_mask,
+        device=device,
+        autocast_dtype=autocast_dtype,
+        progress=progress,
+    )
+    return feats[0], labels
+
+
+def extract_layer_features(
+    backbone: nn.Module,
+    batches: Batches,
+    *,
+    layers: Sequence[int | None],
+    pool: Pool = "avg",
+    attn_mask: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pooled features of several taps from one forward pass per batch.
+
+    ``layers`` entries are as ``layer`` of :func:`extract_features` (None = final tokens).
+    Returns ``(features, labels)``: a list of L = ``len(layers)`` float32 ``(N, D_l)`` CPU
+    tensors (the widths D_l differ only between Swin stages).
+    """
     if pool not in POOLS:
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     prefix = backbone.num_prefix_tokens
     if pool == "cls" and prefix == 0:
         raise ValueError("pool='cls' needs a backbone with a class token (num_prefix_tokens=0)")
-    device = torch.device(device)
-    return_layers = () if layer is None else (layer,)
+    taps = tuple(i for i in layers if i is not None)
 
-    feats: list[torch.Tensor] = []
+    def reduce(out: dict) -> list[torch.Tensor]:
+        tapped = iter(out.get("layers", ()))
+        tokens = [out["tokens"] if i is None else next(tapped) for i in layers]  # (B, P+N, D)
+        return [pool_tokens(t, pool, prefix).float().cpu() for t in tokens]  # L x (B, D)
+
+    parts, labels = _run(
+        backbone, batches, taps, attn_mask, device, autocast_dtype, progress, reduce
+    )
+    return [torch.cat(per_layer) for per_layer in zip(*parts)], labels
+
+
+def extract_block_tokens(
+    backbone: nn.Module,
+    batches: Batches,
+    *,
+    blocks: Sequence[int],
+    attn_mask: torch.Tensor | None = None,
+    device: str | torch.device = "cpu",
+    autocast_dtype: torch.dtype | None = None,
+    storage_dtype: torch.dtype = torch.bfloat16,
+    progress: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Mean of the raw outputs of ``blocks``, patch tokens only, for the attentive probe.
+
+    As ml-aim v1's ``AverageLayers``: the blocks' outputs are averaged *before* any final norm
+    (METHODS.md §5.6); prefix tokens are dropped. The mean is taken in float32 and stored in
+    ``storage_dtype`` (bf16 by default: half the memory, float32's range).
+
+    Returns:
+        ``(tokens (N, T, D) storage_dtype on CPU, labels)`` with T the number of patch tokens.
+    """
+    if not blocks:
+        raise ValueError("extract_block_tokens needs at least one block")
+    prefix = backbone.num_prefix_tokens
+
+    def reduce(out: dict) -> torch.Tensor:
+        widths = {t.shape[-1] for t in out["layers"]}
+        if len(widths) > 1:
+            raise ValueError(f"blocks {tuple(blocks)} have different widths {sorted(widths)}")
+        mean = torch.stack([t[:, prefix:].float() for t in out["layers"]]).mean(dim=0)
+        return mean.to(storage_dtype).cpu()  # (B, T, D)
+
+    taps = tuple(blocks)
+    parts, labels = _run(
+        backbone, batches, taps, attn_mask, device, autocast_dtype, progress, reduce
+    )
+    return torch.cat(parts), labels
+
+
+def _run(
+    backbone: nn.Module,
+    batches: Batches,
+    return_layers: tuple[int, ...],
+    attn_mask: torch.Tensor | None,
+    device: str | torch.device,
+    autocast_dtype: torch.dtype | None,
+    progress: bool,
+    reduce: Callable[[dict], Any],
+) -> tuple[list, torch.Tensor | None]:
+    """The shared loop: eval mode, inference mode, ``reduce(out)`` of every batch (to CPU)."""
+    device = torch.device(device)
+    mask = None if attn_mask is None else attn_mask.to(device)
+    parts: list = []
     labels: list[torch.Tensor | None] = []
     was_training = backbone.training
     backbone.eval()
@@ -79,17 +198,16 @@ def extract_features(
         with torch.inference_mode():
             for images, batch_labels in _maybe_track(batches, progress):
                 with _autocast(device, autocast_dtype):
-                    out = backbone(images.to(device), return_layers=return_layers)
-                tokens = out["tokens"] if layer is None else out["layers"][0]  # (B, P+N, D)
-                feats.append(pool_tokens(tokens, pool, prefix).float().cpu())  # (B, D)
+                    out = backbone(images.to(device), attn_mask=mask, return_layers=return_layers)
+                parts.append(reduce(out))
                 labels.append(None if batch_labels is None else torch.as_tensor(batch_labels))
     finally:
         backbone.train(was_training)
-    if not feats:
-        raise ValueError("extract_features got no batches")
-    # Concatenate outside inference mode so the result is an ordinary tensor that later probes
-    # may use in autograd (inference tensors cannot be saved for backward).
-    return torch.cat(feats), _cat_labels(labels)
+    if not parts:
+        raise ValueError("feature extraction got no batches")
+    # Callers concatenate outside inference mode, so results are ordinary tensors that later
+    # probes may use in autograd (inference tensors cannot be saved for backward).
+    return parts, _cat_labels(labels)
 
 
 def _cat_labels(labels: list[torch.Tensor | None]) -> torch.Tensor | None:

@@ -1,0 +1,291 @@
+"""AIM-style evaluation: attentive probe, LoRA, per-layer probes and causal attention."""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import DEMO, TINY
+from torch import nn
+
+from mimar.backbones.vit import ViT, ViTConfig
+from mimar.cli import main
+from mimar.data.config import DataConfig
+from mimar.data.synthetic import make_synthetic
+from mimar.evaluation import (
+    AttentiveClassifier,
+    AttentivePooler,
+    LoRALinear,
+    add_lora,
+    attentive_params,
+    attentive_probe,
+    causal_mask,
+    extract_block_tokens,
+    extract_features,
+    extract_layer_features,
+    lora_finetune,
+    merge_lora,
+)
+
+D = 32
+
+
+def _vit(class_token: bool = True) -> ViT:
+    torch.manual_seed(0)
+    cfg = ViTConfig(
+        img_size=16, patch_size=4, in_chans=1, embed_dim=D, depth=2, num_heads=2,
+        class_token=class_token,
+    )  # fmt: skip
+    return ViT(cfg).eval()
+
+
+def _images(n: int = 6, seed: int = 0) -> torch.Tensor:
+    return torch.randn(n, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
+
+
+# ------------------------------------------------------------------------------ attentive probe
+
+
+@pytest.mark.parametrize("bias", [True, False])
+def test_attentive_parameter_count_is_the_formula(bias):
+    model = AttentiveClassifier(D, num_classes=10, num_heads=4, classifier_bias=bias)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == attentive_params(D, 10, bias) == 2 * D * D + D + D * 10 + 10 * bias
+    assert list(model.pooler.norm.parameters()) == []  # affine-free BatchNorm
+    assert {n for n, _ in model.pooler.norm.named_buffers()} >= {"running_mean", "running_var"}
+
+
+def test_attentive_pooler_matches_the_ml_aim_maths():
+    """ml-aim v1 AttentionPoolingClassifier.forward, transcribed (q = cls_token * scale)."""
+    torch.manual_seed(0)
+    pooler = AttentivePooler(D, num_heads=4).eval()
+    pooler.norm.running_mean.normal_()
+    pooler.norm.running_var.uniform_(0.5, 2.0)
+    x = torch.randn(3, 7, D)
+    B, N, C, H = 3, 7, D, 4
+    xn = (x - pooler.norm.running_mean) / torch.sqrt(pooler.norm.running_var + 1e-6)
+    q = pooler.query.expand(B, -1, -1).reshape(B, 1, H, C // H).permute(0, 2, 1, 3)
+    k = pooler.k(xn).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
+    v = pooler.v(xn).reshape(B, N, H, C // H).permute(0, 2, 1, 3)
+    attn = ((q * (C // H) ** -0.5) @ k.transpose(-2, -1)).softmax(dim=-1)
+    expected = (attn @ v).transpose(1, 2).reshape(B, 1, C).mean(dim=1)
+    with torch.no_grad():
+        torch.testing.assert_close(pooler(x), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_attentive_batchnorm_learns_running_stats_and_uses_them_in_eval():
+    pooler = AttentivePooler(D, num_heads=4)
+    x = 3.0 + 2.0 * torch.randn(64, 5, D, generator=torch.Generator().manual_seed(0))
+    pooler.train()
+    for _ in range(200):  # momentum 0.1: the running stats converge to the data's (0.9^200)
+        pooler(x)
+    torch.testing.assert_close(pooler.norm.running_mean, x.reshape(-1, D).mean(0))
+    pooler.eval()
+    with torch.no_grad():  # eval: one sample's output does not depend on its batch mates
+        torch.testing.assert_close(pooler(x)[:1], pooler(x[:1]), atol=1e-6, rtol=1e-6)
+        before = pooler.norm.running_mean.clone()
+        pooler(x + 5)
+    assert torch.equal(pooler.norm.running_mean, before)
+
+
+def _token_task(n: int, seed: int, directions: torch.Tensor):
+    """T=8 noise tokens; one random position carries 5x its class's unit direction."""
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.arange(n) % len(directions)
+    tokens = torch.randn(n, 8, D, generator=gen)
+    where = torch.randint(0, 8, (n,), generator=gen)
+    tokens[torch.arange(n), where] += 5.0 * directions[labels]
+    return tokens.to(torch.bfloat16), labels
+
+
+def test_attentive_probe_learns_a_separable_token_task():
+    directions = F.normalize(torch.randn(4, D, generator=torch.Generator().manual_seed(9)), dim=1)
+    train_tokens, train_labels = _token_task(512, 1, directions)
+    test_tokens, test_labels = _token_task(256, 2, directions)
+    result = attentive_probe(
+        train_tokens, train_labels, test_tokens, test_labels,
+        num_heads=4, epochs=20, lr=1e-2, batch_size=64, seed=0,
+    )  # fmt: skip
+    assert result["top1"] > 90.0
+    assert result["params"] == attentive_params(D, 4)
+    again = attentive_probe(
+        train_tokens, train_labels, test_tokens, test_labels,
+        num_heads=4, epochs=20, lr=1e-2, batch_size=64, seed=0,
+    )  # fmt: skip
+    assert again["top1"] == result["top1"]  # seeded: init and minibatch order
+
+
+# ------------------------------------------------------------------------------------------ LoRA
+
+
+def test_lora_linear_starts_at_base_and_merges_exactly():
+    torch.manual_seed(0)
+    base = nn.Linear(D, 3 * D)
+    lora = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0)
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        torch.testing.assert_close(lora(x), base(x))  # B = 0
+        lora.lora_b.normal_()
+        merged = lora.merge()
+        assert type(merged) is nn.Linear
+        torch.testing.assert_close(merged.weight, base.weight + 2.0 * lora.lora_b @ lora.lora_a)
+        torch.testing.assert_close(merged(x), lora(x), atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(lora(x), base(x))
+
+
+def test_add_lora_starts_identical_and_merges_back_to_the_same_outputs():
+    base, adapted = _vit(), _vit()
+    names = add_lora(adapted, rank=4, alpha=8.0)
+    assert names == [f"blocks.{i}.attn.{n}" for i in range(2) for n in ("qkv", "proj")]
+    x = _images()
+    with torch.no_grad():
+        torch.testing.assert_close(adapted(x)["tokens"], base(x)["tokens"])
+        for module in adapted.modules():
+            if isinstance(module, LoRALinear):
+                module.lora_b.normal_(std=0.1)
+        lora_out = adapted(x)["tokens"]
+        merged = merge_lora(copy.deepcopy(adapted))
+        torch.testing.assert_close(merged(x)["tokens"], lora_out, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(lora_out, base(x)["tokens"])
+    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert merged.state_dict().keys() == base.state_dict().keys()  # timm names again
+
+
+def test_lora_only_adapters_and_head_get_gradients():
+    vit = _vit()
+    add_lora(vit, rank=4)
+    head = nn.Linear(D, 3)
+    logits = head(vit(_images())["tokens"][:, 1:].mean(1))
+    F.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1, 2])).backward()
+    for name, p in vit.named_parameters():
+        is_adapter = name.endswith(("lora_a", "lora_b"))
+        assert p.requires_grad is is_adapter, name
+        assert (p.grad is not None) is is_adapter, name
+    assert all(p.grad is not None for p in head.parameters())
+    adapters = sum(p.numel() for p in vit.parameters() if p.requires_grad)
+    assert adapters == 2 * (4 * (D + 3 * D) + 4 * (D + D))  # depth x (qkv + proj), r (in + out)
+
+
+def test_lora_finetune_reports_parameters_and_learns():
+    cfg = DataConfig(name="synthetic", img_size=16, in_chans=1, synthetic_size=128)
+    train, test = make_synthetic(cfg, "train"), make_synthetic(cfg, "test")
+    vit = _vit()
+    total_before = sum(p.numel() for p in vit.parameters())
+    result = lora_finetune(
+        vit, train, test, img_size=16, rank=4, epochs=4, lr=3e-3, batch_size=32, seed=0
+    )
+    adapters = 2 * 4 * (4 * D + 2 * D)
+    assert result["adapter_params"] == adapters
+    assert result["trainable_params"] == adapters + D * 4 + 4  # + head (4 classes)
+    assert result["total_params"] == total_before + adapters + D * 4 + 4
+    assert result["top1"] > 50.0  # 4 classes: chance is 25 %
+
+
+# ---------------------------------------------------------------------- layer taps and causality
+
+
+def test_layer_features_come_from_one_forward_and_match_single_taps():
+    vit, x = _vit(), _images()
+    batches = [(x[:4], None), (x[4:], None)]
+    calls = []
+    vit.register_forward_hook(lambda *_: calls.append(1))
+    feats, _ = extract_layer_features(vit, batches, layers=(0, 1, None))
+    assert [f.shape for f in feats] == [(6, D)] * 3 and len(calls) == 2  # one forward a batch
+    for i, layer in enumerate((0, 1, None)):
+        torch.testing.assert_close(feats[i], extract_features(vit, batches, layer=layer)[0])
+
+
+def test_block_tokens_average_raw_blocks_without_prefix():
+    vit, x = _vit(), _images()
+    tokens, _ = extract_block_tokens(vit, [(x, None)], blocks=(0, 1))
+    with torch.no_grad():
+        layers = vit(x, return_layers=(0, 1))["layers"]
+    expected = (layers[0][:, 1:] + layers[1][:, 1:]) / 2  # (B, 16, D), class token dropped
+    assert tokens.dtype == torch.bfloat16 and tokens.shape == (6, 16, D)
+    torch.testing.assert_close(tokens.float(), expected, atol=2e-2, rtol=1e-2)
+
+
+def test_causal_attention_changes_features():
+    vit, x = _vit(), _images()
+    mask = causal_mask(1 + 16)
+    assert mask.dtype == torch.bool and mask[0, 1].item() is False and mask[16, 0].item() is True
+    full, _ = extract_features(vit, [(x, None)])
+    causal, _ = extract_features(vit, [(x, None)], attn_mask=mask)
+    everything, _ = extract_features(vit, [(x, None)], attn_mask=torch.ones(17, 17, dtype=bool))
+    assert not torch.allclose(full, causal, atol=1e-3)
+    torch.testing.assert_close(everything, full)
+    with torch.no_grad():  # causal: the first patch token sees the class token and itself only
+        tokens = vit(x, attn_mask=mask)["tokens"]
+        alone = vit(x, attn_mask=mask & (torch.arange(17) < 2))["tokens"]
+    torch.testing.assert_close(tokens[:, :2], alone[:, :2])
+
+
+# ------------------------------------------------------------------------------------------- CLI
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    run_dir = tmp_path_factory.mktemp("aim_eval") / "run"
+    assert main(["pretrain", DEMO, *TINY, "train.steps=6", "--run-dir", str(run_dir)]) == 0
+    return run_dir
+
+
+def test_eval_layer_all_writes_every_block_and_the_best(run, capsys):
+    args = ["eval", "knn", "linear", "--checkpoint", str(run), "--layer", "all", "--epochs", "2"]
+    assert main([*args, "--baselines"]) == 0
+    assert "best" in capsys.readouterr().out
+    for protocol in ("knn", "linear"):
+        result = json.loads((run / "eval" / f"{protocol}.json").read_text())
+        assert result["layer"] == "all"
+        rows = result["rows"]
+        assert [(r["model"], r["block"]) for r in rows] == [
+            ("raw pixels", None), ("random init", 0), ("random init", 1),
+            ("pretrained", 0), ("pretrained", 1),
+        ]  # fmt: skip
+        pretrained = [r for r in rows if r["model"] == "pretrained"]
+        best = max(pretrained, key=lambda r: r["top1"])
+        assert result["best_layer"] == best["block"] and best["best"]
+        assert sum(r["best"] for r in pretrained) == 1
+        assert sum(r["best"] for r in rows if r["model"] == "random init") == 1
+
+
+def test_eval_attentive_and_lora_skip_pixels_and_report_parameters(run, capsys):
+    args = ["eval", "attentive", "lora", "--checkpoint", str(run), "--baselines"]
+    args += ["--epochs", "1", "--blocks", "0,1", "--lora-rank", "2", "--attention", "causal"]
+    assert main([*args, "--max-train", "64", "--max-test", "32"]) == 0
+    assert "trainable" in capsys.readouterr().out
+    attentive = json.loads((run / "eval" / "attentive.json").read_text())
+    assert attentive["attention"] == "causal" and attentive["epochs"] == 1
+    assert [r["model"] for r in attentive["rows"]] == ["random init", "pretrained"]
+    for row in attentive["rows"]:
+        assert row["blocks"] == [0, 1] and row["details"]["params"] == attentive_params(32, 4)
+    lora = json.loads((run / "eval" / "lora.json").read_text())
+    assert [r["model"] for r in lora["rows"]] == ["random init", "pretrained"]
+    adapters = 2 * 2 * (4 * 32 + 2 * 32)  # depth 2, rank 2
+    assert all(r["details"]["adapter_params"] == adapters for r in lora["rows"])
+    assert all(0 <= r["top1"] <= 100 for r in attentive["rows"] + lora["rows"])
+
+
+@pytest.mark.parametrize("protocol", ["attentive", "lora"])
+def test_eval_help_exits_zero(protocol, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["eval", protocol, "--help"])
+    assert exit_info.value.code == 0
+    assert "--lora-rank" in capsys.readouterr().out
+
+
+def test_eval_rejects_a_bad_layer_and_bad_blocks(run):
+    for bad in (["--layer", "last"], ["--blocks", "1,x"]):
+        with pytest.raises(SystemExit) as exit_info:
+            main(["eval", "knn", "--checkpoint", str(run), *bad])
+        assert exit_info.value.code == 2
+
+
+def test_causal_mask_is_lower_triangular():
+    mask = causal_mask(5)
+    assert torch.equal(mask, torch.tril(torch.ones(5, 5)).bool())
+    assert mask.sum().item() == 15 == math.comb(6, 2)
