@@ -33,21 +33,35 @@ class Classifier(nn.Module):
         return {"loss": nn.functional.cross_entropy(self.head(tokens.mean(1)), labels)}
 
 
-def images_per_s(model: nn.Module, make_inputs, cfg, steps: int, warmup: int) -> float:
-    optimizer = build_optimizer(model, cfg.optim, lr=1e-4)
-    bf16 = cfg.train.precision == "bf16"
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
-    batch = cfg.data.batch_size
-    for i in range(warmup + steps):
-        if i == warmup:
-            tic = time.perf_counter()
-        inputs = make_inputs()
-        with autocast:
-            loss = model(**inputs)["loss"]
-        optimizer.zero_grad(set_to_none=True)
+class Stepper:
+    """One model + AdamW; ``step()`` runs forward, backward and the update, returns seconds."""
+
+    def __init__(self, model: nn.Module, make_inputs, cfg) -> None:
+        self.model, self.make_inputs = model, make_inputs
+        self.optimizer = build_optimizer(model, cfg.optim, lr=1e-4)
+        bf16 = cfg.train.precision == "bf16"
+        self.autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else nullcontext()
+
+    def step(self) -> float:
+        tic = time.perf_counter()
+        inputs = self.make_inputs()
+        with self.autocast:
+            loss = self.model(**inputs)["loss"]
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-    return steps * batch / (time.perf_counter() - tic)
+        self.optimizer.step()
+        return time.perf_counter() - tic
+
+
+def images_per_s(steppers: dict, batch: int, steps: int, warmup: int) -> dict:
+    """Alternate the steppers step by step, so that load from other processes hits both."""
+    seconds = dict.fromkeys(steppers, 0.0)
+    for i in range(warmup + steps):
+        for name, stepper in steppers.items():
+            elapsed = stepper.step()
+            if i >= warmup:
+                seconds[name] += elapsed
+    return {name: steps * batch / s for name, s in seconds.items()}
 
 
 def main() -> None:
@@ -64,20 +78,16 @@ def main() -> None:
     images = torch.randn(b, c, s, s)
 
     torch.manual_seed(0)
-    simmim = mimar.build_method(cfg)
-    pretext = images_per_s(
-        simmim,
-        lambda: {"images": images, **simmim.sample_corruption(b)},
-        cfg,
-        args.steps,
-        args.warmup,
-    )
+    method = mimar.build_method(cfg)
     torch.manual_seed(0)
     classifier = Classifier(mimar.build_backbone(cfg.backbone))
     labels = torch.randint(0, 10, (b,))
-    plain = images_per_s(
-        classifier, lambda: {"images": images, "labels": labels}, cfg, args.steps, args.warmup
-    )
+    steppers = {
+        "pretext": Stepper(method, lambda: {"images": images, **method.sample_corruption(b)}, cfg),
+        "plain": Stepper(classifier, lambda: {"images": images, "labels": labels}, cfg),
+    }
+    speed = images_per_s(steppers, b, args.steps, args.warmup)
+    pretext, plain = speed["pretext"], speed["plain"]
     print(
         f"{args.config}: batch {b}, {s} px, {cfg.train.precision}, "
         f"{args.threads} threads, {args.steps} timed steps"
