@@ -18,14 +18,25 @@ from typing import Any, Literal, Union
 
 import yaml
 
+from mimar.backbones.hivit import HiViTConfig
 from mimar.backbones.swin import SwinConfig
 from mimar.backbones.vit import ViTConfig
 from mimar.data import DataConfig
 from mimar.methods.aim import AIMConfig
+from mimar.methods.eva import EVAConfig
+from mimar.methods.itpn import ITPNConfig
+from mimar.methods.itpn_clip import ITPNCLIPConfig
 from mimar.methods.simmim import SimMIMConfig
+from mimar.teachers.config import TeacherConfig
 
-METHOD_CONFIGS = {"simmim": SimMIMConfig, "aim": AIMConfig}
-BACKBONE_CONFIGS = {"vit": ViTConfig, "swin": SwinConfig}
+METHOD_CONFIGS = {
+    "simmim": SimMIMConfig,
+    "aim": AIMConfig,
+    "eva": EVAConfig,
+    "itpn": ITPNConfig,
+    "itpn_clip": ITPNCLIPConfig,
+}
+BACKBONE_CONFIGS = {"vit": ViTConfig, "swin": SwinConfig, "hivit": HiViTConfig}
 
 
 class ConfigError(ValueError):
@@ -66,6 +77,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # EVA's frozen target model
 
     def __post_init__(self) -> None:
         b, d = self.backbone, self.data

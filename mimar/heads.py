@@ -5,6 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mimar.backbones.vit import Block, ViTConfig
+from mimar.nn import sincos_pos_embed_2d
+
 
 class PixelShuffleHead(nn.Module):
     """SimMIM's one-layer linear decoder (METHODS.md §2.3).
@@ -86,3 +89,104 @@ class AIMHead(nn.Module):
         for block in self.blocks:
             h = block(h)
         return self.pred(self.norm(h))  # (B, N, T)
+
+
+class PyramidEmbed(nn.Module):
+    """Each pyramid level -> one ``dim`` vector per main patch (iTPN, METHODS.md §4.3, §4.6).
+
+    Level l with s x s sub-tokens per patch is embedded per sub-token by
+    ``LN -> Linear(F -> dim / s^2)`` and its sub-tokens are concatenated row-major: a learned
+    downsampling of every level to the main-patch grid. Returns a list of ``(B, n, dim)``.
+    Linears trunc-normal std 0.02, as the official ``_init_weights``.
+    """
+
+    def __init__(
+        self, fpn_dim: int, dim: int, sub_tokens: tuple[int, ...] = (4, 2, 1), eps: float = 1e-6
+    ) -> None:
+        super().__init__()
+        if any(dim % (s * s) for s in sub_tokens):
+            raise ValueError(f"width {dim} must be divisible by {[s * s for s in sub_tokens]}")
+        self.dim = dim
+        self.levels = nn.ModuleList(
+            nn.Sequential(nn.LayerNorm(fpn_dim, eps=eps), nn.Linear(fpn_dim, dim // (s * s)))
+            for s in sub_tokens
+        )
+        for level in self.levels:
+            nn.init.trunc_normal_(level[1].weight, std=0.02)
+            nn.init.zeros_(level[1].bias)
+
+    def forward(self, levels: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
+        """``levels[l]``: ``(B, n, s, s, F)``, finest first -> ``[(B, n, dim)] * 3``."""
+        B, n = levels[0].shape[:2]
+        return [embed(x).reshape(B, n, self.dim) for x, embed in zip(levels, self.levels)]
+
+
+class PyramidPixelDecoder(nn.Module):
+    """iTPN's multi-level fusion decoder (METHODS.md §4.3): the pyramid of the kept patches
+    -> decoder tokens of all N patches, ``(B, N, dim)`` after the final LayerNorm.
+
+    Each level is embedded by :class:`PyramidEmbed` (widths dim, dim/4, dim/16 per sub-token);
+    hidden patches get one mask token shared by all levels (§10.11).
+    ``z = e16 + pos + e8 + e4`` (a hidden patch: 3 mask tokens + pos) -> ``depth`` attention
+    blocks -> LN. Linears trunc-normal std 0.02 as the official ``_init_weights``; the mask
+    token normal std 0.02; the sin-cos positions fixed.
+    """
+
+    def __init__(
+        self,
+        fpn_dim: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        grid: int,
+        mlp_ratio: float = 4.0,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        self.dim = dim
+        self.embed = PyramidEmbed(fpn_dim, dim, eps=eps)
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid), persistent=False)
+        block_cfg = ViTConfig(embed_dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
+        self.blocks = nn.ModuleList(Block(block_cfg, 0.0) for _ in range(depth))
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        for m in self.blocks.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.mask_token, std=0.02)
+
+    def forward(self, levels: tuple[torch.Tensor, ...], keep_ids: torch.Tensor) -> torch.Tensor:
+        """``levels[l]``: ``(B, n, s, s, F)`` of the kept patches ``keep_ids (B, n)``."""
+        B = keep_ids.shape[0]
+        z = self.pos_embed.to(levels[0].dtype).expand(B, -1, -1)  # (B, N, dim)
+        for e in self.embed(levels):  # (B, n, dim) per level
+            z = z + self.restore(e, keep_ids)  # (B, N, dim)
+        for block in self.blocks:
+            z = block(z)
+        return self.norm(z)
+
+    def restore(self, e: torch.Tensor, keep_ids: torch.Tensor) -> torch.Tensor:
+        """Kept tokens back to their grid places, the mask token elsewhere: ``(B, N, dim)``."""
+        B, N = e.shape[0], self.pos_embed.shape[0]
+        full = self.mask_token.to(e.dtype).expand(B, N, self.dim).clone()
+        return full.scatter(1, keep_ids.unsqueeze(-1).expand(-1, -1, self.dim), e)
+
+
+class PyramidFusionHead(nn.Module):
+    """iTPN-CLIP's head (METHODS.md §4.6): the levels downsampled to the main-patch grid by
+    :class:`PyramidEmbed` (widths D, D/4, D/16 per sub-token) and summed -- no mask tokens, no
+    decoder transformer -- then ``LN -> Linear(D -> D_t)`` (the code's ``lm_head``)."""
+
+    def __init__(self, fpn_dim: int, dim: int, out_dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.embed = PyramidEmbed(fpn_dim, dim, eps=eps)
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.head = nn.Linear(dim, out_dim)
+        nn.init.trunc_normal_(self.head.weight, std=0.02)
+        nn.init.zeros_(self.head.bias)
+
+    def forward(self, levels: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """``levels[l]``: ``(B, N, s, s, F)`` -> ``(B, N, D_t)``."""
+        return self.head(self.norm(torch.stack(self.embed(levels)).sum(0)))

@@ -10,7 +10,7 @@ from torch import nn
 
 from mimar.config import PretrainConfig, from_dict
 from mimar.engine import checkpoint
-from mimar.factory import build_backbone, build_method
+from mimar.factory import build_backbone, build_method, build_method_backbone
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
@@ -46,17 +46,24 @@ def load_backbone(source: str | Path) -> nn.Module:
     """The pretrained backbone of a run folder, a checkpoint, or a ``mimar export`` file.
 
     Returns the module in eval mode; ``backbone(images)["tokens"]`` are the features
-    (``(B, P + N, D)``, prefix tokens first, after the final norm).
+    (``(B, P + N, D)``, prefix tokens first, after the final norm). For an iTPN run it is
+    HiViT with its pretrained pyramid neck (``PyramidBackbone``), whose
+    ``feature_maps(images)`` gives the P4/P8/P16 maps of full images.
     """
     path = Path(source)
     if path.suffix == ".safetensors":
         return _load_exported(path)
-    cfg, state = load_run(path)
-    backbone = build_backbone(cfg.backbone)
+    return load_run_backbone(path)[1]
+
+
+def load_run_backbone(source: str | Path) -> tuple[PretrainConfig, nn.Module]:
+    """The config and pretrained backbone (eval mode) of a run folder or checkpoint file."""
+    cfg, state = load_run(source)
+    backbone = build_method_backbone(cfg)  # iTPN: HiViT with its pretrained pyramid neck
     prefix = "backbone."
     weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     backbone.load_state_dict(weights)
-    return backbone.eval()
+    return cfg, backbone.eval()
 
 
 def _load_exported(path: Path) -> nn.Module:
@@ -78,6 +85,10 @@ def _load_exported(path: Path) -> nn.Module:
 
 
 def random_init_backbone(cfg: PretrainConfig) -> nn.Module:
-    """The run's backbone exactly as it was before its first step (same seed, same order)."""
+    """The run's backbone exactly as it was before its first step (same seed, same order).
+
+    Every method builds its backbone (and iTPN its neck) first, so building only that part
+    draws the same initial weights, without the rest of the method or its teacher's files.
+    """
     torch.manual_seed(cfg.train.seed)
-    return build_method(cfg).backbone.eval()
+    return build_method_backbone(cfg).eval()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
@@ -28,3 +29,25 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
     err = (pred.float() - target.float()).pow(2).mean(dim=-1)  # (B, N)
     w = valid.to(err.dtype)
     return (err * w).sum() / w.sum().clamp(min=1)
+
+
+def neg_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """EVA's loss (METHODS.md §3.4): minus the cosine similarity of each row of ``pred`` with
+    the same row of ``target``, averaged over the rows.
+
+    ``-mean_i cos(pred_i, target_i)`` for ``(M, T)`` inputs (any leading shape works: every
+    vector along the last dim counts once), computed in fp32. EVA passes the hidden tokens of
+    the whole local batch, so each hidden token counts once and an image with more hidden
+    tokens weighs more. Ranges over [-1, 1]; cosine makes the target's scale irrelevant.
+    """
+    return -F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()
+
+
+def smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
+    """iTPN-CLIP's loss (METHODS.md §4.6): smooth L1 averaged over every value of every token.
+
+    ``mean over all B * N * T elements of (0.5 d^2 / beta if |d| < beta else |d| - beta / 2)``
+    with ``d = pred - target`` (``nn.SmoothL1Loss()``'s default mean), computed in fp32. The
+    official code passes all tokens, hidden and visible.
+    """
+    return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)

@@ -1,4 +1,4 @@
-"""The Backbone contract shared by every encoder (ViT, Swin, later HiViT).
+"""The Backbone contract shared by every encoder (ViT, Swin, HiViT).
 
 A backbone embeds images into tokens and encodes them. It never computes a loss.
 
@@ -12,6 +12,9 @@ dict:
 * ``"layers"``: list of raw block outputs (before the final norm), one per index requested in
   ``return_layers`` (0-based block indices, negative counts from the end), same layout as
   ``tokens``. Absent when nothing was requested.
+* ``"stages"`` (hierarchical backbones that feed a pyramid neck, i.e. HiViT): the raw outputs
+  of the stages before the last, per main patch (``(B, n, s, s, C_s)``), for
+  ``mimar.backbones.pyramid.PyramidNeck``.
 
 Boolean masks use True = hidden / to be predicted, everywhere in mimar.
 """

@@ -8,7 +8,7 @@ from mimar.data.augment import BatchAugment, CropParams, eval_transform
 from mimar.data.config import DataConfig
 from mimar.data.image_set import ImageSet
 from mimar.data.loader import StepLoader, build_step_loader, iterate_eval_batches
-from mimar.data.sources import load_images
+from mimar.data.sources import load_images, normalization_stats
 
 __all__ = [
     "BatchAugment",
@@ -20,4 +20,5 @@ __all__ = [
     "eval_transform",
     "iterate_eval_batches",
     "load_images",
+    "normalization_stats",
 ]

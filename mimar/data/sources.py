@@ -6,9 +6,9 @@ from dataclasses import replace
 from typing import Literal
 
 from mimar.data.config import DataConfig
-from mimar.data.fashion_mnist import load_fashion_mnist
+from mimar.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from mimar.data.image_folder import load_image_folder
-from mimar.data.image_set import ImageSet, match_stats
+from mimar.data.image_set import IMAGENET_MEAN, IMAGENET_STD, ImageSet, match_stats
 from mimar.data.synthetic import make_synthetic
 
 _SOURCES = {
@@ -44,3 +44,15 @@ def load_images(cfg: DataConfig, split: Literal["train", "test"]) -> ImageSet:
             std=match_stats(cfg.std, cfg.in_chans),
         )
     return images
+
+
+def normalization_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """The per-channel (mean, std) that :func:`load_images` normalises ``cfg``'s images with,
+    without reading any image (a frozen teacher needs them to undo the normalisation)."""
+    if cfg.mean is not None and cfg.std is not None:
+        mean, std = cfg.mean, cfg.std
+    elif cfg.name == "fashion_mnist":
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    else:  # image folders and synthetic images use the ImageNet statistics
+        mean, std = IMAGENET_MEAN, IMAGENET_STD
+    return match_stats(mean, cfg.in_chans), match_stats(std, cfg.in_chans)

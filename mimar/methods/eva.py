@@ -1,0 +1,144 @@
+"""EVA: Exploring the Limits of Masked Visual Representation Learning at Scale.
+
+Fang, Wang, Xie, Sun, Wu, Wang, Huang, Wang, Cao. CVPR 2023. arXiv:2211.07636.
+
+Idea: BEiT-style masked image modelling whose targets are the patch features of a frozen
+CLIP vision tower instead of discrete tokens. About 40 % of the patches are hidden in
+rectangular blocks and replaced by a mask token inside the encoder; the student's final
+(normed) features at hidden positions go through one linear layer to the teacher's width and
+are pulled towards the teacher's features of the *unmasked* image with a negative cosine
+similarity. Visible tokens and the class token are not supervised.
+
+Glossary (paper / official code -> code): ``bool_masked_pos`` -> ``mask`` (True = hidden);
+``num_mask_patches`` -> ``num_mask_patches``; ``lm_head`` -> ``lm_head``; teacher CLIP
+features (``ln_post`` and ``proj`` applied to every patch token) -> ``teacher(images)["tokens"]``
+(``mimar.teachers``); ``teacher_out_feat_dim`` -> ``teacher.dim``.
+
+Checked against baaivision/EVA @ 5623d08bb0 (``EVA-01/eva``: modeling_pretrain.py,
+masking_generator.py, engine_for_pretraining.py) via METHODS.md §3 and §10.8-9: block masking
+with min 16 patches and aspect 0.3-3.33, final LayerNorm then Linear(D, D_t) (trunc-normal
+0.02) on hidden tokens only, loss -cos averaged over the hidden tokens, computed in fp32.
+Deviations: the teacher sees the student's augmented crop resized to its input size (EVA
+draws the same crop twice at two resolutions), and masks are drawn by the engine for the
+global batch rather than per image in data workers (same distribution).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from timm.layers import trunc_normal_
+from torch import nn
+
+from mimar.losses import neg_cosine
+from mimar.masking import BlockMasking
+
+
+@dataclass(frozen=True, kw_only=True)
+class EVAConfig:
+    name: Literal["eva"] = "eva"
+    mask_ratio: float = 0.4  # EVA README "0.4 * 256" (METHODS.md §3.2)
+    num_mask_patches: int = 0  # 0 -> round(mask_ratio * N); EVA-g/14 uses 105 of 256 (§3.2)
+    min_num_patches: int = 16  # EVA run-script default (§1.3; BEiT's generator default is 4)
+    max_num_patches: int = 0  # 0 -> no cap beyond the target count (EVA: None)
+    min_aspect: float = 0.3  # block aspect ratio in [0.3, 1 / 0.3], log-uniform (§1.3)
+
+    def __post_init__(self) -> None:
+        if not 0 < self.mask_ratio < 1:
+            raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        if self.num_mask_patches < 0 or self.max_num_patches < 0 or self.min_num_patches < 1:
+            raise ValueError(
+                "method.num_mask_patches and max_num_patches must be >= 0 (0 = derived) and "
+                "method.min_num_patches >= 1"
+            )
+        if not 0 < self.min_aspect <= 1:
+            raise ValueError(f"method.min_aspect must be in (0, 1], got {self.min_aspect}")
+
+
+class EVA(nn.Module):
+    """EVA-01 masked feature prediction on a ViT with a mask token.
+
+    The frozen teacher (``mimar.teachers.FrozenTeacher``) is kept as a plain attribute, so it
+    is not a submodule: not trained, not in ``state_dict()``, not moved by ``.to()``.
+    """
+
+    def __init__(self, cfg: EVAConfig, backbone: nn.Module, teacher) -> None:
+        super().__init__()
+        if getattr(backbone, "mask_token", None) is None or not hasattr(backbone, "grid_size"):
+            raise ValueError(
+                "EVA needs a ViT with a mask token: set backbone.name=vit "
+                "backbone.use_mask_token=true"
+            )
+        self.cfg, self.backbone, self.teacher = cfg, backbone, teacher
+        n = backbone.num_patches
+        self.num_mask = cfg.num_mask_patches or round(cfg.mask_ratio * n)  # 26 of 64, 105 of 256
+        self.masking = BlockMasking(
+            backbone.grid_size,
+            self.num_mask,
+            cfg.min_num_patches,
+            cfg.max_num_patches or None,
+            cfg.min_aspect,
+        )
+        # lm_head: the student's final LayerNorm is the backbone's own norm (§3.1)
+        self.lm_head = nn.Linear(backbone.embed_dim, teacher.dim)
+        trunc_normal_(self.lm_head.weight, std=0.02, a=-0.02, b=0.02)  # ±1 std (§10.8)
+        nn.init.zeros_(self.lm_head.bias)
+
+    def sample_corruption(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
+        """One block mask per image, drawn by the engine for the whole global batch."""
+        return {"mask": self.masking(batch_size, generator)}  # (B, N) bool
+
+    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
+        if mask is None:
+            mask = self.sample_corruption(images.shape[0])["mask"]
+        mask = mask.to(images.device)  # (B, N), True = hidden
+        pred = self.predict(images, mask)  # (B, N, T) student guesses of the teacher features
+        target = self.teacher(images)  # the teacher sees the whole (unmasked) image
+        loss = neg_cosine(pred[mask], target["tokens"][mask])  # (M, T) hidden tokens only
+        return {
+            "loss": loss,
+            "mask_ratio": mask.float().mean(),
+            "teacher_ms": torch.tensor(target["ms"], device=images.device),  # teacher forward
+        }
+
+    def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Encode with hidden patches replaced by the mask token; project every patch token.
+
+        EVA projects hidden tokens only; projecting all of them costs one small matmul and
+        gives the visualisation its per-patch map. The loss reads the hidden ones.
+        """
+        tokens = self.backbone(images, mask=mask)["tokens"]  # (B, P + N, D) after final norm
+        tokens = tokens[:, self.backbone.num_prefix_tokens :]  # (B, N, D), class token dropped
+        return self.lm_head(tokens)  # (B, N, T)
+
+    @torch.no_grad()
+    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
+        """Rows: input, input with hidden patches blanked, and the per-patch cosine similarity
+        between the student's prediction and the teacher feature (black -1, white +1)."""
+        mask = self.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
+        pred, target = self.predict(images, mask).float(), self.teacher(images)["tokens"]
+        cos = F.cosine_similarity(pred, target, dim=-1)  # (B, N)
+        g, p = self.backbone.grid_size, self.backbone.patch_size
+        pixel_mask = _to_pixels(mask.float(), g, p)  # (B, 1, H, W)
+        brightness = _to_pixels((cos + 1) / 2, g, p)  # (B, 1, H, W) in [0, 1]
+        # encode as normalised images so the picture code's de-normalisation shows [0, 1]
+        mean = images.new_tensor(self.teacher.data_mean).view(1, -1, 1, 1)
+        std = images.new_tensor(self.teacher.data_std).view(1, -1, 1, 1)
+        hidden_cos = cos[mask].mean().item()
+        return {
+            "original": images,
+            "masked": images * (1 - pixel_mask) + images.amin() * pixel_mask,
+            "cosine to teacher": (brightness - mean) / std,
+            "caption": f"EVA: cosine(student, teacher) per patch, black -1 / white +1; "
+            f"{mask.sum(1).float().mean():.0f} of {g * g} patches hidden, "
+            f"mean cosine on hidden patches {hidden_cos:.2f}",
+        }
+
+
+def _to_pixels(values: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
+    """``(B, N)`` per-patch values -> ``(B, 1, H, W)`` constant over each patch."""
+    v = values.reshape(-1, 1, grid, grid)
+    return v.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)
