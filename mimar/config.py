@@ -77,7 +77,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # EVA's frozen target model
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # EVA, iTPN-CLIP targets
 
     def __post_init__(self) -> None:
         b, d = self.backbone, self.data
