@@ -5,7 +5,7 @@ import json
 import pytest
 import timm
 import torch
-from helpers import losses
+from helpers import images, losses, perturb_patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
@@ -39,17 +39,6 @@ def _aim(order="raster", **kw) -> AIM:
     torch.manual_seed(0)
     cfg = AIMConfig(order=order, head_width=32, head_depth=2, **kw)
     return AIM(cfg, ViT(ViTConfig(**TRUNK))).eval()
-
-
-def _images(b=2, seed=1):
-    return torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def _perturb_patch(images, patch_id, patch=4, grid=4):
-    out = images.clone()
-    r, c = divmod(patch_id, grid)
-    out[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] += 1.0
-    return out
 
 
 # --- orders ---------------------------------------------------------------------------
@@ -95,32 +84,32 @@ def test_prefix_causal_mask_hand_case():
 
 @pytest.mark.parametrize("order", ORDERS)
 def test_later_patches_never_reach_earlier_outputs(order):
-    model, x = _aim(order), _images()
+    model, x = _aim(order), images()
     S = 5
     prefix = torch.full((2,), S)
     base = model.predict(x, prefix)
     seq = model.order.tolist()
     for j in (S, 9, 15):  # change the patch at sequence position j (non-prefix)
-        out = model.predict(_perturb_patch(x, seq[j]), prefix)
+        out = model.predict(perturb_patch(x, seq[j]), prefix)
         diff = (out - base).abs().amax(dim=(0, 2))  # (N,)
         assert diff[:j].max() == 0, f"position < {j} changed"
         assert diff[j] > 0
     # prefix positions see each other: the last prefix patch changes the first output
-    out = model.predict(_perturb_patch(x, seq[S - 1]), prefix)
+    out = model.predict(perturb_patch(x, seq[S - 1]), prefix)
     assert (out - base)[:, 0].abs().max() > 0
 
 
 def test_prefix_zero_is_strictly_causal():
-    model, x = _aim(), _images()
+    model, x = _aim(), images()
     zero = torch.zeros(2, dtype=torch.long)
     base = model.predict(x, zero)
     for j in (1, 7, 15):
-        diff = (model.predict(_perturb_patch(x, j), zero) - base).abs().amax(dim=(0, 2))
+        diff = (model.predict(perturb_patch(x, j), zero) - base).abs().amax(dim=(0, 2))
         assert diff[:j].max() == 0 and diff[j] > 0
 
 
 def test_bidirectional_eval_differs_from_causal():
-    model, x = _aim(), _images()
+    model, x = _aim(), images()
     n = model.num_patches
     causal = torch.ones(n, n, dtype=torch.bool).tril()
     with torch.no_grad():
@@ -140,7 +129,7 @@ def test_per_patch_normalisation_hand_case():
 
 
 def test_loss_is_next_patch_mse_on_non_prefix_targets_only():
-    model, x = _aim(), _images()
+    model, x = _aim(), images()
     prefix = torch.tensor([3, 12])
     with torch.no_grad():
         loss = model(x, prefix_len=prefix)["loss"]
@@ -188,7 +177,7 @@ def test_aim_trunk_exports_to_timm(tmp_path):
     meta = json.loads(meta_path.read_text())
     model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["kwargs"])
     model.load_state_dict(load_file(path), strict=True)
-    x = _images()
+    x = images()
     with torch.no_grad():
         torch.testing.assert_close(
             model.eval().forward_features(x), vit(x)["tokens"], atol=1e-5, rtol=1e-5

@@ -3,6 +3,7 @@ layer ids, paper model sizes."""
 
 import pytest
 import torch
+from helpers import images, perturb_patch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -32,17 +33,6 @@ def _pyramid(fpn_dim=16) -> PyramidBackbone:
     return PyramidBackbone(trunk, PyramidNeck(trunk.stage_widths, fpn_dim, 1)).eval()
 
 
-def _images(b=2, seed=1):
-    return torch.randn(b, 1, 16, 16, generator=torch.Generator().manual_seed(seed))
-
-
-def _perturb_patch(images, patch_id, patch=4, grid=4):
-    out = images.clone()
-    r, c = divmod(patch_id, grid)
-    out[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] += 1.0
-    return out
-
-
 # --- dropped patches are never computed ------------------------------------------------------
 
 
@@ -58,7 +48,7 @@ def test_dropped_patches_never_reach_a_kept_output(kept, seed):
     keep = torch.tensor(sorted(kept)).expand(2, -1)  # (B, n)
     n = keep.shape[1]
     dropped = sorted(set(range(N)) - set(kept))
-    x = _images(seed=seed)
+    x = images(seed=seed)
     with torch.no_grad():
         base = model(x, keep_ids=keep, return_pyramid=True)
         f4, f8 = base["stages"]
@@ -66,7 +56,7 @@ def test_dropped_patches_never_reach_a_kept_output(kept, seed):
         assert base["tokens"].shape == (2, n, 32)
         assert [p.shape[1:4] for p in base["pyramid"]] == [(n, 4, 4), (n, 2, 2), (n, 1, 1)]
         other = model(
-            _perturb_patch(x, dropped[seed % len(dropped)]), keep_ids=keep, return_pyramid=True
+            perturb_patch(x, dropped[seed % len(dropped)]), keep_ids=keep, return_pyramid=True
         )
     for a, b in zip(
         [base["tokens"], *base["stages"], *base["pyramid"]],
@@ -75,7 +65,7 @@ def test_dropped_patches_never_reach_a_kept_output(kept, seed):
         assert torch.equal(a, b)
     # a kept patch's pixels do reach the outputs
     with torch.no_grad():
-        moved = model(_perturb_patch(x, kept[0]), keep_ids=keep)["tokens"]
+        moved = model(perturb_patch(x, kept[0]), keep_ids=keep)["tokens"]
     assert not torch.equal(moved, base["tokens"])
 
 
@@ -83,7 +73,7 @@ def test_stage_outputs_are_per_patch_until_stage_3():
     """Stages 1-2 never mix main patches: a kept patch's f4/f8 do not depend on which other
     patches are kept (stage 3 attention does mix them)."""
     model = _hivit()
-    x = _images()
+    x = images()
     with torch.no_grad():
         full = model(x)
         sub = model(x, keep_ids=torch.tensor([[3, 7, 12]]).expand(2, -1))
@@ -94,7 +84,7 @@ def test_stage_outputs_are_per_patch_until_stage_3():
 
 def test_keep_everything_equals_no_dropping_and_the_stem_equals_a_whole_image_conv():
     model = _hivit()
-    x = _images()
+    x = images()
     with torch.no_grad():
         full = model(x)
         kept = model(x, keep_ids=torch.arange(N).expand(2, -1))
@@ -149,10 +139,10 @@ def test_split_lays_chunks_out_row_major_and_round_trips_with_the_matching_order
 # --- the pyramid ---------------------------------------------------------------------------
 
 
-def test_pyramid_maps_of_full_images():
+def test_pyramid_maps_of_fullimages():
     model = _pyramid(fpn_dim=16)
     with torch.no_grad():
-        maps = model.feature_maps(_images(3))
+        maps = model.feature_maps(images(3))
     assert list(maps) == ["p1", "p2", "p4"]  # strides p/4, p/2, p at main patch 4
     assert maps["p1"].shape == (3, 16, 16, 16)
     assert maps["p2"].shape == (3, 16, 8, 8)
@@ -195,7 +185,7 @@ def test_neck_works_on_any_subset_of_patches(kept):
 
 def test_return_layers_indexes_every_block_and_mask_token_path():
     model = _hivit(use_mask_token=True)
-    x = _images()
+    x = images()
     assert model.num_layers == 2 * 1 + 2
     with torch.no_grad():
         out = model(x, return_layers=(0, 1, 2, -1))
