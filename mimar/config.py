@@ -23,6 +23,7 @@ from mimar.backbones.swin import SwinConfig
 from mimar.backbones.vit import ViTConfig
 from mimar.data import DataConfig
 from mimar.methods.aim import AIMConfig
+from mimar.methods.digpt import DiGPTConfig
 from mimar.methods.eva import EVAConfig
 from mimar.methods.itpn import ITPNConfig
 from mimar.methods.itpn_clip import ITPNCLIPConfig
@@ -35,6 +36,7 @@ METHOD_CONFIGS = {
     "eva": EVAConfig,
     "itpn": ITPNConfig,
     "itpn_clip": ITPNCLIPConfig,
+    "digpt": DiGPTConfig,
 }
 BACKBONE_CONFIGS = {"vit": ViTConfig, "swin": SwinConfig, "hivit": HiViTConfig}
 
@@ -77,7 +79,7 @@ class PretrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
-    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # EVA, iTPN-CLIP targets
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)  # EVA, iTPN-CLIP, D-iGPT
 
     def __post_init__(self) -> None:
         b, d = self.backbone, self.data

@@ -9,6 +9,7 @@ from mimar.backbones.swin import Swin, SwinConfig
 from mimar.backbones.vit import ViT, ViTConfig
 from mimar.data import normalization_stats
 from mimar.methods.aim import AIM, AIMConfig
+from mimar.methods.digpt import DiGPT, DiGPTConfig
 from mimar.methods.eva import EVA, EVAConfig
 from mimar.methods.itpn import ITPN, ITPNConfig, pyramid_backbone
 from mimar.methods.itpn_clip import ITPNCLIP, ITPNCLIPConfig
@@ -39,6 +40,8 @@ def build_method(cfg) -> nn.Module:
         return ITPN(cfg.method, backbone)
     if isinstance(cfg.method, ITPNCLIPConfig):
         return ITPNCLIP(cfg.method, backbone, _teacher_for(cfg, backbone))
+    if isinstance(cfg.method, DiGPTConfig):  # aligns per cluster itself: teacher grid kept
+        return DiGPT(cfg.method, backbone, _teacher_for(cfg, backbone, resample=False))
     raise TypeError(f"no method for config {type(cfg.method).__name__}")
 
 
@@ -51,12 +54,18 @@ def build_method_backbone(cfg) -> nn.Module:
     return backbone
 
 
-def _teacher_for(cfg, backbone: nn.Module):
-    """The frozen teacher of ``cfg.teacher``, aligned to ``backbone``'s patch grid."""
+def _teacher_for(cfg, backbone: nn.Module, resample: bool = True):
+    """The frozen teacher of ``cfg.teacher``, aligned to ``backbone``'s patch grid (unless
+    ``resample`` is False: then on its own grid)."""
     if cfg.teacher.kind == "none":
         raise ValueError(
             f"method {cfg.method.name} needs a frozen teacher: set teacher.kind (open_clip, "
             "hf_clip, timm or mimar) and its path, e.g. teacher.kind=mimar teacher.path=RUN_DIR"
+        )
+    if cfg.teacher.kind == "pixels" and not isinstance(cfg.method, DiGPTConfig):
+        raise ValueError(
+            "teacher.kind=pixels is D-iGPT's pixel-target ablation; "
+            f"method {cfg.method.name} needs a feature teacher (open_clip, hf_clip, timm, mimar)"
         )
     mean, std = normalization_stats(cfg.data)
     return build_teacher(
@@ -65,4 +74,6 @@ def _teacher_for(cfg, backbone: nn.Module):
         student_in_chans=backbone.in_chans,
         data_mean=mean,
         data_std=std,
+        student_img_size=backbone.img_size,
+        resample=resample,
     )

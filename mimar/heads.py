@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from mimar.backbones.vit import Block, ViTConfig
+from mimar.backbones.vit import Attention, Block, Mlp, ViTConfig
 from mimar.nn import sincos_pos_embed_2d
 
 
@@ -190,3 +191,111 @@ class PyramidFusionHead(nn.Module):
     def forward(self, levels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``levels[l]``: ``(B, N, s, s, F)`` -> ``(B, N, D_t)``."""
         return self.head(self.norm(torch.stack(self.embed(levels)).sum(0)))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``x`` over a separate ``memory`` (SDPA), with a mask."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        B, Nq, D = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, Nq, h, D // h).transpose(1, 2)  # (B, h, Nq, D/h)
+        kv = self.kv(memory).reshape(B, memory.shape[1], 2, h, D // h)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, Nk, D/h)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(x.transpose(1, 2).reshape(B, Nq, D))
+
+
+class DiGPTDecoderBlock(nn.Module):
+    """D-iGPT's decoder block (METHODS.md §6.5), pre-norm, one mask for both attentions:
+
+    ``q += SelfAttn(LN1(q)); q += CrossAttn(LN2a(q), LN2b(memory)); q += MLP(LN3(q))``.
+    """
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float, eps: float) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, proj_bias=True)
+        self.norm2_q = nn.LayerNorm(dim, eps=eps)
+        self.norm2_kv = nn.LayerNorm(dim, eps=eps)
+        self.cross_attn = CrossAttention(dim, num_heads)
+        self.norm3 = nn.LayerNorm(dim, eps=eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=True)
+
+    def forward(
+        self, q: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor
+    ) -> torch.Tensor:
+        q = q + self.attn(self.norm1(q), attn_mask)
+        q = q + self.cross_attn(self.norm2_q(q), self.norm2_kv(memory), attn_mask)
+        return q + self.mlp(self.norm3(q))
+
+
+class DiGPTDecoder(nn.Module):
+    """One of D-iGPT's two decoders (METHODS.md §6.3, §6.5): position-only queries that read a
+    multi-depth memory of the encoder and predict teacher features.
+
+    Memory: the raw outputs of ``num_layers`` encoder blocks, each through one shared
+    ``LayerNorm(D)`` (eps 1e-5, as the code's repeated module), concatenated and mapped by one
+    ``Linear(num_layers * D -> depth * dim)``; decoder block l reads slice l of the last axis
+    of its ``(B, T, dim, depth)`` reshape. Queries: one learnable token + the sin-cos position
+    of the patch each query stands for; the class-token query (index 0) gets position zero.
+    After the blocks: ``LN -> Linear(dim -> out_dim)``. Init as MAE: xavier-uniform linears
+    with zero biases, the query token normal std 0.02.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_layers: int,
+        dim: int,
+        depth: int,
+        num_heads: int,
+        mlp_ratio: float,
+        out_dim: int,
+        grid: int,
+        eps: float = 1e-6,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"decoder width {dim} is not divisible by {num_heads} heads")
+        self.dim, self.depth = dim, depth
+        self.memory_norm = nn.LayerNorm(embed_dim, eps=1e-5)
+        self.memory_proj = nn.Linear(num_layers * embed_dim, depth * dim)
+        self.query_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid), persistent=False)
+        self.blocks = nn.ModuleList(
+            DiGPTDecoderBlock(dim, num_heads, mlp_ratio, eps) for _ in range(depth)
+        )
+        self.norm = nn.LayerNorm(dim, eps=eps)
+        self.head = nn.Linear(dim, out_dim)
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.xavier_uniform_(m.weight)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
+        nn.init.normal_(self.query_token, std=0.02)
+
+    def forward(
+        self, layers: list[torch.Tensor], query_ids: torch.Tensor, attn_mask: torch.Tensor
+    ) -> torch.Tensor:
+        """``layers``: encoder block outputs ``(B, 1 + n, D)`` (class token first);
+        ``query_ids``: long ``(B, n)`` row-major patch ids whose positions the patch queries
+        carry; ``attn_mask``: bool ``(1 + n, 1 + n)``. Returns ``(B, 1 + n, out_dim)``."""
+        B, T = layers[0].shape[:2]
+        memory = self.memory_proj(torch.cat([self.memory_norm(x) for x in layers], dim=-1))
+        memory = memory.reshape(B, T, self.dim, self.depth)  # (B, T, dim, depth)
+        pos = self.pos_embed[query_ids]  # (B, n, dim)
+        pos = torch.cat([pos.new_zeros(B, 1, self.dim), pos], dim=1)  # class query: zero
+        q = self.query_token + pos.to(memory.dtype)  # (B, T, dim)
+        for layer, block in enumerate(self.blocks):
+            q = block(q, memory[..., layer], attn_mask)
+        return self.head(self.norm(q))  # (B, T, out_dim)

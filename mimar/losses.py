@@ -51,3 +51,13 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0) -> to
     official code passes all tokens, hidden and visible.
     """
     return F.smooth_l1_loss(pred.float(), target.float(), beta=beta)
+
+
+def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """D-iGPT's loss (METHODS.md §6.6): ``2 - 2 cos`` per vector, averaged over the vectors.
+
+    ``mean_i (2 - 2 cos(pred_i, target_i))`` over every vector along the last dim (for
+    ``(B, T, D)`` inputs: all B * T tokens count equally), computed in fp32. Equals the squared
+    distance of the L2-normalised vectors; ranges over [0, 4].
+    """
+    return 2 - 2 * F.cosine_similarity(pred.float(), target.float(), dim=-1).mean()

@@ -1,4 +1,4 @@
-"""Corruptions: mask generators (and, in later issues, autoregressive orders).
+"""Corruptions: mask generators, autoregressive orders and their attention masks.
 
 Convention used everywhere in mimar: a mask is a bool tensor ``hidden`` of shape ``(B, N)``
 over the model's patch grid in row-major order, True = hidden / to be predicted.
@@ -226,6 +226,53 @@ def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tenso
     causal = pos[None, :] <= pos[:, None]  # (N, N): key <= query
     in_prefix = pos[None, :] < prefix_len[:, None]  # (B, N): key is a prefix token
     return causal[None] | in_prefix[:, None, :]  # (B, N, N)
+
+
+# --- Clusters and the cluster-causal mask (D-iGPT, METHODS.md §6.1-6.2) ----------------------
+
+
+def cluster_index(grid: int, clusters_per_side: int) -> torch.Tensor:
+    """The row-major patch ids of each cluster of a ``grid x grid`` patch grid.
+
+    The grid is cut into ``K = clusters_per_side**2`` square clusters of
+    ``s = (grid / clusters_per_side)**2`` patches (D-iGPT: 2 per side = 4 quadrants of 7x7
+    patches at 14x14). Returns long ``(K, s)``: row k lists cluster k's patches in
+    row-major order; clusters are numbered row-major (top-left, top-right, bottom-left, ...).
+    """
+    if clusters_per_side < 1 or grid % clusters_per_side:
+        raise ValueError(
+            f"a {grid}x{grid} patch grid cannot be cut into {clusters_per_side}x"
+            f"{clusters_per_side} equal clusters: set method.clusters_per_side to a divisor of "
+            f"{grid} (divisors: {[d for d in range(1, grid + 1) if grid % d == 0]})"
+        )
+    c = grid // clusters_per_side  # patches per cluster side
+    ids = torch.arange(grid * grid).reshape(clusters_per_side, c, clusters_per_side, c)
+    return ids.permute(0, 2, 1, 3).reshape(clusters_per_side**2, c * c)
+
+
+def random_cluster_orders(
+    batch_size: int, num_clusters: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One uniformly random permutation of the clusters per image: long ``(B, K)``."""
+    return torch.rand(batch_size, num_clusters, generator=generator).argsort(dim=1)
+
+
+def cluster_causal_mask(num_slots: int, cluster_size: int) -> torch.Tensor:
+    """D-iGPT's attention mask over ``[CLS] + num_slots clusters`` (METHODS.md §6.2).
+
+    Token layout: index 0 is the class token, then the clusters in the order they are read,
+    ``cluster_size`` tokens each. A token of cluster slot i may attend to every token of slots
+    <= i (bidirectional inside a cluster, causal across clusters). The class token attends to
+    everything and is visible only to itself and to the last slot, i.e. it behaves like a
+    member of the last cluster. (The official code puts the class token last; position in
+    the sequence does not matter to attention under a mask, so ours sits first as in every
+    mimar ViT.) Returns bool ``(T, T)``, ``T = 1 + num_slots * cluster_size``, True = allowed.
+    """
+    slot = torch.arange(num_slots).repeat_interleave(cluster_size)  # (T - 1,)
+    slot = torch.cat([torch.tensor([num_slots - 1]), slot])  # the class token: last slot
+    allowed = slot[None, :] <= slot[:, None]  # key slot <= query slot
+    allowed[0] = True  # the class token attends to everything
+    return allowed
 
 
 # --- MAE-style random keep (iTPN pixel, METHODS.md §4.1.2) -----------------------------------

@@ -1,20 +1,25 @@
 """Frozen teachers: pretrained encoders whose patch features a student learns to predict
-(EVA; later D-iGPT and iTPN-CLIP). METHODS.md §1.4, §3.3.
+(EVA, D-iGPT, iTPN-CLIP). METHODS.md §1.4, §3.3, §6.4.
 
-``build_teacher(cfg.teacher, ...)`` loads one of four kinds from local files, never the network:
+``build_teacher(cfg.teacher, ...)`` loads one of four kinds from local files, never the network
+(a fifth, ``pixels``, has no files: see below):
 
 * ``open_clip``: ``open_clip.create_model(model, pretrained=checkpoint)``; its vision tower.
 * ``hf_clip``: a folder written by ``CLIPVisionModel`` / ``CLIPVisionModelWithProjection``
   ``.save_pretrained`` (a full ``CLIPModel`` folder loads as the latter).
 * ``timm``: ``timm.create_model(model, pretrained=False, num_classes=0)`` + a checkpoint file.
 * ``mimar``: a mimar run folder (or checkpoint file) or a ``mimar export`` ``.safetensors``.
+* ``pixels``: no model; the "features" of a patch are its pixels as the student sees them
+  (data normalisation, channel-major inside the patch), on the student's own grid, with no
+  class token. D-iGPT uses it for the paper's iGPT-style pixel-target row.
 
 Calling the teacher on the student's batch (normalised with the data mean/std, after the
 student's augmentation) returns ``{"tokens": (B, N_student, D_t), "cls": (B, D_t), "ms": float}``
 ("cls" only when the teacher has a class token; "ms" = wall time of the call). On the way it
 un-normalises the images, converts channels (1 -> 3 by replication, 3 -> 1 by luma), resizes to
 the teacher's input side, normalises with the teacher's own mean/std, encodes, and resamples
-the teacher's feature map bilinearly to the student's grid when the two grids differ.
+the teacher's feature map bilinearly to the student's grid when the two grids differ
+(``resample=False`` keeps the teacher's own grid: D-iGPT aligns per cluster instead).
 
 Features (``teacher.layer``): ``None`` = the model's final patch features, for CLIP the
 tokens after ``ln_post`` *and* the projection, as EVA uses them (open_clip: ``ln_post(x) @
@@ -43,7 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from mimar.teachers.config import TeacherConfig
-from mimar.teachers.loaders import CLIP_MEAN, CLIP_STD, LOADERS, TeacherModel
+from mimar.teachers.loaders import CLIP_MEAN, CLIP_STD, LOADERS, TeacherModel, pixel_source
 
 __all__ = [
     "CLIP_MEAN",
@@ -62,19 +67,20 @@ class FrozenTeacher:
     """A frozen encoder whose patch features are aligned to the student's token grid.
 
     Not an ``nn.Module`` on purpose (see the module docstring). ``dim`` is the feature width
-    D_t, ``grid`` the teacher's own token grid, ``student_grid`` the grid of the outputs.
+    D_t, ``grid`` the teacher's own token grid, ``student_grid`` the grid of the outputs
+    (``None`` at construction: the teacher's own grid, no resampling).
     """
 
     def __init__(
         self,
         source: TeacherModel,
         *,
-        student_grid: tuple[int, int],
+        student_grid: tuple[int, int] | None,
         data_mean: tuple[float, ...],
         data_std: tuple[float, ...],
         precision: str = "inherit",
     ) -> None:
-        self.source, self.student_grid, self.precision = source, student_grid, precision
+        self.source, self.precision = source, precision
         self.data_mean, self.data_std = tuple(data_mean), tuple(data_std)
         self.module = source.module.float().eval().requires_grad_(False)  # autocast casts
         probe = torch.zeros(1, source.in_chans, source.img_size, source.img_size)
@@ -82,6 +88,7 @@ class FrozenTeacher:
             feature_map, cls = source.encode(probe)  # checks layer index, gives D_t and grid
         self.dim, self.grid = feature_map.shape[1], tuple(feature_map.shape[-2:])
         self.has_cls = cls is not None
+        self.student_grid = student_grid or self.grid  # None: outputs on the teacher's grid
 
     def __call__(self, images: torch.Tensor) -> dict:
         tic = _now(images.device)
@@ -134,17 +141,27 @@ def build_teacher(
     student_in_chans: int,
     data_mean: tuple[float, ...],
     data_std: tuple[float, ...],
+    student_img_size: int = 0,
+    resample: bool = True,
 ) -> FrozenTeacher | None:
     """Load the teacher ``cfg`` names (None for ``kind: none``) for a student whose images have
     ``student_in_chans`` channels normalised with ``data_mean`` / ``data_std`` and whose patch
-    tokens form ``student_grid``. Missing or mismatched files raise one ``FileNotFoundError``
-    / ``ValueError`` naming the path and what was expected. The global RNG is left untouched,
-    so the student's initialisation does not depend on the teacher."""
+    tokens form ``student_grid``; the outputs are resampled to that grid unless ``resample`` is
+    False. ``kind: pixels`` also needs ``student_img_size``. Missing or mismatched files raise
+    one ``FileNotFoundError`` / ``ValueError`` naming the path and what was expected. The
+    global RNG is left untouched, so the student's initialisation does not depend on the
+    teacher."""
     if cfg.kind == "none":
         return None
     grid = (student_grid, student_grid) if isinstance(student_grid, int) else tuple(student_grid)
     if len(data_mean) != student_in_chans or len(data_std) != student_in_chans:
         raise ValueError(f"data mean/std need {student_in_chans} values for the teacher")
+    if cfg.kind == "pixels":
+        if not student_img_size or student_img_size % grid[0]:
+            raise ValueError("teacher.kind=pixels needs the student's image size and patch grid")
+        source = pixel_source(student_img_size // grid[0], student_img_size, student_in_chans)
+        source.mean, source.std = tuple(data_mean), tuple(data_std)
+        return FrozenTeacher(source, student_grid=grid, data_mean=data_mean, data_std=data_std)
     with torch.random.fork_rng(devices=[]):
         source = LOADERS[cfg.kind](cfg)
     if cfg.mean is not None and cfg.std is not None:
@@ -156,7 +173,11 @@ def build_teacher(
     if len(source.mean) not in (1, source.in_chans):
         raise ValueError(f"teacher.mean/std need {source.in_chans} values, got {source.mean}")
     teacher = FrozenTeacher(
-        source, student_grid=grid, data_mean=data_mean, data_std=data_std, precision=cfg.precision
+        source,
+        student_grid=grid if resample else None,
+        data_mean=data_mean,
+        data_std=data_std,
+        precision=cfg.precision,
     )
     log.info("teacher %s", teacher.describe())
     return teacher

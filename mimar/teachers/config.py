@@ -5,12 +5,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-TeacherKind = Literal["none", "open_clip", "hf_clip", "timm", "mimar"]
+TeacherKind = Literal["none", "open_clip", "hf_clip", "timm", "mimar", "pixels"]
 TeacherPrecision = Literal["inherit", "fp32", "bf16", "fp16"]
 
 
 @dataclass(frozen=True, kw_only=True)
 class TeacherConfig:
+    # pixels: the student's own patches as targets (D-iGPT's iGPT-style pixel row); no files
     kind: TeacherKind = "none"
     model: str = ""  # open_clip / timm model name (open_clip also takes "local-dir:DIR")
     checkpoint: str = ""  # weights file for open_clip and timm

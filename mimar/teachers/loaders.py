@@ -279,4 +279,20 @@ def _first_line(err: BaseException) -> str:
     return text.splitlines()[0][:300]
 
 
+def pixel_source(patch_size: int, img_size: int, in_chans: int) -> TeacherModel:
+    """``teacher.kind=pixels``: each patch's ``C * p * p`` pixel values as its feature vector
+    (``pixel_unshuffle``: channel-major, then row-major inside the patch); no class token.
+    The caller sets mean/std to the data's, so the values are the student's own input."""
+    unshuffle = nn.PixelUnshuffle(patch_size)
+    return TeacherModel(
+        module=unshuffle,
+        encode=lambda x: (unshuffle(x), None),
+        img_size=img_size,
+        in_chans=in_chans,
+        mean=(),
+        std=(),
+        name=f"pixels ({in_chans}x{patch_size}x{patch_size} per patch)",
+    )
+
+
 LOADERS = {"open_clip": _open_clip, "hf_clip": _hf_clip, "timm": _timm, "mimar": _mimar}
