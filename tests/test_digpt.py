@@ -4,6 +4,9 @@ dis-decoder ablation, pixel targets, a short run, eval/export on the run, the pa
 
 import json
 import math
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -356,6 +359,30 @@ def test_bad_settings_are_one_line_errors(teacher_run, capsys):
     argv = ["pretrain", "configs/eva/vit_tiny_fmnist.yaml", "teacher.kind=pixels"]
     assert main([*argv, "train.steps=1"]) == 2
     assert "pixel-target ablation" in capsys.readouterr().err
+
+
+def test_two_process_ddp_matches_one_process(tmp_path):
+    # the frozen final norm gets no gradient; DDP must accept that, and the per-image cluster
+    # orders must be split over the ranks exactly as one process draws them
+    args = [RECIPE, *DIGPT_TINY, "train.steps=3", "teacher.kind=pixels"]
+    assert main(["pretrain", *args, "--run-dir", str(tmp_path / "one")]) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2"]
+    cmd += [
+        "--standalone",
+        "-m",
+        "mimar.cli",
+        "pretrain",
+        *args,
+        "--run-dir",
+        str(tmp_path / "two"),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+    assert sorted(one) == sorted(two) == [1, 2, 3]
+    for step in one:
+        assert two[step] == pytest.approx(one[step], rel=1e-4, abs=1e-5)
 
 
 # --- the paper recipe ------------------------------------------------------------------------
