@@ -269,10 +269,20 @@ def test_gradients_reach_every_trainable_parameter_and_never_the_teacher():
 
 def test_visualize_gives_rows_of_image_shape():
     method = _digpt()
-    rows = method.visualize(images(3, seed=2), torch.Generator().manual_seed(0))
+    x = images(3, seed=2)
+    rows = method.visualize(x, torch.Generator().manual_seed(0))
     assert "D-iGPT" in rows.pop("caption")
     assert list(rows) == ["original", "encoder input", "cosine to teacher"]
     assert all(r.shape == (3, 1, 16, 16) for r in rows.values())
+    order = method.sample_corruption(3, torch.Generator().manual_seed(0))["order"]
+    corner = {0: (0, 0), 1: (0, 8), 2: (8, 0), 3: (8, 8)}  # cluster -> top-left pixel (8x8)
+    for b in range(3):
+        for slot, shade in enumerate((0.4, 0.7, 1.0, 0.0)):  # darker = earlier; last unseen
+            r, c = corner[order[b, slot].item()]
+            got = rows["encoder input"][b, 0, r : r + 8, c : c + 8]
+            torch.testing.assert_close(got, shade * x[b, 0, r : r + 8, c : c + 8])
+        r, c = corner[order[b, 0].item()]  # the first cluster read has no prediction: black
+        assert (rows["cosine to teacher"][b, 0, r : r + 8, c : c + 8] == 0).all()
 
 
 def test_a_teacher_grid_that_does_not_split_is_a_clear_error():

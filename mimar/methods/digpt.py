@@ -215,7 +215,8 @@ class DiGPT(nn.Module):
         K, g, gt = self.num_clusters, self.backbone.grid_size, self.teacher.grid[0]
         rank = torch.empty_like(order)
         rank.scatter_(1, order, torch.arange(K, device=order.device).expand(B, -1))  # slot of c
-        per_patch = rank[:, self._cluster_of(g)]  # (B, N) slot of each student patch
+        cluster_of = self.clusters.flatten().argsort() // self.cluster_size  # (N,) per patch
+        per_patch = rank[:, cluster_of]  # (B, N) reading slot of each student patch
         shade = torch.where(per_patch < K - 1, 0.4 + 0.6 * per_patch / max(K - 2, 1), 0.0)
         per_token = torch.zeros(B, gt * gt, device=images.device)  # slot 0: no prediction
         ids = self.teacher_clusters[order[:, 1:]].flatten(1)  # (B, slots * s_t) token ids
@@ -233,14 +234,6 @@ class DiGPT(nn.Module):
             "cosine(generative prediction, teacher) per teacher token, black -1 / white +1 "
             f"(mean {cos.mean():.2f}); the first cluster read is not predicted (black)",
         }
-
-    def _cluster_of(self, grid: int) -> torch.Tensor:
-        """Cluster id of each row-major patch of the student grid: long ``(N,)``."""
-        owner = torch.empty(grid * grid, dtype=torch.long, device=self.clusters.device)
-        owner[self.clusters.flatten()] = torch.arange(
-            self.num_clusters, device=owner.device
-        ).repeat_interleave(self.cluster_size)
-        return owner
 
 
 def _grid_image(values: torch.Tensor, grid: int, size: tuple[int, int]) -> torch.Tensor:
