@@ -241,9 +241,9 @@ def cluster_index(grid: int, clusters_per_side: int) -> torch.Tensor:
     """
     if clusters_per_side < 1 or grid % clusters_per_side:
         raise ValueError(
-            f"a {grid}x{grid} patch grid cannot be cut into {clusters_per_side}x"
+            f"the {grid}x{grid} patch grid cannot be cut into {clusters_per_side}x"
             f"{clusters_per_side} equal clusters: set method.clusters_per_side to a divisor of "
-            f"{grid} (divisors: {[d for d in range(1, grid + 1) if grid % d == 0]})"
+            f"{grid} (choices: {[d for d in range(2, grid + 1) if grid % d == 0]})"
         )
     c = grid // clusters_per_side  # patches per cluster side
     ids = torch.arange(grid * grid).reshape(clusters_per_side, c, clusters_per_side, c)

@@ -52,7 +52,9 @@ def test_clusters_are_row_major_quadrants_with_row_major_patches():
 
 
 def test_a_grid_that_does_not_split_is_a_clear_error():
-    with pytest.raises(ValueError, match=r"8x8 patch grid cannot be cut into 3x3.*divisors"):
+    with pytest.raises(
+        ValueError, match=r"the 8x8 patch grid cannot be cut into 3x3.*choices: \[2, 4, 8\]"
+    ):
         cluster_index(8, 3)
     with pytest.raises(ValueError, match="clusters_per_side must be >= 2"):
         DiGPTConfig(clusters_per_side=1)
