@@ -78,11 +78,7 @@ class AIMHead(nn.Module):
         )
         self.norm = nn.LayerNorm(width, eps=eps)
         self.pred = nn.Linear(width, out_dim)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        _xavier_linears(self)
 
     def forward(self, tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """``tokens (B, N, D)`` in sequence order; ``order (N,)`` their row-major patch ids."""
@@ -277,11 +273,7 @@ class DiGPTDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.head = nn.Linear(dim, out_dim)
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.xavier_uniform_(m.weight)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        _xavier_linears(self)
         nn.init.normal_(self.query_token, std=0.02)
 
     def forward(
@@ -299,3 +291,12 @@ class DiGPTDecoder(nn.Module):
         for layer, block in enumerate(self.blocks):
             q = block(q, memory[..., layer], attn_mask)
         return self.head(self.norm(q))  # (B, T, out_dim)
+
+
+def _xavier_linears(module: nn.Module) -> None:
+    """MAE/AIM init: every Linear xavier-uniform with zero bias."""
+    for m in module.modules():
+        if isinstance(m, nn.Linear):
+            nn.init.xavier_uniform_(m.weight)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)

@@ -39,3 +39,34 @@ def perturb_patch(images, patch_id, patch=4, grid=4):
     r, c = divmod(patch_id, grid)
     out[:, :, r * patch : (r + 1) * patch, c * patch : (c + 1) * patch] += 1.0
     return out
+
+
+def tiny_vit(**overrides):
+    """A 16 px, patch 4 (4x4 grid), 1-channel ViT of width 32, depth 2, 2 heads."""
+    from mimar.backbones.vit import ViT, ViTConfig
+
+    kwargs = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2)
+    return ViT(ViTConfig(**{**kwargs, **overrides}))
+
+
+def patch_teacher(patch=4, grid=None, mean=0.0, std=1.0):
+    """A toy frozen teacher on 16 px, 1-channel images: a fixed linear map of each
+    ``patch x patch`` patch (D_t = 8), with the mean feature as class token. ``grid`` is the
+    output grid (None: the teacher's own); ``mean`` / ``std`` the data statistics."""
+    import torch
+    from torch import nn
+
+    from mimar.teachers import FrozenTeacher, TeacherModel
+
+    class PatchMap(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.proj = nn.Conv2d(1, 8, patch, stride=patch)
+
+        def forward(self, x: torch.Tensor):
+            feature_map = self.proj(x)  # (B, 8, h, w)
+            return feature_map, feature_map.mean((2, 3))
+
+    net = PatchMap()
+    source = TeacherModel(net, net, 16, 1, (mean,), (std,), "toy")
+    return FrozenTeacher(source, student_grid=grid, data_mean=(mean,), data_std=(std,))

@@ -12,19 +12,16 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY, images, losses, perturb_patch
+from helpers import TINY, images, losses, patch_teacher, perturb_patch, tiny_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import mimar
-from mimar.backbones.vit import ViT, ViTConfig
 from mimar.cli import main
 from mimar.factory import build_backbone
 from mimar.losses import cosine_distance
 from mimar.masking import cluster_causal_mask, cluster_index, random_cluster_orders
 from mimar.methods.digpt import DiGPT, DiGPTConfig, default_memory_layers
-from mimar.teachers import FrozenTeacher, TeacherModel
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = "configs/digpt/vit_tiny_fmnist.yaml"
@@ -100,37 +97,12 @@ def test_default_memory_layers_spread_like_6_8_10_12_of_12():
 # --- a tiny D-iGPT -----------------------------------------------------------------------
 
 
-class PatchTeacher(nn.Module):
-    """A toy frozen teacher: a fixed linear map of each ``p x p`` patch (D_t = 8), with the
-    mean feature as its class token."""
-
-    def __init__(self, patch: int = 4) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(1, 8, patch, stride=patch)
-
-    def forward(self, x):
-        feature_map = self.proj(x)  # (B, 8, h, w)
-        return feature_map, feature_map.mean((2, 3))
-
-
 def _digpt(teacher_patch=4, **kw):
-    """16 px images, patch 4 -> 4x4 grid, 2x2 clusters of 2x2 patches; depth 2."""
+    """16 px images, patch 4 -> 4x4 grid, 2x2 clusters of 2x2 patches; depth 2. The teacher
+    maps each ``teacher_patch`` patch linearly; data statistics 0 / 1, so it sees the input."""
     torch.manual_seed(0)
-    vit = ViT(
-        ViTConfig(
-            img_size=16,
-            patch_size=4,
-            in_chans=1,
-            embed_dim=32,
-            depth=2,
-            num_heads=2,
-            pos_embed="sincos",
-            weight_init="xavier",
-        )
-    )
-    net = PatchTeacher(teacher_patch)
-    source = TeacherModel(net, net, 16, 1, (0.0,), (1.0,), "toy")
-    teacher = FrozenTeacher(source, student_grid=None, data_mean=(0.0,), data_std=(1.0,))
+    vit = tiny_vit(pos_embed="sincos", weight_init="xavier")
+    teacher = patch_teacher(teacher_patch)
     cfg = DiGPTConfig(decoder_dim=16, decoder_heads=2, **kw)
     return DiGPT(cfg, vit, teacher).eval()
 
@@ -288,12 +260,9 @@ def test_visualize_gives_rows_of_image_shape():
 
 
 def test_a_teacher_grid_that_does_not_split_is_a_clear_error():
-    vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2))
-    net = PatchTeacher(5)  # 5 px patches on 16 px: 3x3 tokens
-    source = TeacherModel(net, net, 16, 1, (0.0,), (1.0,), "toy")
-    teacher = FrozenTeacher(source, student_grid=None, data_mean=(0.0,), data_std=(1.0,))
+    teacher = patch_teacher(5)  # 5 px patches on 16 px: 3x3 tokens
     with pytest.raises(ValueError, match=r"teacher's 3x3 token grid cannot be cut into 2x2"):
-        DiGPT(DiGPTConfig(decoder_dim=16, decoder_heads=2), vit, teacher)
+        DiGPT(DiGPTConfig(decoder_dim=16, decoder_heads=2), tiny_vit(), teacher)
 
 
 # --- runs and the CLI ----------------------------------------------------------------------

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO, TINY, losses
+from helpers import DEMO, TINY, losses, tiny_vit
 
 from mimar.cli import main
 from mimar.engine import checkpoint
@@ -129,20 +129,9 @@ def test_lr_schedule_edges():
 
 
 def test_param_groups_skip_decay_for_norms_biases_and_tokens():
-    from mimar.backbones.vit import ViT, ViTConfig
     from mimar.methods.simmim import SimMIMConfig
 
-    vit = ViT(
-        ViTConfig(
-            img_size=16,
-            patch_size=4,
-            in_chans=1,
-            embed_dim=32,
-            depth=2,
-            num_heads=2,
-            use_mask_token=True,
-        )
-    )
+    vit = tiny_vit(use_mask_token=True)
     groups = param_groups(SimMIM(SimMIMConfig(mask_patch_size=8), vit), 0.05)
     decay = {n for g in groups if g["weight_decay"] > 0 for n in g["names"]}
     no_decay = {n for g in groups if g["weight_decay"] == 0 for n in g["names"]}

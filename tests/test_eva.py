@@ -7,19 +7,16 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, losses
+from helpers import TINY, losses, patch_teacher, tiny_vit
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch import nn
 
 import mimar
-from mimar.backbones.vit import ViT, ViTConfig
 from mimar.cli import main
 from mimar.factory import build_backbone
 from mimar.losses import neg_cosine
 from mimar.masking import BlockMasking
 from mimar.methods.eva import EVA, EVAConfig
-from mimar.teachers import FrozenTeacher, TeacherModel
 
 ROOT = Path(__file__).resolve().parents[1]
 EVA_TINY = [o for o in TINY if not o.startswith("method.")]  # TINY's method keys are SimMIM's
@@ -96,35 +93,10 @@ def test_neg_cosine_hand_computed():
     assert neg_cosine(pred, target).item() == pytest.approx(expected, rel=1e-6)
 
 
-class PatchMeans(nn.Module):
-    """A toy frozen teacher: a fixed linear map of each 4x4 patch (D_t = 8)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.proj = nn.Conv2d(1, 8, 4, stride=4)
-
-    def forward(self, x):
-        feature_map = self.proj(x)  # (B, 8, 4, 4)
-        return feature_map, feature_map.mean((2, 3))
-
-
 def _eva(min_num_patches=2):
     torch.manual_seed(0)
-    vit = ViT(
-        ViTConfig(
-            img_size=16,
-            patch_size=4,
-            in_chans=1,
-            embed_dim=32,
-            depth=2,
-            num_heads=2,
-            use_mask_token=True,
-            fix_init=True,
-        )
-    )
-    net = PatchMeans()
-    source = TeacherModel(net, net, 16, 1, (0.5,), (0.5,), "toy")
-    teacher = FrozenTeacher(source, student_grid=(4, 4), data_mean=(0.5,), data_std=(0.5,))
+    vit = tiny_vit(use_mask_token=True, fix_init=True)
+    teacher = patch_teacher(grid=(4, 4), mean=0.5, std=0.5)
     return EVA(EVAConfig(min_num_patches=min_num_patches), vit, teacher)
 
 
