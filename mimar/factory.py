@@ -58,9 +58,11 @@ def _teacher_for(cfg, backbone: nn.Module, resample: bool = True):
     """The frozen teacher of ``cfg.teacher``, aligned to ``backbone``'s patch grid (unless
     ``resample`` is False: then on its own grid)."""
     if cfg.teacher.kind == "none":
+        pixels = ", pixels" if isinstance(cfg.method, DiGPTConfig) else ""
         raise ValueError(
             f"method {cfg.method.name} needs a frozen teacher: set teacher.kind (open_clip, "
-            "hf_clip, timm or mimar) and its path, e.g. teacher.kind=mimar teacher.path=RUN_DIR"
+            f"hf_clip, timm, mimar{pixels}) and its files, e.g. teacher.kind=mimar "
+            "teacher.path=RUN_DIR"
         )
     if cfg.teacher.kind == "pixels" and not isinstance(cfg.method, DiGPTConfig):
         raise ValueError(
