@@ -26,6 +26,13 @@ def losses(run_dir: Path) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows}
 
 
+def loss_ends(run_dir: Path, k: int) -> tuple[float, float]:
+    """Mean loss of the first ``k`` and of the last ``k`` logged steps of a run."""
+    curve = losses(run_dir)
+    steps = sorted(curve)
+    return sum(curve[s] for s in steps[:k]) / k, sum(curve[s] for s in steps[-k:]) / k
+
+
 def images(b=2, seed=1, size=16, chans=1):
     """A fixed batch of standard-normal images ``(b, chans, size, size)``."""
     import torch

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import DEMO, TINY, losses, tiny_vit
+from helpers import DEMO, TINY, loss_ends, losses, tiny_vit
 
 from mimar.cli import main
 from mimar.engine import checkpoint
@@ -36,8 +36,7 @@ def test_pretrain_leaves_the_whole_run_folder(tmp_path):
         assert (run / name).exists(), name
     rows = losses(run)
     assert sorted(rows) == list(range(1, 21))  # log_every defaults to 1
-    first = sum(rows[s] for s in range(1, 4)) / 3
-    last = sum(rows[s] for s in range(18, 21)) / 3
+    first, last = loss_ends(run, 3)
     assert last < first
     state = checkpoint.load(run / "checkpoints" / "last.pt")
     assert state["step"] == 20 and "optimizer" in state and state["config"]["train"]["steps"] == 20
