@@ -20,6 +20,10 @@ def init(device_kind: str) -> tuple[int, int, int]:
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
+def initialized() -> bool:
+    return dist.is_initialized()
+
+
 def world_size() -> int:
     return dist.get_world_size() if dist.is_initialized() else 1
 

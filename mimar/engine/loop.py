@@ -58,11 +58,9 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
     run_dir, t = Path(run_dir), cfg.train
     if t.threads:
         torch.set_num_threads(t.threads)
-    rank, world, local_rank = dist.init(
-        "cuda"
-        if "cuda" in t.device or (t.device == "auto" and torch.cuda.is_available())
-        else "cpu"
-    )
+    owns_group = not dist.initialized()  # torchrun workers: we join, so we also leave
+    use_cuda = "cuda" in t.device or (t.device == "auto" and torch.cuda.is_available())
+    rank, world, local_rank = dist.init("cuda" if use_cuda else "cpu")
     device = pick_device(t.device, local_rank)
     ckpt_path = run_dir / "checkpoints" / "last.pt"
     state = checkpoint.load(ckpt_path) if resume else None
@@ -125,12 +123,15 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
                 std=images.std,
                 generator=loader.generator_for(0),
             )
+        dist.barrier()  # every rank finished before any leaves the group
         return RunResult(step, None)
     finally:
         bar.close()
         stop.restore()
         if metrics is not None:
             metrics.close()
+        if owns_group:  # a live gloo group at interpreter exit can abort the process
+            dist.shutdown()
 
 
 def train_step(
