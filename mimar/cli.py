@@ -14,7 +14,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-USER_ERRORS = (ValueError, FileNotFoundError, KeyError)
+from mimar.errors import ConfigError, MimarError
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     _setup_logging()
     try:
         return args.func(args)
-    except USER_ERRORS as err:
+    except MimarError as err:  # bad input: one line; anything else is a bug: its traceback
         if os.environ.get("MIMAR_DEBUG"):
             raise
         print(f"mimar {args.command}: error: {err}", file=sys.stderr)
@@ -31,14 +31,15 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def cmd_pretrain(args) -> int:
+    from mimar import runs
     from mimar.config import load_config
     from mimar.engine.loop import NonFiniteLoss, train
 
     cfg = load_config(args.config, args.overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{stamp}")
-    if not args.resume and (run_dir / "checkpoints" / "last.pt").exists():
-        raise ValueError(
+    if not args.resume and runs.last_checkpoint(run_dir).exists():
+        raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it, "
             "or choose another --run-dir"
         )
@@ -94,12 +95,12 @@ def cmd_visualize(args) -> int:
     import torch
 
     from mimar.data import iterate_eval_batches, load_images
-    from mimar.loading import load_method
+    from mimar.factory import load_method
     from mimar.viz import save_reconstruction
 
     cfg, method = load_method(args.checkpoint)
     if not hasattr(method, "visualize"):
-        raise ValueError(f"{type(method).__name__} has no reconstruction picture")
+        raise ConfigError(f"{type(method).__name__} has no reconstruction picture")
     data = cfg.data if args.data is None else replace(cfg.data, root=args.data)
     images = load_images(replace(data, max_images=args.num), args.split)
     batch, _ = next(iter(iterate_eval_batches(images, data.img_size, args.num)))

@@ -3,7 +3,8 @@
 A recipe maps 1:1 onto :class:`PretrainConfig`. Unknown keys and wrongly typed values are
 errors that name the key, the expected type and close matches. A recipe may name one
 ``base:`` recipe (path relative to itself) whose values it overrides; no other logic.
-``method`` and ``backbone`` sections pick their dataclass by their ``name`` key.
+``method`` and ``backbone`` sections pick their dataclass by their ``name`` key, looked up in
+``mimar.names`` (which imports only the module that name needs).
 """
 
 from __future__ import annotations
@@ -14,35 +15,33 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Union
+from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 
-from mimar.backbones.hivit import HiViTConfig
-from mimar.backbones.swin import SwinConfig
-from mimar.backbones.vit import ViTConfig
+from mimar import names
 from mimar.data import DataConfig
-from mimar.methods.aim import AIMConfig
-from mimar.methods.digpt import DiGPTConfig
-from mimar.methods.eva import EVAConfig
-from mimar.methods.itpn import ITPNConfig
-from mimar.methods.itpn_clip import ITPNCLIPConfig
-from mimar.methods.simmim import SimMIMConfig
+from mimar.errors import ConfigError
 from mimar.teachers.config import TeacherConfig
 
-METHOD_CONFIGS = {
-    "simmim": SimMIMConfig,
-    "aim": AIMConfig,
-    "eva": EVAConfig,
-    "itpn": ITPNConfig,
-    "itpn_clip": ITPNCLIPConfig,
-    "digpt": DiGPTConfig,
-}
-BACKBONE_CONFIGS = {"vit": ViTConfig, "swin": SwinConfig, "hivit": HiViTConfig}
+if TYPE_CHECKING:  # the unions for type checkers; at run time a section's ``name`` picks its
+    # dataclass through mimar.names, which imports only the module that name needs
+    from mimar.backbones.hivit import HiViTConfig
+    from mimar.backbones.swin import SwinConfig
+    from mimar.backbones.vit import ViTConfig
+    from mimar.methods.aim import AIMConfig
+    from mimar.methods.digpt import DiGPTConfig
+    from mimar.methods.eva import EVAConfig
+    from mimar.methods.itpn import ITPNConfig
+    from mimar.methods.itpn_clip import ITPNCLIPConfig
+    from mimar.methods.simmim import SimMIMConfig
 
+    MethodConfig = SimMIMConfig | AIMConfig | EVAConfig | ITPNConfig | ITPNCLIPConfig | DiGPTConfig
+    BackboneConfig = ViTConfig | SwinConfig | HiViTConfig
+else:
+    MethodConfig = BackboneConfig = Any
 
-class ConfigError(ValueError):
-    """A recipe or override that does not fit the typed configuration."""
+__all__ = ["ConfigError", "PretrainConfig", "from_dict", "load_config", "section_from_dict"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -74,8 +73,8 @@ class TrainConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class PretrainConfig:
-    method: Any = field(default_factory=SimMIMConfig)
-    backbone: Any = field(default_factory=ViTConfig)
+    method: MethodConfig = field(default_factory=lambda: _default("method"))
+    backbone: BackboneConfig = field(default_factory=lambda: _default("backbone"))
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -108,6 +107,8 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
 
 
 def from_dict(raw: dict) -> PretrainConfig:
+    """The typed config of a plain mapping (a recipe after ``base:`` merging, or a checkpoint's
+    saved config)."""
     try:
         return _build(PretrainConfig, raw, "")
     except (TypeError, ValueError) as err:
@@ -168,40 +169,47 @@ def _set_dotted(raw: dict, keys: list[str], value: Any) -> None:
     node[keys[-1]] = value
 
 
-def _section_class(cls: type, name: str, raw: Any, path: str) -> type:
-    registry = {"method": METHOD_CONFIGS, "backbone": BACKBONE_CONFIGS}.get(name)
-    if registry is None:
-        return cls
+def section_from_dict(kind: Literal["method", "backbone"], raw: dict) -> Any:
+    """One ``method`` or ``backbone`` section, typed by its ``name`` (e.g. the backbone of an
+    exported file)."""
+    return _build(_section_class(kind, raw, kind), raw, kind)
+
+
+def _default(kind: Literal["method", "backbone"]) -> Any:
+    return _section_class(kind, {}, kind)()
+
+
+def _section_class(name: str, raw: Any, path: str) -> type:
+    """The dataclass of a ``method`` / ``backbone`` section, picked by its ``name`` key
+    (default: the first entry of the table, SimMIM / ViT)."""
+    table = names.TABLES[name]
     kind = raw.get("name") if isinstance(raw, dict) else None
     if kind is None:
-        kind = next(iter(registry))
-    if kind not in registry:
-        raise ConfigError(f"{path}.name: unknown {name} {kind!r}; choose one of {sorted(registry)}")
-    return registry[kind]
+        kind = next(iter(table))
+    if kind not in table:
+        raise ConfigError(f"{path}.name: unknown {name} {kind!r}; choose one of {sorted(table)}")
+    return table[kind].config_class()
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:
     if not isinstance(raw, dict):
         raise ConfigError(f"{path or 'config'}: expected a section (mapping), got {raw!r}")
     hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
+    keys = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in raw.items():
         full = f"{path}.{key}" if path else key
-        if key not in names:
-            close = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+        if key not in keys:
+            close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(names)})")
+            raise ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(keys)})")
         kind = hints[key]
-        if dataclasses.is_dataclass(kind) or kind is Any:
-            sub = _section_class(kind, key, value, full) if not path else kind
-            kwargs[key] = _build(sub, value, full)
+        if not path and key in names.TABLES:
+            kwargs[key] = _build(_section_class(key, value, full), value, full)
+        elif dataclasses.is_dataclass(kind):
+            kwargs[key] = _build(kind, value, full)
         else:
             kwargs[key] = _coerce(value, kind, full)
-    for key in names:
-        kind = hints[key]
-        if key not in kwargs and kind is Any and not path:
-            kwargs[key] = _build(_section_class(kind, key, {}, key), {}, key)
     try:
         return cls(**kwargs)
     except ConfigError:

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from mimar.backbones.vit import ViT
 from mimar.config import to_dict
+from mimar.errors import ConfigError
 
 
 def timm_kwargs(backbone: ViT) -> dict:
@@ -40,12 +41,12 @@ def timm_kwargs(backbone: ViT) -> dict:
 
 def export_timm(backbone: ViT, out: str | Path) -> tuple[Path, Path]:
     if not isinstance(backbone, ViT):
-        raise ValueError(
+        raise ConfigError(
             f"--format timm exports mimar's ViT; this run's backbone is {type(backbone).__name__}"
         )
     out = Path(out)
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out must end with .safetensors, got {out}")
+        raise ConfigError(f"--out must end with .safetensors, got {out}")
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = {
         k: v.detach().contiguous().cpu()

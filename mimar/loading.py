@@ -1,4 +1,10 @@
-"""Load what a run produced: its config, its method, its pretrained backbone."""
+"""Load what a run produced: its config, its pretrained backbone, an exported backbone.
+
+Layering: this module builds backbones only (``mimar.backbones``), never methods, so that
+loading a ViT run imports no method module beyond the one its config names (SimMIM's config
+dataclass), and ``mimar.factory`` can hand :func:`teacher_backbone` to a ``kind: mimar``
+teacher without an import cycle.
+"""
 
 from __future__ import annotations
 
@@ -8,38 +14,45 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from mimar.config import PretrainConfig, from_dict
+from mimar import names
+from mimar.backbones import build_backbone
+from mimar.backbones.pyramid import pyramid_backbone
+from mimar.config import PretrainConfig, from_dict, section_from_dict
+from mimar.data import normalization_stats
 from mimar.engine import checkpoint
-from mimar.factory import build_backbone, build_method, build_method_backbone
+from mimar.errors import CheckpointError, MissingFileError
+from mimar.runs import last_checkpoint
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
     """A run folder -> its ``checkpoints/last.pt``; a file -> itself."""
     path = Path(source)
     if path.is_dir():
-        ckpt = path / "checkpoints" / "last.pt"
+        ckpt = last_checkpoint(path)
         if not ckpt.is_file():
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{path} holds no checkpoints/last.pt: is it a mimar run folder whose run "
                 "finished or was stopped after its first step?"
             )
         return ckpt
     if not path.is_file():
-        raise FileNotFoundError(f"no run folder or checkpoint file at {path}")
+        raise MissingFileError(f"no run folder or checkpoint file at {path}")
     return path
 
 
 def load_run(source: str | Path) -> tuple[PretrainConfig, dict]:
-    """The config and checkpoint state of a run folder or checkpoint file."""
+    """The config and checkpoint state of a run folder or checkpoint file (read once)."""
     state = checkpoint.load(resolve_checkpoint(source))
     return from_dict(state["config"]), state
 
 
-def load_method(source: str | Path) -> tuple[PretrainConfig, nn.Module]:
-    cfg, state = load_run(source)
-    method = build_method(cfg)
-    method.load_state_dict(state["model"])
-    return cfg, method
+def method_backbone(cfg: PretrainConfig) -> nn.Module:
+    """The module a method trains as ``method.backbone`` (weights ``backbone.*``), built
+    without the rest of the method: the backbone, or for iTPN the backbone with its neck."""
+    backbone = build_backbone(cfg.backbone)
+    if names.entry("method", cfg.method.name).pyramid_neck:
+        return pyramid_backbone(backbone, cfg.method.fpn_dim, cfg.method.fpn_depth)
+    return backbone
 
 
 def load_backbone(source: str | Path) -> nn.Module:
@@ -59,28 +72,42 @@ def load_backbone(source: str | Path) -> nn.Module:
 def load_run_backbone(source: str | Path) -> tuple[PretrainConfig, nn.Module]:
     """The config and pretrained backbone (eval mode) of a run folder or checkpoint file."""
     cfg, state = load_run(source)
-    backbone = build_method_backbone(cfg)  # iTPN: HiViT with its pretrained pyramid neck
+    return cfg, backbone_from_state(cfg, state)
+
+
+def backbone_from_state(cfg: PretrainConfig, state: dict) -> nn.Module:
+    """``method.backbone`` of ``cfg`` with the ``backbone.*`` weights of a checkpoint state."""
+    backbone = method_backbone(cfg)  # iTPN: HiViT with its pretrained pyramid neck
     prefix = "backbone."
     weights = {k[len(prefix) :]: v for k, v in state["model"].items() if k.startswith(prefix)}
     backbone.load_state_dict(weights)
-    return cfg, backbone.eval()
+    return backbone.eval()
+
+
+def teacher_backbone(source: str | Path) -> tuple[nn.Module, tuple, tuple]:
+    """A ``teacher.kind=mimar`` backbone and the normalisation it was trained with: a run's
+    own data statistics, or ``()`` for an exported file (which stores none)."""
+    path = Path(source)
+    if path.suffix == ".safetensors":
+        return load_backbone(path), (), ()
+    run, backbone = load_run_backbone(path)
+    mean, std = normalization_stats(run.data)
+    return backbone, mean, std
 
 
 def _load_exported(path: Path) -> nn.Module:
     from safetensors.torch import load_file
 
-    from mimar.config import BACKBONE_CONFIGS, _build
-
     meta_path = path.with_suffix(".json")
+    if not path.is_file():
+        raise MissingFileError(f"no exported backbone at {path}")
     if not meta_path.is_file():
-        raise FileNotFoundError(f"{path} has no {meta_path.name} beside it (written by export)")
+        raise MissingFileError(f"{path} has no {meta_path.name} beside it (written by export)")
     meta = json.loads(meta_path.read_text())
-    raw = meta["mimar_backbone"]
-    cfg = _build(BACKBONE_CONFIGS[raw["name"]], raw, "backbone")
-    backbone = build_backbone(cfg)
+    backbone = build_backbone(section_from_dict("backbone", meta["mimar_backbone"]))
     missing, unexpected = backbone.load_state_dict(load_file(path), strict=False)
     if unexpected or [k for k in missing if k != "mask_token"]:
-        raise ValueError(f"{path}: missing {missing}, unexpected {unexpected}")
+        raise CheckpointError(f"{path}: missing {missing}, unexpected {unexpected}")
     return backbone.eval()
 
 
@@ -91,4 +118,4 @@ def random_init_backbone(cfg: PretrainConfig) -> nn.Module:
     draws the same initial weights, without the rest of the method or its teacher's files.
     """
     torch.manual_seed(cfg.train.seed)
-    return build_method_backbone(cfg).eval()
+    return method_backbone(cfg).eval()

@@ -319,7 +319,7 @@ def test_pixel_targets_are_the_student_patches_and_train(tmp_path):
     argv = ["pretrain", RECIPE, *DIGPT_TINY, "train.steps=3", "teacher.kind=pixels"]
     assert main([*argv, "--run-dir", str(run)]) == 0
     assert len(losses(run)) == 3
-    cfg, method = mimar.loading.load_method(run)
+    cfg, method = mimar.factory.load_method(run)
     assert method.teacher.dim == 4 * 4 * 1 and not method.teacher.has_cls
     x = images(2, seed=6, size=16)
     tokens = method.teacher(x)["tokens"]  # (2, 16, 16): patch r, c -> its 16 pixels

@@ -18,7 +18,7 @@ from mimar.data import DataConfig, load_images, normalization_stats
 from mimar.engine.optim import build_optimizer
 from mimar.export import export_timm
 from mimar.factory import build_method
-from mimar.loading import load_backbone
+from mimar.loading import load_backbone, teacher_backbone
 from mimar.teachers import (
     CLIP_MEAN,
     CLIP_STD,
@@ -266,6 +266,7 @@ def test_mimar_teacher_from_run_folder_and_export(mimar_run, tmp_path):
         student_in_chans=1,
         data_mean=mean,
         data_std=std,
+        load_mimar=teacher_backbone,
     )
     assert (teacher.dim, teacher.grid, teacher.has_cls) == (32, (4, 4), True)
     x = _images()
@@ -284,14 +285,15 @@ def test_mimar_teacher_from_run_folder_and_export(mimar_run, tmp_path):
         student_in_chans=1,
         data_mean=mean,
         data_std=std,
+        load_mimar=teacher_backbone,
     )
     torch.testing.assert_close(exported(x)["tokens"], out["tokens"])
     missing = TeacherConfig(kind="mimar", path=str(tmp_path / "no_run"))
     with pytest.raises(FileNotFoundError, match="no_run.*kind mimar expects"):
-        build_teacher(missing, student_grid=4, **GRAY)
+        build_teacher(missing, student_grid=4, **GRAY, load_mimar=teacher_backbone)
     resized = TeacherConfig(kind="mimar", path=str(mimar_run), img_size=32)
     with pytest.raises(ValueError, match="training size"):
-        build_teacher(resized, student_grid=4, **GRAY)
+        build_teacher(resized, student_grid=4, **GRAY, load_mimar=teacher_backbone)
 
 
 def test_teacher_is_frozen_not_trained_and_not_checkpointed(mimar_run):

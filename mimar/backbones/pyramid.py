@@ -141,3 +141,13 @@ class PyramidBackbone(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {f"trunk.{name}" for name in self.trunk.no_weight_decay()}
+
+
+def pyramid_backbone(trunk: nn.Module, fpn_dim: int, fpn_depth: int) -> PyramidBackbone:
+    """HiViT + its pyramid neck: the module iTPN pretrains and ``load_backbone`` returns."""
+    if not getattr(trunk, "stage_widths", None):
+        raise ValueError(
+            "iTPN needs a hierarchical backbone with stage outputs: backbone.name=hivit"
+        )
+    neck = PyramidNeck(trunk.stage_widths, fpn_dim, fpn_depth, eps=trunk.cfg.norm_eps)
+    return PyramidBackbone(trunk, neck)

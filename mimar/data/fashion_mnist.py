@@ -16,6 +16,7 @@ import torch
 
 from mimar.data.config import DataConfig
 from mimar.data.image_set import ImageSet, match_stats, replicate_gray
+from mimar.errors import DataError, MissingFileError
 
 FASHION_MNIST_MEAN = (0.2860,)  # training-set pixel statistics in [0, 1] units
 FASHION_MNIST_STD = (0.3530,)
@@ -38,7 +39,7 @@ def load_fashion_mnist(cfg: DataConfig, split: str) -> ImageSet:
         paths = [_find(root, name) for name in names]
     image_path, label_path = paths
     if image_path is None or label_path is None:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"Fashion-MNIST {split} files not found under {root}: expected {names[0]}[.gz] and "
             f"{names[1]}[.gz] in {root} or {root / 'FashionMNIST' / 'raw'}. Install them with "
             f"`apt-get install dataset-fashion-mnist` (as root; files land in "
@@ -48,7 +49,7 @@ def load_fashion_mnist(cfg: DataConfig, split: str) -> ImageSet:
     images = read_idx(image_path, _IMAGES_MAGIC)  # (N, 28, 28)
     labels = read_idx(label_path, _LABELS_MAGIC)  # (N,)
     if len(images) != len(labels):
-        raise ValueError(
+        raise DataError(
             f"{image_path} holds {len(images)} images but {label_path} holds {len(labels)} labels"
         )
     return ImageSet(
@@ -71,18 +72,18 @@ def read_idx(path: Path, magic: int) -> torch.Tensor:
         with opener(path, "rb") as f:
             data = f.read()
     except (OSError, EOFError, zlib.error) as err:  # what gzip raises for damaged files
-        raise ValueError(f"cannot read idx file {path}: {err}") from err
+        raise DataError(f"cannot read idx file {path}: {err}") from err
     ndim = magic & 0xFF
     header = 4 * (1 + ndim)
     if len(data) < header:
-        raise ValueError(f"idx file {path} is too short ({len(data)} bytes) for its header")
+        raise DataError(f"idx file {path} is too short ({len(data)} bytes) for its header")
     found = int.from_bytes(data[:4], "big")
     if found != magic:
-        raise ValueError(f"idx file {path} has magic number {found:#010x}, expected {magic:#010x}")
+        raise DataError(f"idx file {path} has magic number {found:#010x}, expected {magic:#010x}")
     dims = [int(d) for d in np.frombuffer(data, dtype=">u4", count=ndim, offset=4)]
     expected = header + int(np.prod(dims))
     if len(data) != expected:
-        raise ValueError(
+        raise DataError(
             f"idx file {path} has {len(data)} bytes, expected {expected} for dims {dims}"
         )
     pixels = np.frombuffer(data, dtype=np.uint8, offset=header).reshape(dims)

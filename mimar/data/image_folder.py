@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from mimar.data.config import DataConfig
 from mimar.data.image_set import IMAGENET_MEAN, IMAGENET_STD, ImageSet, match_stats
+from mimar.errors import DataError, MissingFileError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
@@ -34,7 +35,7 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
     folder = split_folder(Path(cfg.root), split)
     paths = list_images(folder)
     if not paths:
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no images found under {folder}: expected files with extensions "
             f"{', '.join(IMAGE_EXTENSIONS)} (any case), directly or in class sub-folders"
         )
@@ -48,7 +49,7 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
     arrays, bad = _decode_all(paths, cfg.img_size, cfg.in_chans, cfg.num_workers)
     if bad and cfg.on_bad_image == "error":
         path, error = bad[0]
-        raise ValueError(
+        raise DataError(
             f"cannot decode image {path}: {error} "
             f"(set data.on_bad_image=skip to skip unreadable files)"
         )
@@ -60,7 +61,7 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
         )
     good = [i for i, array in enumerate(arrays) if array is not None]
     if not good:
-        raise ValueError(f"every image under {folder} was unreadable ({len(bad)} files)")
+        raise DataError(f"every image under {folder} was unreadable ({len(bad)} files)")
     images = torch.from_numpy(np.stack([arrays[i] for i in good]))  # (N, H, W, C)
     return ImageSet(
         images=images.permute(0, 3, 1, 2).contiguous(),  # (N, C, H, W)
@@ -76,20 +77,20 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
 def split_folder(root: Path, split: str) -> Path:
     """The folder holding ``split``: root/train | root, and root/val | root/test."""
     if not root.is_dir():
-        raise FileNotFoundError(f"image folder {root} does not exist or is not a directory")
+        raise MissingFileError(f"image folder {root} does not exist or is not a directory")
     held_out = [root / name for name in ("val", "test") if (root / name).is_dir()]
     if split == "train":
         if (root / "train").is_dir():
             return root / "train"
         if held_out:  # root itself would also contain the held-out images
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"{root} has a {held_out[0].name}/ split but no train/ folder; put the "
                 f"training images in {root / 'train'}"
             )
         return root
     if held_out:
         return held_out[0]
-    raise FileNotFoundError(
+    raise MissingFileError(
         f"no {split} split in image folder {root}: expected {root / 'val'} or {root / 'test'}"
     )
 

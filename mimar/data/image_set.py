@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from mimar.errors import DataError
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -37,18 +39,18 @@ class ImageSet:
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
-            raise ValueError(
+            raise DataError(
                 f"ImageSet.images must be uint8 (N, C, H, W), got {self.images.dtype} "
                 f"{tuple(self.images.shape)}"
             )
         if self.labels is not None and self.labels.shape != (len(self.images),):
-            raise ValueError(
+            raise DataError(
                 f"ImageSet.labels must have shape ({len(self.images)},), "
                 f"got {tuple(self.labels.shape)}"
             )
         channels = self.images.shape[1]
         if len(self.mean) != channels or len(self.std) != channels:
-            raise ValueError(
+            raise DataError(
                 f"ImageSet.mean/std need {channels} values, got mean={self.mean} std={self.std}"
             )
 
@@ -59,7 +61,7 @@ class ImageSet:
 def replicate_gray(images: torch.Tensor, in_chans: int) -> torch.Tensor:
     """Give uint8 ``(N, 1, H, W)`` gray images ``in_chans`` identical channels."""
     if images.shape[1] != 1:
-        raise ValueError(f"expected 1-channel images, got {images.shape[1]} channels")
+        raise DataError(f"expected 1-channel images, got {images.shape[1]} channels")
     return images if in_chans == 1 else images.repeat(1, in_chans, 1, 1)
 
 
@@ -76,4 +78,4 @@ def match_stats(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
         return values * in_chans
     if in_chans == 1:
         return (sum(values) / len(values),)
-    raise ValueError(f"cannot fit statistics {values} to in_chans={in_chans}")
+    raise DataError(f"cannot fit statistics {values} to in_chans={in_chans}")

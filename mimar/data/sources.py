@@ -10,6 +10,7 @@ from mimar.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load
 from mimar.data.image_folder import load_image_folder
 from mimar.data.image_set import IMAGENET_MEAN, IMAGENET_STD, ImageSet, match_stats
 from mimar.data.synthetic import make_synthetic
+from mimar.errors import DataError
 
 _SOURCES = {
     "fashion_mnist": load_fashion_mnist,
@@ -26,7 +27,7 @@ def load_images(cfg: DataConfig, split: Literal["train", "test"]) -> ImageSet:
         split: "train" or "test" (image folders read ``val/`` or ``test/`` for "test").
     """
     if split not in ("train", "test"):
-        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+        raise DataError(f"split must be 'train' or 'test', got {split!r}")
     images = _SOURCES[cfg.name](cfg, split)
     if cfg.max_images and len(images) > cfg.max_images:
         keep = cfg.max_images

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import torch
 
+from mimar.errors import CheckpointError, MissingFileError
+
 
 def save_atomic(state: dict, path: str | Path) -> None:
     """Write ``state`` so that ``path`` is either the old file or the complete new one."""
@@ -29,11 +31,11 @@ def save_atomic(state: dict, path: str | Path) -> None:
 def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"no checkpoint at {path}")
+        raise MissingFileError(f"no checkpoint at {path}")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # corrupt / truncated / foreign pickles
-        raise ValueError(f"cannot read checkpoint {path}: {err}") from None
+        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
 
 
 def git_sha() -> str | None:

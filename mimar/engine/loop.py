@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mimar import viz
+from mimar import runs, viz
 from mimar.config import PretrainConfig, save_config, to_dict
 from mimar.data import build_step_loader, load_images
 from mimar.engine import checkpoint, dist
@@ -62,7 +62,7 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
     use_cuda = "cuda" in t.device or (t.device == "auto" and torch.cuda.is_available())
     rank, world, local_rank = dist.init("cuda" if use_cuda else "cpu")
     device = pick_device(t.device, local_rank)
-    ckpt_path = run_dir / "checkpoints" / "last.pt"
+    ckpt_path = runs.last_checkpoint(run_dir)
     state = checkpoint.load(ckpt_path) if resume else None
     if resume and rank == 0:
         log.info("resuming %s from step %d", run_dir, state["step"])
@@ -84,11 +84,11 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
     model = DistributedDataParallel(method) if world > 1 else method
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / "config.yaml")
+        save_config(cfg, run_dir / runs.CONFIG)
         _describe(method, optimizer, images, peak_lr, world)
 
     stop = _StopFlag()
-    metrics = MetricsLog(run_dir / "metrics.jsonl", start if resume else 0) if rank == 0 else None
+    metrics = MetricsLog(run_dir / runs.METRICS, start if resume else 0) if rank == 0 else None
     bar = ProgressBar(t.steps, start, t.progress and rank == 0)
     warmup = warmup_steps(cfg.optim, t.steps)
     step, save = start, _saver(cfg, method, optimizer, run_dir, rank)
@@ -118,7 +118,7 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
             viz.save_reconstruction(
                 method,
                 loader.batch(0)[:8].to(device),
-                run_dir / "reconstruction.png",
+                run_dir / runs.PICTURE,
                 mean=images.mean,
                 std=images.std,
                 generator=loader.generator_for(0),
@@ -207,10 +207,9 @@ def _saver(cfg, method, optimizer, run_dir: Path, rank: int):
             "config": to_dict(cfg),
             "git_sha": checkpoint.git_sha(),
         }
-        folder = run_dir / "checkpoints"
-        checkpoint.save_atomic(state, folder / "last.pt")
+        checkpoint.save_atomic(state, runs.last_checkpoint(run_dir))
         if periodic:
-            checkpoint.save_atomic(state, folder / f"step_{step:07d}.pt")
+            checkpoint.save_atomic(state, runs.step_checkpoint(run_dir, step))
 
     return save
 

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimar.backbones.pyramid import PyramidBackbone, PyramidNeck
+from mimar.backbones.pyramid import pyramid_backbone
 from mimar.heads import PyramidPixelDecoder
 from mimar.losses import masked_mse
 from mimar.masking import hidden_from_keep, random_keep
@@ -67,21 +67,12 @@ class ITPNConfig:
             )
 
 
-def pyramid_backbone(cfg, trunk: nn.Module) -> PyramidBackbone:
-    """HiViT + its pyramid neck: the module iTPN pretrains and ``load_backbone`` returns."""
-    if not hasattr(trunk, "stage_widths"):
-        raise ValueError(
-            "iTPN needs a hierarchical backbone with stage outputs: backbone.name=hivit"
-        )
-    neck = PyramidNeck(trunk.stage_widths, cfg.fpn_dim, cfg.fpn_depth, eps=trunk.cfg.norm_eps)
-    return PyramidBackbone(trunk, neck)
-
-
 class ITPN(nn.Module):
     def __init__(self, cfg: ITPNConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg
-        self.backbone = pyramid_backbone(cfg, backbone)  # trunk.* (HiViT) + neck.*
+        # trunk.* (HiViT) + neck.*
+        self.backbone = pyramid_backbone(backbone, cfg.fpn_dim, cfg.fpn_depth)
         self.num_patches = N = backbone.num_patches
         self.num_keep = int(N * (1 - cfg.mask_ratio))  # 49 of 196 at 224 px (official int())
         if self.num_keep < 1:

@@ -32,11 +32,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimar.backbones.pyramid import pyramid_backbone
 from mimar.backbones.vit import Block
 from mimar.heads import PyramidFusionHead
 from mimar.losses import smooth_l1
 from mimar.masking import BlockMasking
-from mimar.methods.itpn import pyramid_backbone
 from mimar.targets import upsample_mask
 
 
@@ -71,7 +71,8 @@ class ITPNCLIP(nn.Module):
                 "backbone.use_mask_token=true"
             )
         self.cfg, self.teacher = cfg, teacher
-        self.backbone = pyramid_backbone(cfg, backbone)  # trunk.* (HiViT) + neck.*
+        # trunk.* (HiViT) + neck.*
+        self.backbone = pyramid_backbone(backbone, cfg.fpn_dim, cfg.fpn_depth)
         self.masking = BlockMasking(
             backbone.grid_size, cfg.num_mask_patches, cfg.min_num_patches, None, cfg.min_aspect
         )

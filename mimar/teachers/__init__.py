@@ -47,8 +47,17 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from mimar.errors import ConfigError
 from mimar.teachers.config import TeacherConfig
-from mimar.teachers.loaders import CLIP_MEAN, CLIP_STD, LOADERS, TeacherModel, pixel_source
+from mimar.teachers.loaders import (
+    CLIP_MEAN,
+    CLIP_STD,
+    LOADERS,
+    MimarLoader,
+    TeacherModel,
+    mimar_source,
+    pixel_source,
+)
 
 __all__ = [
     "CLIP_MEAN",
@@ -143,11 +152,14 @@ def build_teacher(
     data_std: tuple[float, ...],
     student_img_size: int = 0,
     resample: bool = True,
+    load_mimar: MimarLoader | None = None,
 ) -> FrozenTeacher | None:
     """Load the teacher ``cfg`` names (None for ``kind: none``) for a student whose images have
     ``student_in_chans`` channels normalised with ``data_mean`` / ``data_std`` and whose patch
     tokens form ``student_grid``; the outputs are resampled to that grid unless ``resample`` is
-    False. ``kind: pixels`` also needs ``student_img_size``. Missing or mismatched files raise
+    False. ``kind: pixels`` also needs ``student_img_size``; ``kind: mimar`` needs
+    ``load_mimar(path) -> (backbone, mean, std)`` (``mimar.loading.teacher_backbone``: passed
+    in, so that teachers never import the code that builds runs). Missing or mismatched files raise
     one ``FileNotFoundError`` / ``ValueError`` naming the path and what was expected. The
     global RNG is left untouched, so the student's initialisation does not depend on the
     teacher."""
@@ -155,15 +167,20 @@ def build_teacher(
         return None
     grid = (student_grid, student_grid) if isinstance(student_grid, int) else tuple(student_grid)
     if len(data_mean) != student_in_chans or len(data_std) != student_in_chans:
-        raise ValueError(f"data mean/std need {student_in_chans} values for the teacher")
+        raise ConfigError(f"data mean/std need {student_in_chans} values for the teacher")
     if cfg.kind == "pixels":
         if not student_img_size or student_img_size % grid[0]:
-            raise ValueError("teacher.kind=pixels needs the student's image size and patch grid")
+            raise ConfigError("teacher.kind=pixels needs the student's image size and patch grid")
         source = pixel_source(student_img_size // grid[0], student_img_size, student_in_chans)
         source.mean, source.std = tuple(data_mean), tuple(data_std)
         return FrozenTeacher(source, student_grid=grid, data_mean=data_mean, data_std=data_std)
     with torch.random.fork_rng(devices=[]):
-        source = LOADERS[cfg.kind](cfg)
+        if cfg.kind == "mimar":
+            if load_mimar is None:
+                raise ConfigError("teacher.kind=mimar: build_teacher needs load_mimar")
+            source = mimar_source(cfg, load_mimar)
+        else:
+            source = LOADERS[cfg.kind](cfg)
     if cfg.mean is not None and cfg.std is not None:
         source.mean, source.std = cfg.mean, cfg.std
     elif not source.mean:  # an exported mimar backbone carries no data statistics
@@ -171,7 +188,7 @@ def build_teacher(
         source.mean, source.std = tuple(data_mean), tuple(data_std)
     convert_channels(torch.zeros(1, student_in_chans, 1, 1), source.in_chans)  # fails early
     if len(source.mean) not in (1, source.in_chans):
-        raise ValueError(f"teacher.mean/std need {source.in_chans} values, got {source.mean}")
+        raise ConfigError(f"teacher.mean/std need {source.in_chans} values, got {source.mean}")
     teacher = FrozenTeacher(
         source,
         student_grid=grid if resample else None,
@@ -194,7 +211,7 @@ def convert_channels(pixels: torch.Tensor, in_chans: int) -> torch.Tensor:
     if C == 3 and in_chans == 1:
         luma = pixels.new_tensor([0.299, 0.587, 0.114]).view(1, 3, 1, 1)
         return (pixels * luma).sum(1, keepdim=True)
-    raise ValueError(f"cannot feed {C}-channel images to a {in_chans}-channel teacher")
+    raise ConfigError(f"cannot feed {C}-channel images to a {in_chans}-channel teacher")
 
 
 def _stat(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:

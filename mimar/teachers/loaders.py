@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import json
 import math
+import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,7 +18,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mimar.errors import ConfigError, MissingFileError
 from mimar.teachers.config import TeacherConfig
+
+# ``kind: mimar``: path -> (backbone, mean, std), given by the caller (mimar.loading)
+MimarLoader = Callable[[Path], tuple[nn.Module, tuple, tuple]]
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (METHODS.md §1.4)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -39,15 +44,16 @@ class TeacherModel:
 def _open_clip(cfg: TeacherConfig) -> TeacherModel:
     open_clip = _require("open_clip", "open_clip_torch", cfg.kind)
     if not cfg.model:
-        raise ValueError("teacher.kind=open_clip needs teacher.model (e.g. ViT-L-14)")
+        raise ConfigError("teacher.kind=open_clip needs teacher.model (e.g. ViT-L-14)")
     local = cfg.model.startswith("local-dir:")  # open_clip's own folder layout, weights inside
     if not local:
         if open_clip.get_model_config(cfg.model) is None:
-            raise ValueError(
+            raise ConfigError(
                 f"teacher.model={cfg.model!r} is not an open_clip model name "
                 "(see open_clip.list_models()) nor local-dir:FOLDER"
             )
         _need_file(cfg.checkpoint, "teacher.checkpoint", f"open_clip weights for {cfg.model}")
+        _check_activation(open_clip, cfg)
     try:
         clip = open_clip.create_model(
             cfg.model,
@@ -56,14 +62,14 @@ def _open_clip(cfg: TeacherConfig) -> TeacherModel:
             require_pretrained=True,
         )
     except Exception as err:  # open_clip raises RuntimeError/AssertionError on bad files
-        raise ValueError(
+        raise ConfigError(
             f"teacher.checkpoint {cfg.checkpoint or cfg.model} does not load as open_clip model "
             f"{cfg.model!r}: {_first_line(err)}"
         ) from None
     visual = clip.visual
     plain = getattr(visual, "attn_pool", None) is None
     if not isinstance(visual, open_clip.transformer.VisionTransformer) or not plain:
-        raise ValueError(
+        raise ConfigError(
             f"open_clip model {cfg.model!r}: only plain ViT vision towers are supported"
         )
     layer = -1 if cfg.layer is None else cfg.layer
@@ -96,7 +102,7 @@ def _hf_clip(cfg: TeacherConfig) -> TeacherModel:
     folder = Path(cfg.path)
     expected = "a folder written by CLIPVisionModel(WithProjection).save_pretrained"
     if not cfg.path or not (folder / "config.json").is_file():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"teacher.path={cfg.path!r} has no config.json: kind hf_clip expects {expected}"
         )
     meta = json.loads((folder / "config.json").read_text())
@@ -112,7 +118,7 @@ def _hf_clip(cfg: TeacherConfig) -> TeacherModel:
             folder, local_files_only=True, output_loading_info=True, ignore_mismatched_sizes=True
         )
     except Exception as err:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.path {folder} does not load as {cls_.__name__} "
             f"({expected}): {_first_line(err)}"
         ) from None
@@ -122,7 +128,7 @@ def _hf_clip(cfg: TeacherConfig) -> TeacherModel:
             quiet.enable_progress_bar()
     bad = [*(info.get("missing_keys") or []), *(info.get("mismatched_keys") or [])]
     if bad:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.path {folder}: the weights do not fit its config.json "
             f"({cls_.__name__}); missing or mismatched: {sorted(map(str, bad))[:3]}"
         )
@@ -158,18 +164,18 @@ def _timm(cfg: TeacherConfig) -> TeacherModel:
     import timm
 
     if not cfg.model:
-        raise ValueError("teacher.kind=timm needs teacher.model (e.g. vit_base_patch16_224)")
+        raise ConfigError("teacher.kind=timm needs teacher.model (e.g. vit_base_patch16_224)")
     _need_file(cfg.checkpoint, "teacher.checkpoint", f"timm weights for {cfg.model}")
     try:
         model = timm.create_model(cfg.model, pretrained=False, num_classes=0)
     except Exception as err:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.model={cfg.model!r} is not a timm model: {_first_line(err)}"
         ) from None
     try:
         state = timm.models.load_state_dict(cfg.checkpoint)
     except Exception as err:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.checkpoint {cfg.checkpoint} is not a weights file: {_first_line(err)}"
         ) from None
     heads = model.pretrained_cfg.get("classifier") or ()
@@ -180,7 +186,7 @@ def _timm(cfg: TeacherConfig) -> TeacherModel:
     except RuntimeError as err:
         missing, unexpected = [_first_line(err)], []
     if missing or unexpected:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.checkpoint {cfg.checkpoint} does not fit timm model "
             f"{cfg.model!r}: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
@@ -217,23 +223,18 @@ def _timm(cfg: TeacherConfig) -> TeacherModel:
     )
 
 
-def _mimar(cfg: TeacherConfig) -> TeacherModel:
-    from mimar.data import normalization_stats
-    from mimar.loading import load_backbone, load_run_backbone
-
+def mimar_source(cfg: TeacherConfig, load: MimarLoader) -> TeacherModel:
+    """A mimar run or exported backbone, read by ``load(path) -> (backbone, mean, std)`` (the
+    run's own data statistics; ``()`` when the file stores none)."""
     path = Path(cfg.path)
     expected = "a mimar run folder (checkpoints/last.pt) or a .safetensors file from mimar export"
     if not cfg.path or not path.exists():
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"teacher.path={cfg.path!r} does not exist: kind mimar expects {expected}"
         )
-    if path.suffix == ".safetensors":
-        backbone, mean, std = load_backbone(path), (), ()  # stats: teacher.mean/std or data's
-    else:
-        run, backbone = load_run_backbone(path)
-        mean, std = normalization_stats(run.data)  # the teacher run's own normalisation
+    backbone, mean, std = load(path)
     if cfg.img_size not in (0, backbone.img_size):
-        raise ValueError(
+        raise ConfigError(
             f"a mimar teacher runs at its training size ({backbone.img_size} px); "
             f"got teacher.img_size={cfg.img_size} (use 0)"
         )
@@ -248,12 +249,36 @@ def _mimar(cfg: TeacherConfig) -> TeacherModel:
     return TeacherModel(backbone, encode, backbone.img_size, backbone.in_chans, mean, std, name)
 
 
+def _check_activation(open_clip, cfg: TeacherConfig) -> None:
+    """OpenAI's CLIP towers use QuickGELU (METHODS.md §10.9); open_clip's plain names build
+    exact GELU and load OpenAI weights without complaint, silently changing every target.
+    Refuse that pairing: an OpenAI checkpoint is recognised by its file name or by being a
+    TorchScript archive (how OpenAI released them)."""
+    if open_clip.get_model_config(cfg.model).get("quick_gelu", False):
+        return
+    path = Path(cfg.checkpoint)
+    if "openai" in path.name.lower() or _is_torchscript(path):
+        raise ConfigError(
+            f"teacher.checkpoint {path} looks like an OpenAI CLIP checkpoint, which needs "
+            f"QuickGELU: use teacher.model={cfg.model}-quickgelu (open_clip's {cfg.model} "
+            "uses exact GELU and would change the teacher's features)"
+        )
+
+
+def _is_torchscript(path: Path) -> bool:
+    try:
+        with zipfile.ZipFile(path) as archive:
+            return any(name.endswith("constants.pkl") for name in archive.namelist())
+    except (zipfile.BadZipFile, OSError):
+        return False
+
+
 def _to_map(tokens: torch.Tensor) -> torch.Tensor:
     """``(B, N, D)`` row-major patch tokens of a square grid -> ``(B, D, h, w)``."""
     B, N, D = tokens.shape
     side = math.isqrt(N)
     if side * side != N:
-        raise ValueError(f"teacher returned {N} patch tokens, not a square grid")
+        raise ConfigError(f"teacher returned {N} patch tokens, not a square grid")
     return tokens.transpose(1, 2).reshape(B, D, side, side)
 
 
@@ -261,7 +286,7 @@ def _require(module: str, package: str, kind: str):
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        raise ValueError(
+        raise ConfigError(
             f"teacher.kind={kind} needs the {package} package: pip install "
             f"'mimar[clip]' (or {package})"
         ) from err
@@ -269,9 +294,9 @@ def _require(module: str, package: str, kind: str):
 
 def _need_file(path: str, key: str, what: str) -> None:
     if not path:
-        raise ValueError(f"{key} is empty: give the path of the {what}")
+        raise ConfigError(f"{key} is empty: give the path of the {what}")
     if not Path(path).is_file():
-        raise FileNotFoundError(f"{key}={path}: no such file (expected the {what})")
+        raise MissingFileError(f"{key}={path}: no such file (expected the {what})")
 
 
 def _first_line(err: BaseException) -> str:
@@ -295,4 +320,4 @@ def pixel_source(patch_size: int, img_size: int, in_chans: int) -> TeacherModel:
     )
 
 
-LOADERS = {"open_clip": _open_clip, "hf_clip": _hf_clip, "timm": _timm, "mimar": _mimar}
+LOADERS = {"open_clip": _open_clip, "hf_clip": _hf_clip, "timm": _timm}  # mimar: mimar_source

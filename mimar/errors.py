@@ -1,0 +1,28 @@
+"""mimar's own error types: what a user can fix (a config key, a file, a checkpoint).
+
+The command line prints these as one line (``mimar <command>: error: ...``) and lets every
+other exception through with its traceback: those are bugs, not bad input. Each type also
+subclasses the builtin it refines, so ``except ValueError`` keeps working for library users.
+"""
+
+from __future__ import annotations
+
+
+class MimarError(Exception):
+    """Base of every error caused by input a user can correct."""
+
+
+class ConfigError(MimarError, ValueError):
+    """A recipe, override or option that does not fit the typed configuration."""
+
+
+class DataError(MimarError, ValueError):
+    """Images or labels that cannot be read or do not fit the recipe."""
+
+
+class MissingFileError(MimarError, FileNotFoundError):
+    """A file or folder the input names does not exist."""
+
+
+class CheckpointError(MimarError, ValueError):
+    """A checkpoint or exported file that cannot be read or does not fit."""

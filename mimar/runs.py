@@ -1,0 +1,33 @@
+"""The run-folder layout, spelled once::
+
+RUN_DIR/config.yaml  metrics.jsonl  reconstruction.png
+        checkpoints/last.pt  checkpoints/step_0000500.pt ...
+        eval/<protocol>.json
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+CONFIG = "config.yaml"
+METRICS = "metrics.jsonl"
+PICTURE = "reconstruction.png"
+CHECKPOINTS = "checkpoints"
+EVAL = "eval"
+
+
+def last_checkpoint(run_dir: str | Path) -> Path:
+    """``RUN_DIR/checkpoints/last.pt``: the newest state of a run, always kept."""
+    return Path(run_dir) / CHECKPOINTS / "last.pt"
+
+
+def step_checkpoint(run_dir: str | Path, step: int) -> Path:
+    """``RUN_DIR/checkpoints/step_XXXXXXX.pt``: a periodic checkpoint."""
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}.pt"
+
+
+def run_of_checkpoint(ckpt: str | Path) -> Path:
+    """The run folder a checkpoint file belongs to (its folder's parent for
+    ``checkpoints/*.pt``, else the folder it sits in)."""
+    ckpt = Path(ckpt)
+    return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent
