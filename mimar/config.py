@@ -52,6 +52,12 @@ class OptimConfig:
     betas: tuple[float, float] = (0.9, 0.999)
     eps: float = 1e-8
     weight_decay: float = 0.05
+    # Backbone parameters that DO get weight decay although the backbone exempts them (its
+    # no_weight_decay(): class/mask tokens, position tables): fnmatch patterns on names
+    # relative to method.backbone. The official codes differ (METHODS.md §2.5, §4.5, §6.7):
+    # SimMIM-ViT and EVA decay the mask token, SimMIM-Swin its relative-position tables,
+    # iTPN-pixel its position table, D-iGPT its class token; each recipe says which.
+    weight_decay_on: tuple[str, ...] = ()
     warmup_steps: int | None = None  # None -> warmup_fraction of train.steps
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr

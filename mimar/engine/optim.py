@@ -2,22 +2,39 @@
 
 from __future__ import annotations
 
+import fnmatch
 import math
 
 import torch
 from torch import nn
 
+from mimar.errors import ConfigError
 
-def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0) -> list[dict]:
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float,
+    layer_decay: float = 1.0,
+    decay_on: tuple[str, ...] = (),
+) -> list[dict]:
     """Group trainable parameters by (weight decay on/off, layer-decay id).
 
     No weight decay for 1-D parameters (norms, biases, LayerScale), and for whatever the
     backbone lists in ``no_weight_decay()`` (position embeddings, class/mask tokens, relative
-    position tables). With ``layer_decay < 1``, parameters of backbone layer ``j`` get
+    position tables) unless a pattern of ``decay_on`` (fnmatch, on backbone-relative names)
+    names it. With ``layer_decay < 1``, parameters of backbone layer ``j`` get
     ``lr_scale = layer_decay ** (L + 1 - j)`` (METHODS.md §1.5); non-backbone parameters 1.
     """
-    backbone = getattr(model, "backbone", None)
+    backbone = getattr(model, "backbone", None)  # absent: a plain module, no backbone rules
     skip = backbone.no_weight_decay() if backbone is not None else set()
+    for pattern in decay_on:
+        matched = fnmatch.filter(skip, pattern)
+        if not matched:
+            raise ConfigError(
+                f"optim.weight_decay_on: {pattern!r} names none of the backbone's exempt "
+                f"parameters ({', '.join(sorted(skip)) or 'none'})"
+            )
+        skip = skip - set(matched)
     num_layers = backbone.num_layers if backbone is not None else 0
     groups: dict[tuple[bool, float], dict] = {}
     for name, param in model.named_parameters():
@@ -41,7 +58,7 @@ def param_groups(model: nn.Module, weight_decay: float, layer_decay: float = 1.0
 
 
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay)
+    groups = param_groups(model, cfg.weight_decay, decay_on=cfg.weight_decay_on)
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
