@@ -66,6 +66,9 @@ class HiViTConfig:
     drop_path_rate: float = 0.0  # linear over all 2 * mlp_depth + depth blocks (§4.1.8)
     use_mask_token: bool = False  # CLIP variant: mask token at the entry of stage 3 (§4.6)
     pos_embed_resample: bool = False  # official pixel code: bicubic resample by (g+0.1)/g
+    # False: no LayerNorm after stage 3, as the official pixel encoder (its neck reads the raw
+    # stage-3 tokens); True (ours): the contract's normalised tokens, which also feed the neck
+    final_norm: bool = True
     norm_eps: float = 1e-6
 
     def __post_init__(self) -> None:
@@ -187,7 +190,7 @@ class HiViT(nn.Module):
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
         # sin-cos initialised and trainable, as the official pixel model (§4.1.6)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, D))
-        self.norm = nn.LayerNorm(D, eps=eps)
+        self.norm = nn.LayerNorm(D, eps=eps) if cfg.final_norm else nn.Identity()
         self.init_weights()
 
     @torch.no_grad()
@@ -225,17 +228,21 @@ class HiViT(nn.Module):
             patches = torch.gather(patches, 1, index)  # (B, n, C, p, p)
         return self.patch_embed(patches)
 
-    def position_table(self, h: int | None = None, w: int | None = None) -> torch.Tensor:
+    def position_table(
+        self, h: int | None = None, w: int | None = None, all_kept: bool = True
+    ) -> torch.Tensor:
         """``(1, h * w, D)`` for an ``h x w`` main-patch grid (default: the trained one): the
         table as stored, or bicubically resampled -- to another grid (downstream inputs of
         other sizes, as the official detection code), or by ``(g + 0.1) / g`` as the official
-        pixel pretraining code does (``pos_embed_resample``, METHODS.md §10.10)."""
+        pixel pretraining code does when tokens were dropped (``pos_embed_resample``,
+        METHODS.md §10.10; with every patch kept the official code returns the stored table)."""
         g, D = self.grid_size, self.embed_dim
         h, w = h or g, w or g
-        if (h, w) == (g, g) and not self.cfg.pos_embed_resample:
+        resample = self.cfg.pos_embed_resample and not all_kept
+        if (h, w) == (g, g) and not resample:
             return self.pos_embed
         grid = self.pos_embed.reshape(1, g, g, D).permute(0, 3, 1, 2)  # (1, D, g, g)
-        if self.cfg.pos_embed_resample:  # output h x w: floor(g * (h + 0.1) / g) = h
+        if resample:  # output h x w: floor(g * (h + 0.1) / g) = h
             grid = F.interpolate(grid, scale_factor=((h + 0.1) / g, (w + 0.1) / g), mode="bicubic")
         else:
             grid = F.interpolate(grid, size=(h, w), mode="bicubic", align_corners=False)
@@ -270,7 +277,8 @@ class HiViT(nn.Module):
         if mask is not None:
             x = self._apply_mask_token(x, mask)
         h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        pos = self.position_table(h, w).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, N, D)
+        all_kept = keep_ids is None or keep_ids.shape[1] == h * w
+        pos = self.position_table(h, w, all_kept).to(x.dtype).expand(x.shape[0], -1, -1)
         if keep_ids is not None:
             pos = torch.gather(pos, 1, keep_ids.unsqueeze(-1).expand(-1, -1, self.embed_dim))
         x = x + pos

@@ -65,6 +65,13 @@ class PyramidNeck(nn.Module):
         self.lateral4 = nn.Linear(c1, F, bias=False)
         self.blocks4 = mlp_blocks(fpn_depth)
         self.out_blocks = nn.ModuleList(mlp_blocks(1) for _ in range(3))  # P4, P8, P16
+        # Official ``_init_weights``: every Linear trunc-normal std 0.02 with zero bias
+        # (LayerNorms at 1 / 0, PyTorch's default); METHODS.md §4.2.
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                if m.bias is not None:
+                    nn.init.zeros_(m.bias)
 
     def forward(
         self, f4: torch.Tensor, f8: torch.Tensor, s: torch.Tensor
