@@ -77,3 +77,13 @@ def patch_teacher(patch=4, grid=None, mean=0.0, std=1.0):
     net = PatchMap()
     source = TeacherModel(net, net, 16, 1, (mean,), (std,), "toy")
     return FrozenTeacher(source, student_grid=grid, data_mean=(mean,), data_std=(std,))
+
+
+def tiny_teacher_run(run_dir: Path) -> Path:
+    """A 1-step tiny SimMIM run on synthetic data (16 px, width 32): a frozen mimar teacher
+    for the recipes that need one (``teacher.kind=mimar teacher.path=RUN_DIR``)."""
+    from mimar.cli import main
+
+    argv = ["pretrain", DEMO, *TINY, "train.steps=1", "--run-dir", str(run_dir)]
+    assert main(argv) == 0
+    return Path(run_dir)

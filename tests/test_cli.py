@@ -105,8 +105,17 @@ def test_eval_writes_json_with_baselines(run, capsys):
         result = json.loads((run / "eval" / f"{protocol}.json").read_text())
         assert result["protocol"] == protocol and result["layer"] == 1
         assert [r["model"] for r in result["rows"]] == ["raw pixels", "random init", "pretrained"]
-        # synthetic classes are separable from pixels; 4 classes -> chance is 25 %
-        assert all(0 <= r["top1"] <= 100 for r in result["rows"])
+        assert (result["n_train"], result["n_test"]) == (128, 128)  # synthetic_size=128
+        for r in result["rows"]:
+            correct = r["top1"] * 128 / 100  # top-1 is the % of the 128 test images right
+            assert correct == pytest.approx(round(correct), abs=1e-4), r
+            assert r["details"]["top1"] == r["top1"]
+            # the printed table shows the value written to the JSON
+            line = next(x for x in table.splitlines() if r["model"] in x and f" {protocol} " in x)
+            assert f" {r['top1']:.2f} " in line
+            # synthetic classes are separable; 4 classes -> chance is 25 %: features of even
+            # a random or 6-step network keep most of it (measured 71-80 %), pixels all
+            assert r["top1"] > 40, r
         assert result["rows"][0]["top1"] > 50
 
 

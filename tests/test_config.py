@@ -22,9 +22,15 @@ def test_demo_recipe_loads_with_typed_overrides():
     assert cfg.data.scale == (0.5, 1.0) and isinstance(cfg.data.scale[1], float)
     assert cfg.optim.clip_grad is None
     assert isinstance(cfg.method, SimMIMConfig) and cfg.method.mask_patch_size == 8
-    for key in ("steps", "log_every", "checkpoint_every"):
-        assert hasattr(cfg.train, key)
-    assert cfg.train.log_every == 1
+    # keys not overridden keep the recipe's values (a key absent there, its default)
+    assert (cfg.train.log_every, cfg.train.checkpoint_every, cfg.train.precision) == (
+        1,
+        500,
+        "bf16",
+    )
+    assert cfg.optim.betas == (0.9, 0.999) and cfg.optim.warmup_fraction == 0.05
+    assert (cfg.data.batch_size, cfg.backbone.embed_dim, cfg.method.mask_ratio) == (64, 128, 0.6)
+    assert cfg.train.accum_steps == 1  # not in the recipe: the dataclass default
 
 
 @pytest.mark.parametrize(

@@ -1,3 +1,4 @@
+import json
 import os
 import signal
 import subprocess
@@ -108,14 +109,59 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch
     assert max(losses(run)) == 6
 
 
+# AIM with a fixed prefix length and no crop/flip jitter: nothing random depends on how a
+# step's images are split into micro-batches (SimMIM's masks would: each micro-batch draws
+# its own). Every image has the same number of loss targets, so the mean of the two
+# micro-batch losses is the big batch's loss, and the summed gradients are its gradient.
+ACCUM = [
+    *[o for o in TINY if not o.startswith("method.")],
+    "data.synthetic_size=64",
+    "data.scale=[1.0,1.0]",
+    "data.ratio=[1.0,1.0]",
+    "data.hflip=0",
+    "method.head_width=32",
+    "method.head_depth=2",
+    "method.prefix_min=5",
+    "method.prefix_max=5",
+    "optim.warmup_steps=0",
+    "optim.clip_grad=1.0",  # so that the pre-clip gradient norm is logged
+    "train.steps=2",
+    "train.checkpoint_every=1",
+]
+
+
 def test_accumulation_matches_one_big_batch(tmp_path):
     big, acc = tmp_path / "big", tmp_path / "acc"
-    assert pretrain(big, "train.steps=3", "data.batch_size=16") == 0
-    # 2 micro-batches of 16 are not the same images as one batch of 16, so compare the
-    # optimizer-step count and that accumulation logs one row per optimizer step instead.
-    assert pretrain(acc, "train.steps=3", "train.accum_steps=2") == 0
-    assert sorted(losses(acc)) == [1, 2, 3]
-    assert checkpoint.load(acc / "checkpoints" / "last.pt")["step"] == 3
+    recipe = "configs/aim/vit_tiny_fmnist.yaml"
+    split = ["data.batch_size=8", "train.accum_steps=2"]  # 2 micro-batches of 8 per step
+    for run, extra in ((big, ["data.batch_size=16"]), (acc, split)):
+        assert main(["pretrain", recipe, *ACCUM, *extra, "--run-dir", str(run)]) == 0
+    rows = {}
+    for run in (big, acc):
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        rows[run] = {r["step"]: r for r in map(json.loads, lines)}
+    for step in (1, 2):
+        a, b = rows[big][step], rows[acc][step]
+        assert b["loss"] == pytest.approx(a["loss"], rel=1e-6), step
+        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-5), step
+        assert b["lr"] == a["lr"]  # the lr is scaled by the same global batch of 16
+    assert rows[big][2]["loss"] != pytest.approx(rows[big][1]["loss"], rel=1e-3)
+    # AdamW's first steps move a weight by about lr * g / (|g| + eps): a gradient within
+    # rounding of eps = 1e-8 can shift its weight by a fraction of lr (seen: 4e-6 at lr 1e-3,
+    # one weight), so the weights agree to 1 % of lr while each step moves them by ~lr.
+    lr = rows[big][1]["lr"]
+    for name in ("step_0000001.pt", "last.pt"):
+        a = checkpoint.load(big / "checkpoints" / name)
+        b = checkpoint.load(acc / "checkpoints" / name)
+        assert a["step"] == b["step"] and a["model"].keys() == b["model"].keys()
+        for key, value in a["model"].items():
+            torch.testing.assert_close(b["model"][key], value, rtol=0, atol=1e-2 * lr, msg=key)
+    one = checkpoint.load(big / "checkpoints" / "step_0000001.pt")["model"]
+    two = checkpoint.load(big / "checkpoints" / "last.pt")["model"]
+    moved = torch.cat(
+        [(two[k] - one[k]).abs().flatten() for k in one if two[k].is_floating_point()]
+    )
+    assert moved.median() > 0.1 * lr  # the second step moved most weights: not vacuous
 
 
 def test_lr_schedule_edges():

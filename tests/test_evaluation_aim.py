@@ -267,7 +267,12 @@ def test_eval_attentive_and_lora_skip_pixels_and_report_parameters(run, capsys):
     assert [r["model"] for r in lora["rows"]] == ["random init", "pretrained"]
     adapters = 2 * 2 * (4 * 32 + 2 * 32)  # depth 2, rank 2
     assert all(r["details"]["adapter_params"] == adapters for r in lora["rows"])
-    assert all(0 <= r["top1"] <= 100 for r in attentive["rows"] + lora["rows"])
+    for result in (attentive, lora):  # top-1 is a percentage of the 32 test images kept
+        assert result["n_test"] == 32
+        for row in result["rows"]:
+            correct = row["top1"] * 32 / 100
+            assert correct == pytest.approx(round(correct), abs=1e-4) and row["top1"] > 0
+            assert row["details"]["top1"] == row["top1"]
 
 
 @pytest.mark.parametrize("protocol", ["attentive", "lora"])

@@ -1,8 +1,10 @@
 """Every shipped recipe loads; the paper recipes build at full size and train one tiny step."""
 
+import dataclasses
 from pathlib import Path
 
 import pytest
+import yaml
 from helpers import losses
 
 import mimar
@@ -11,24 +13,47 @@ from mimar.engine.optim import scaled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
-CONTRACT_KEYS = (
-    "train.steps",
-    "train.log_every",
-    "train.checkpoint_every",
-    "data.root",
-    "data.batch_size",
-)
+# the keys every recipe must honour, each with an override value no recipe uses
+CONTRACT = {
+    "train.steps": 3,
+    "train.log_every": 2,
+    "train.checkpoint_every": 7,
+    "data.root": "/elsewhere",
+    "data.batch_size": 2,
+}
+
+
+def _get(cfg, key: str):
+    section, field = key.split(".")
+    return getattr(getattr(cfg, section), field)
+
+
+def _written(path: Path) -> dict:
+    """The recipe's YAML as written, with its ``base:`` recipe's values underneath."""
+    raw = yaml.safe_load(path.read_text())
+    base = raw.pop("base", None)
+    if base is None:
+        return raw
+    merged = _written(path.parent / base)
+    for section, values in raw.items():
+        merged[section] = {**merged.get(section, {}), **values}
+    return merged
 
 
 @pytest.mark.parametrize("path", RECIPES, ids=lambda p: str(p.relative_to(ROOT / "configs")))
 def test_recipe_loads_and_has_the_contract_keys(path):
     cfg = mimar.load_config(path)
-    for key in CONTRACT_KEYS:
+    written = _written(path)
+    for key in CONTRACT:
         section, field = key.split(".")
-        assert hasattr(getattr(cfg, section), field), key
+        if field in written.get(section, {}):
+            assert _get(cfg, key) == written[section][field], key  # the value the recipe gives
+        else:
+            defaults = {f.name: f.default for f in dataclasses.fields(getattr(cfg, section))}
+            assert _get(cfg, key) == defaults[field], key
     # the contract keys are overridable from the command line under exactly these names
-    cfg = mimar.load_config(path, ["train.steps=3", "train.log_every=1", "data.batch_size=2"])
-    assert (cfg.train.steps, cfg.train.log_every, cfg.data.batch_size) == (3, 1, 2)
+    cfg = mimar.load_config(path, [f"{k}={v}" for k, v in CONTRACT.items()])
+    assert {k: _get(cfg, k) for k in CONTRACT} == CONTRACT
 
 
 @pytest.mark.parametrize(

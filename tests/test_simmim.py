@@ -76,29 +76,7 @@ def test_patchify_round_trip_and_order():
     torch.testing.assert_close(unpatchify(p, 2, 3), x)
 
 
-def test_gradients_reach_every_trainable_parameter():
-    method = tiny_simmim()
-    method(torch.randn(2, 1, 16, 16))["loss"].backward()
-    missing = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
-    assert missing == []
-
-
 def test_simmim_needs_mask_token():
     vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2, num_heads=2))
     with pytest.raises(ValueError, match="use_mask_token"):
         SimMIM(SimMIMConfig(mask_patch_size=8), vit)
-
-
-def test_few_steps_on_one_batch_lower_the_loss():
-    method = tiny_simmim()
-    x = torch.randn(4, 1, 16, 16)
-    mask = method.sample_corruption(4, torch.Generator().manual_seed(0))["mask"]
-    opt = torch.optim.AdamW(method.parameters(), lr=3e-3)
-    first = None
-    for _ in range(30):
-        loss = method(x, mask=mask)["loss"]
-        first = first if first is not None else loss.item()
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-    assert loss.item() < 0.7 * first
