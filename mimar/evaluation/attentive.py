@@ -20,11 +20,11 @@ no augmentation (the features are pre-extracted once).
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mimar.evaluation.train import fit
 
 _EVAL_CHUNK = 1024  # test rows per forward when scoring
 
@@ -151,30 +151,29 @@ def attentive_probe(
 
 
 def _train(model, x, y, epochs, lr, weight_decay, batch_size, generator) -> None:
-    """AdamW + per-step cosine to 0; weight decay on matrices only (not the query, the bias)."""
+    """Weight decay on matrices only (not the query, not the bias); see :func:`fit`."""
     device = next(model.parameters()).device
     decay = [p for p in model.parameters() if p.ndim == 2]
     no_decay = [p for p in model.parameters() if p.ndim != 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0},
+    ]
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb = x[idx].to(device, torch.float32)  # (B, T, D)
+        return F.cross_entropy(model(xb), y[idx].to(device))
+
+    fit(
+        step_loss,
+        groups,
+        len(x),
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=generator,
         lr=lr,
+        module=model,
     )
-    total_steps = epochs * math.ceil(len(x) / batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-    )
-    model.train()
-    # Callers may hold us inside no_grad or inference mode.
-    with torch.inference_mode(False), torch.enable_grad():
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=generator).split(batch_size):
-                xb = x[idx].to(device, torch.float32)  # (B, T, D)
-                loss = F.cross_entropy(model(xb), y[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    model.eval()
 
 
 @torch.no_grad()

@@ -16,13 +16,14 @@ Table 3d uses to compare causal with bidirectional attention at evaluation time.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 from rich.progress import track
 from torch import nn
+
+from mimar.evaluation.precision import autocast
 
 Pool = Literal["avg", "cls"]
 POOLS: tuple[str, ...] = ("avg", "cls")
@@ -197,7 +198,7 @@ def _run(
     try:
         with torch.inference_mode():
             for images, batch_labels in _maybe_track(batches, progress):
-                with _autocast(device, autocast_dtype):
+                with autocast(device, autocast_dtype):
                     out = backbone(images.to(device), attn_mask=mask, return_layers=return_layers)
                 parts.append(reduce(out))
                 labels.append(None if batch_labels is None else torch.as_tensor(batch_labels))
@@ -216,12 +217,6 @@ def _cat_labels(labels: list[torch.Tensor | None]) -> torch.Tensor | None:
     if any(y is None for y in labels):
         raise ValueError("either every batch has labels or none does")
     return torch.cat([y.cpu().reshape(-1) for y in labels])  # type: ignore[union-attr]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _maybe_track(batches: Iterable, progress: bool) -> Iterator:
