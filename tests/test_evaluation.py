@@ -13,6 +13,8 @@ from torch import nn
 
 from mimar.engine.checkpoint import atomic_write, save_atomic
 from mimar.evaluation import (
+    PROTOCOLS,
+    EvalConfig,
     extract_features,
     knn_classify,
     knn_predict,
@@ -22,6 +24,7 @@ from mimar.evaluation import (
     write_json,
 )
 from mimar.evaluation.linear import _train_heads
+from mimar.evaluation.protocols import PROTOCOL_TABLE
 from mimar.evaluation.train import fit
 
 # --------------------------------------------------------------------------- feature extraction
@@ -421,3 +424,38 @@ def test_fit_equals_the_plain_adamw_cosine_loop_bitwise():
         batch_size=16, generator=torch.Generator().manual_seed(1), lr=1e-2,
     )  # fmt: skip
     assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+
+
+# ------------------------------------------------------------------------ config and protocols
+
+
+def test_eval_config_normalises_and_rejects_bad_values():
+    cfg = EvalConfig(protocols=["knn", "linear"], checkpoint="run", blocks=[0, 1])
+    assert cfg.protocols == ("knn", "linear") and cfg.blocks == (0, 1)
+    assert (cfg.device, cfg.attention, cfg.layer) == ("auto", "bidirectional", None)
+    bad = [
+        ({"protocols": ()}, "protocols must be among"),
+        ({"protocols": ("knn", "svm")}, "protocols must be among"),
+        ({"protocols": ("knn", "knn")}, "distinct"),
+        ({"layer": "last"}, "layer"),
+        ({"layer": True}, "layer"),
+        ({"pool": "max"}, "pool"),
+        ({"attention": "sparse"}, "attention"),
+        ({"blocks": ()}, "blocks"),
+        ({"max_train": -1}, "max_train"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"k": 0}, "k must"),
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"epochs": 0}, "epochs"),
+        ({"device": "gpu0"}, "device"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(**({"protocols": ("knn",), "checkpoint": "run"} | change))
+
+
+def test_protocol_table_drives_names_epochs_and_pixel_rows():
+    assert PROTOCOLS == tuple(PROTOCOL_TABLE) == ("knn", "linear", "attentive", "lora")
+    assert [PROTOCOL_TABLE[p].epochs(None) for p in PROTOCOLS] == [None, 30, 10, 3]
+    assert [PROTOCOL_TABLE[p].epochs(2) for p in PROTOCOLS] == [None, 2, 2, 2]  # kNN: untrained
+    assert [PROTOCOL_TABLE[p].pixel_row for p in PROTOCOLS] == [True, True, False, False]
