@@ -168,6 +168,13 @@ def _add_eval_parser(sub) -> None:
         help="attentive probe: comma list of blocks whose raw outputs are averaged "
         "(default: the last 3)",
     )
+    ev.add_argument(
+        "--probe-bias",
+        dest="classifier_bias",
+        action="store_true",
+        help="attentive probe: give the classifier a bias (as an earlier ml-aim; "
+        "default: none, as ml-aim now)",
+    )
     ev.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha 16)")
     ev.add_argument(
         "--data", dest="data_root", default=None, help="data root (default: the run's data.root)"

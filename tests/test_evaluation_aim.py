@@ -55,6 +55,15 @@ def test_attentive_parameter_count_is_the_formula(bias):
     model = AttentiveClassifier(D, num_classes=10, num_heads=4, classifier_bias=bias)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == attentive_params(D, 10, bias) == 2 * D * D + D + D * 10 + 10 * bias
+    assert (model.linear.bias is not None) is bias
+
+
+def test_attentive_classifier_has_no_bias_by_default():
+    """ml-aim's AttentionPoolingClassifier now defaults to linear_bias=False (METHODS.md §5.6)."""
+    model = AttentiveClassifier(D, num_classes=10, num_heads=4)
+    assert model.linear.bias is None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == attentive_params(D, 10) == 2 * D * D + D + D * 10
     assert list(model.pooler.norm.parameters()) == []  # affine-free BatchNorm
     assert {n for n, _ in model.pooler.norm.named_buffers()} >= {"running_mean", "running_var"}
 
@@ -268,6 +277,23 @@ def test_eval_attentive_and_lora_skip_pixels_and_report_parameters(run, capsys):
     adapters = 2 * 2 * (4 * 32 + 2 * 32)  # depth 2, rank 2
     assert all(r["details"]["adapter_params"] == adapters for r in lora["rows"])
     assert all(0 <= r["top1"] <= 100 for r in attentive["rows"] + lora["rows"])
+
+
+def test_eval_probe_bias_flag_and_device(run):
+    args = ["eval", "attentive", "--checkpoint", str(run), "--epochs", "1", "--device", "cpu"]
+    assert main([*args, "--probe-bias", "--max-train", "32", "--max-test", "16"]) == 0
+    attentive = json.loads((run / "eval" / "attentive.json").read_text())
+    params = attentive["rows"][0]["details"]["params"]
+    assert params == attentive_params(32, 4, classifier_bias=True) == 2 * 32 * 32 + 32 + 32 * 4 + 4
+
+
+def test_eval_reports_bad_settings_in_one_line(run, capsys):
+    assert main(["eval", "knn", "--checkpoint", str(run), "--device", "gpu0"]) == 2
+    assert main(["eval", "knn", "knn", "--checkpoint", str(run)]) == 2
+    assert main(["eval", "knn", "--checkpoint", str(run), "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("mimar eval: error: ") for line in err)
+    assert "device" in err[0] and "distinct" in err[1] and "batch_size" in err[2]
 
 
 @pytest.mark.parametrize("protocol", ["attentive", "lora"])

@@ -36,6 +36,7 @@ class EvalConfig:
     attention: Attention = "bidirectional"  # causal: in the model's patch order (AIM Tab. 3d)
     blocks: tuple[int, ...] | None = None  # attentive: blocks averaged; None = the last 3
     lora_rank: int = 8  # LoRA: rank of the adapters (alpha 16)
+    classifier_bias: bool = False  # attentive: a classifier bias (as an earlier ml-aim)
     device: str = "auto"  # auto: cuda when available, else cpu
 
     def __post_init__(self) -> None:

@@ -136,6 +136,7 @@ def _attentive(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -
             num_heads=probe_heads(backbone),
             epochs=epochs,
             batch_size=setup.batch_size,
+            classifier_bias=cfg.classifier_bias,
             device=setup.device,
         )
         where = "blocks " + ",".join(str(b) for b in chosen)
