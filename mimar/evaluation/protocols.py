@@ -36,6 +36,7 @@ from mimar.evaluation.features import (
 from mimar.evaluation.knn import knn_classify
 from mimar.evaluation.linear import linear_probe
 from mimar.evaluation.lora import lora_finetune
+from mimar.masking import patch_order
 
 if TYPE_CHECKING:
     from mimar.evaluation.config import EvalConfig
@@ -56,16 +57,19 @@ class EvalSetup:
     autocast_dtype: torch.dtype | None
     device: torch.device
     causal: bool
+    order: str  # the model's patch order (masking.patch_order kinds): what causal follows
+    order_seed: int
     notes: str
 
     def batches(self, images: ImageSet):
         return iterate_eval_batches(images, self.img_size, self.batch_size)
 
     def attn_mask(self, backbone: nn.Module) -> torch.Tensor | None:
-        """None (full attention), or the lower-triangular causal mask over all tokens."""
+        """None (full attention), or the causal mask in the model's own patch order."""
         if not self.causal:
             return None
-        return causal_mask(backbone.num_prefix_tokens + backbone.num_patches)
+        order = patch_order(self.order, backbone.grid_size, self.order_seed)  # (N,)
+        return causal_mask(backbone.num_prefix_tokens + backbone.num_patches, order)
 
     def extract(self, extract, backbone: nn.Module, **kwargs) -> tuple[torch.Tensor, ...]:
         """``extract(...)`` features of the train and the test split (labels dropped)."""

@@ -3,8 +3,10 @@
 :func:`evaluate` loads the run, the data and the models once, runs every protocol through
 the protocol table, prints one table and writes ``RUN_DIR/eval/<protocol>.json`` each.
 
-* ``attention="causal"``: a lower-triangular mask over the whole token sequence (prefix
-  included) replaces full attention in every protocol, LoRA training included (AIM Table 3d).
+* ``attention="causal"``: every protocol (LoRA training included) replaces full attention by
+  a causal mask over the whole token sequence, prefix tokens first, patches in the order the
+  model was pretrained to read them (AIM's ``method.order``; raster for every other method),
+  as AIM Table 3d compares. The mask stays in the backbone's raster token layout.
 * The random-init control is the very same backbone at its initialisation (same seed, so it is
   the network the run started from).
 """
@@ -79,6 +81,10 @@ def build_setup(run_cfg: PretrainConfig, cfg: EvalConfig) -> EvalSetup:
         autocast_dtype=autocast_dtype(run_cfg.train.precision),  # as the run was trained
         device=resolve_device(cfg.device),
         causal=causal,
+        # Only AIM reads its patches in a configurable order; every other method is raster.
+        # Sniffing the method config here keeps evaluation free of method imports.
+        order=getattr(run_cfg.method, "order", "raster"),
+        order_seed=getattr(run_cfg.method, "order_seed", 0),
         notes="; ".join(notes + ["causal attention"] * causal),
     )
 
