@@ -182,10 +182,11 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
     ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
+    pixels = "/".join(name for name, spec in PROTOCOL_TABLE.items() if spec.pixel_row)
     ev.add_argument(
         "--baselines",
         action="store_true",
-        help="also evaluate raw pixels (kNN/linear only) and the randomly initialised backbone",
+        help=f"also evaluate raw pixels ({pixels} only) and the randomly initialised backbone",
     )
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
