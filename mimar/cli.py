@@ -159,7 +159,7 @@ def _add_eval_parser(sub) -> None:
         "--attention",
         choices=ATTENTIONS,
         default="bidirectional",
-        help="causal: every token sees only the tokens read before it, patches in the model's "
+        help="causal: a token sees itself and the tokens read before it, patches in the model's "
         "own order (AIM's method.order, else raster; AIM Tab. 3d)",
     )
     ev.add_argument(
