@@ -7,6 +7,7 @@ line, never as a traceback; ``MIMAR_DEBUG=1`` shows the traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import sys
@@ -61,24 +62,10 @@ def cmd_pretrain(args) -> int:
 
 
 def cmd_eval(args) -> int:
-    from mimar.evaluation.runner import evaluate
+    from mimar.evaluation import EvalConfig, evaluate
 
-    evaluate(
-        args.protocols,
-        args.checkpoint,
-        layer=args.layer,
-        pool=args.pool,
-        data_root=args.data,
-        max_train=args.max_train,
-        max_test=args.max_test,
-        baselines=args.baselines,
-        batch_size=args.batch_size,
-        k=args.k,
-        epochs=args.epochs,
-        attention=args.attention,
-        blocks=args.blocks,
-        lora_rank=args.lora_rank,
-    )
+    names = {f.name for f in dataclasses.fields(EvalConfig)}
+    evaluate(EvalConfig(**{k: v for k, v in vars(args).items() if k in names}))
     return 0
 
 
@@ -143,6 +130,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_eval_parser(sub) -> None:
+    # Every dest is an EvalConfig field: cmd_eval passes them on by name.
+    from mimar.evaluation.config import ATTENTIONS
+    from mimar.evaluation.features import POOLS
+    from mimar.evaluation.protocols import PROTOCOL_TABLE
+
     ev = sub.add_parser(
         "eval",
         help="evaluate a backbone (kNN, linear and attentive probes, LoRA)",
@@ -151,9 +143,9 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument(
         "protocols",
         nargs="+",
-        choices=["knn", "linear", "attentive", "lora"],
+        choices=list(PROTOCOL_TABLE),
         metavar="PROTOCOL",
-        help="any of knn, linear, attentive, lora",
+        help="; ".join(f"{name}: {spec.help}" for name, spec in PROTOCOL_TABLE.items()),
     )
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     ev.add_argument(
@@ -163,12 +155,13 @@ def _add_eval_parser(sub) -> None:
         help="kNN/linear: block index, or 'all' (one row per block, best marked); "
         "default: final normed tokens",
     )
-    ev.add_argument("--pool", choices=["avg", "cls"], default="avg")
+    ev.add_argument("--pool", choices=POOLS, default="avg")
     ev.add_argument(
         "--attention",
-        choices=["bidirectional", "causal"],
+        choices=ATTENTIONS,
         default="bidirectional",
-        help="causal: lower-triangular attn_mask over all tokens (AIM Tab. 3d)",
+        help="causal: a token sees itself and the tokens read before it, patches in the model's "
+        "own order (AIM's method.order, else raster; AIM Tab. 3d)",
     )
     ev.add_argument(
         "--blocks",
@@ -177,22 +170,42 @@ def _add_eval_parser(sub) -> None:
         help="attentive probe: comma list of blocks whose raw outputs are averaged "
         "(default: the last 3)",
     )
+    ev.add_argument(
+        "--probe-bias",
+        dest="classifier_bias",
+        action="store_true",
+        help="attentive probe: give the classifier a bias (as an earlier ml-aim; "
+        "default: none, as ml-aim now)",
+    )
     ev.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha 16)")
-    ev.add_argument("--data", default=None, help="data root (default: the run's data.root)")
+    ev.add_argument(
+        "--data", dest="data_root", default=None, help="data root (default: the run's data.root)"
+    )
     ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
     ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
+    pixels = "/".join(name for name, spec in PROTOCOL_TABLE.items() if spec.pixel_row)
     ev.add_argument(
         "--baselines",
         action="store_true",
-        help="also evaluate raw pixels (kNN/linear only) and the randomly initialised backbone",
+        help=f"also evaluate raw pixels ({pixels} only) and the randomly initialised backbone",
     )
     ev.add_argument("--batch-size", type=int, default=256)
     ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
+    defaults = ", ".join(
+        f"{name} {spec.default_epochs}"
+        for name, spec in PROTOCOL_TABLE.items()
+        if spec.default_epochs is not None
+    )
     ev.add_argument(
         "--epochs",
         type=int,
         default=None,
-        help="training epochs of every trained protocol (default: linear 30, attentive 10, lora 3)",
+        help=f"training epochs of every trained protocol (default: {defaults})",
+    )
+    ev.add_argument(
+        "--device",
+        default="auto",
+        help="where features and probes run: auto (cuda if available, else cpu), cpu, cuda, ...",
     )
     ev.set_defaults(func=cmd_eval)
 

@@ -1,4 +1,4 @@
-"""Tests for mimar.evaluation: feature extraction, weighted kNN, linear probe, reporting."""
+"""Tests for mimar.evaluation: features, weighted kNN, linear probe, the training loop, reports."""
 
 from __future__ import annotations
 
@@ -7,10 +7,14 @@ import math
 
 import pytest
 import torch
+import torch.nn.functional as F
 from rich.console import Console
 from torch import nn
 
+from mimar.engine.checkpoint import atomic_write, save_atomic
 from mimar.evaluation import (
+    PROTOCOLS,
+    EvalConfig,
     extract_features,
     knn_classify,
     knn_predict,
@@ -20,6 +24,8 @@ from mimar.evaluation import (
     write_json,
 )
 from mimar.evaluation.linear import _train_heads
+from mimar.evaluation.protocols import PROTOCOL_TABLE
+from mimar.evaluation.train import fit
 
 # --------------------------------------------------------------------------- feature extraction
 
@@ -323,3 +329,133 @@ def test_write_json_is_atomic_and_round_trips(tmp_path):
         write_json(path, {"bad": object()})
     assert json.loads(path.read_text()) == {"top1": 72.0}  # old content intact
     assert [p.name for p in path.parent.iterdir()] == ["results.json"]  # no temp files left
+
+
+def test_write_json_and_checkpoints_share_the_atomic_writer(tmp_path):
+    path = tmp_path / "state.pt"
+    save_atomic({"w": torch.ones(2)}, path)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))
+    write_json(tmp_path / "r.json", {"a": 1})
+    assert (path.stat().st_mode & 0o777) == ((tmp_path / "r.json").stat().st_mode & 0o777) == 0o644
+
+    def half_written(f):
+        f.write(b"partial")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError, match="disk full"):
+        atomic_write(path, half_written)
+    assert torch.equal(torch.load(path, weights_only=True)["w"], torch.ones(2))  # old file intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["r.json", "state.pt"]
+
+
+# ----------------------------------------------------------------------------- training loop
+
+
+def test_fit_follows_the_cosine_per_group_and_epoch_order():
+    gen = torch.Generator().manual_seed(0)
+    w, b = torch.zeros(3, requires_grad=True), torch.zeros(1, requires_grad=True)
+    groups = [{"params": [w], "lr": 0.1}, {"params": [b]}]  # the second one takes fit's lr
+    seen = []
+
+    def step_loss(idx):
+        seen.append((idx.tolist(), groups[0]["lr"], groups[1]["lr"]))
+        return (w.sum() + b.sum()) ** 2
+
+    fit(step_loss, groups, 10, epochs=2, batch_size=4, generator=gen, lr=0.01)
+    total = 2 * 3  # ceil(10 / 4) = 3 steps an epoch
+    for step, (_, lr_w, lr_b) in enumerate(seen):
+        factor = 0.5 * (1 + math.cos(math.pi * step / total))  # 1 at the first step, no warmup
+        assert (lr_w, lr_b) == pytest.approx((0.1 * factor, 0.01 * factor))
+    again = torch.Generator().manual_seed(0)
+    epochs = [torch.randperm(10, generator=again).split(4) for _ in range(2)]
+    assert [i for i, _, _ in seen] == [b.tolist() for e in epochs for b in e]  # sizes 4, 4, 2
+
+
+def test_fit_warmup_mode_and_epoch_losses():
+    gen = torch.Generator().manual_seed(0)
+    model = nn.Linear(2, 1)
+    model.eval()
+    lrs, modes = [], []
+
+    def step_loss(idx):
+        lrs.append(optimizer_groups[0]["lr"])
+        modes.append(model.training)
+        return torch.tensor(float(len(idx)), requires_grad=True)  # loss = batch size
+
+    optimizer_groups = [{"params": list(model.parameters())}]
+    losses = fit(
+        step_loss, optimizer_groups, 6, epochs=2, batch_size=4, generator=gen, lr=1.0,
+        warmup_steps=2, module=model,
+    )  # fmt: skip
+    # 4 steps: linear warm-up over 2 (lr_at: (step + 1) / 2), then the cosine over the other 2
+    assert lrs == pytest.approx([0.5, 1.0, 1.0, 0.5])
+    assert modes == [True] * 4 and model.training is False
+    assert losses == [3.0, 3.0]  # (4 + 2) / 2 per epoch
+
+
+def test_fit_equals_the_plain_adamw_cosine_loop_bitwise():
+    """The loop each probe had before fit(): AdamW, LambdaLR cosine, randperm minibatches."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(50, 6, generator=gen), torch.randint(0, 3, (50,), generator=gen)
+
+    def make():
+        torch.manual_seed(0)
+        return nn.Linear(6, 3)
+
+    ref = make()
+    optimizer = torch.optim.AdamW(ref.parameters(), lr=1e-2, weight_decay=0.05)
+    total = 3 * math.ceil(50 / 16)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: 0.5 * (1.0 + math.cos(math.pi * s / total))
+    )
+    order = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        for idx in torch.randperm(50, generator=order).split(16):
+            loss = F.cross_entropy(ref(x[idx]), y[idx])
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            schedule.step()
+
+    model = make()
+    groups = [{"params": list(model.parameters()), "weight_decay": 0.05}]
+    fit(
+        lambda idx: F.cross_entropy(model(x[idx]), y[idx]), groups, 50, epochs=3,
+        batch_size=16, generator=torch.Generator().manual_seed(1), lr=1e-2,
+    )  # fmt: skip
+    assert torch.equal(model.weight, ref.weight) and torch.equal(model.bias, ref.bias)
+
+
+# ------------------------------------------------------------------------ config and protocols
+
+
+def test_eval_config_normalises_and_rejects_bad_values():
+    cfg = EvalConfig(protocols=["knn", "linear"], checkpoint="run", blocks=[0, 1])
+    assert cfg.protocols == ("knn", "linear") and cfg.blocks == (0, 1)
+    assert (cfg.device, cfg.attention, cfg.layer) == ("auto", "bidirectional", None)
+    bad = [
+        ({"protocols": ()}, "protocols must be among"),
+        ({"protocols": ("knn", "svm")}, "protocols must be among"),
+        ({"protocols": ("knn", "knn")}, "distinct"),
+        ({"layer": "last"}, "layer"),
+        ({"layer": True}, "layer"),
+        ({"pool": "max"}, "pool"),
+        ({"attention": "sparse"}, "attention"),
+        ({"blocks": ()}, "blocks"),
+        ({"max_train": -1}, "max_train"),
+        ({"batch_size": 0}, "batch_size"),
+        ({"k": 0}, "k must"),
+        ({"lora_rank": 0}, "lora_rank"),
+        ({"epochs": 0}, "epochs"),
+        ({"device": "gpu0"}, "device"),
+    ]
+    for change, message in bad:
+        with pytest.raises(ValueError, match=message):
+            EvalConfig(**({"protocols": ("knn",), "checkpoint": "run"} | change))
+
+
+def test_protocol_table_drives_names_epochs_and_pixel_rows():
+    assert PROTOCOLS == tuple(PROTOCOL_TABLE) == ("knn", "linear", "attentive", "lora")
+    assert [PROTOCOL_TABLE[p].epochs(None) for p in PROTOCOLS] == [None, 30, 10, 3]
+    assert [PROTOCOL_TABLE[p].epochs(2) for p in PROTOCOLS] == [None, 2, 2, 2]  # kNN: untrained
+    assert [PROTOCOL_TABLE[p].pixel_row for p in PROTOCOLS] == [True, True, False, False]

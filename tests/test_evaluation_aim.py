@@ -19,6 +19,7 @@ from mimar.data.synthetic import make_synthetic
 from mimar.evaluation import (
     AttentiveClassifier,
     AttentivePooler,
+    EvalConfig,
     LoRALinear,
     add_lora,
     attentive_params,
@@ -27,9 +28,13 @@ from mimar.evaluation import (
     extract_block_tokens,
     extract_features,
     extract_layer_features,
+    knn_classify,
     lora_finetune,
     merge_lora,
 )
+from mimar.evaluation.runner import build_setup
+from mimar.loading import load_backbone, load_run
+from mimar.masking import patch_order
 
 D = 32
 
@@ -55,6 +60,15 @@ def test_attentive_parameter_count_is_the_formula(bias):
     model = AttentiveClassifier(D, num_classes=10, num_heads=4, classifier_bias=bias)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert trainable == attentive_params(D, 10, bias) == 2 * D * D + D + D * 10 + 10 * bias
+    assert (model.linear.bias is not None) is bias
+
+
+def test_attentive_classifier_has_no_bias_by_default():
+    """ml-aim's AttentionPoolingClassifier now defaults to linear_bias=False (METHODS.md §5.6)."""
+    model = AttentiveClassifier(D, num_classes=10, num_heads=4)
+    assert model.linear.bias is None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert trainable == attentive_params(D, 10) == 2 * D * D + D + D * 10
     assert list(model.pooler.norm.parameters()) == []  # affine-free BatchNorm
     assert {n for n, _ in model.pooler.norm.named_buffers()} >= {"running_mean", "running_var"}
 
@@ -275,6 +289,23 @@ def test_eval_attentive_and_lora_skip_pixels_and_report_parameters(run, capsys):
             assert row["details"]["top1"] == row["top1"]
 
 
+def test_eval_probe_bias_flag_and_device(run):
+    args = ["eval", "attentive", "--checkpoint", str(run), "--epochs", "1", "--device", "cpu"]
+    assert main([*args, "--probe-bias", "--max-train", "32", "--max-test", "16"]) == 0
+    attentive = json.loads((run / "eval" / "attentive.json").read_text())
+    params = attentive["rows"][0]["details"]["params"]
+    assert params == attentive_params(32, 4, classifier_bias=True) == 2 * 32 * 32 + 32 + 32 * 4 + 4
+
+
+def test_eval_reports_bad_settings_in_one_line(run, capsys):
+    assert main(["eval", "knn", "--checkpoint", str(run), "--device", "gpu0"]) == 2
+    assert main(["eval", "knn", "knn", "--checkpoint", str(run)]) == 2
+    assert main(["eval", "knn", "--checkpoint", str(run), "--batch-size", "0"]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 3 and all(line.startswith("mimar eval: error: ") for line in err)
+    assert "device" in err[0] and "distinct" in err[1] and "batch_size" in err[2]
+
+
 @pytest.mark.parametrize("protocol", ["attentive", "lora"])
 def test_eval_help_exits_zero(protocol, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -294,3 +325,56 @@ def test_causal_mask_is_lower_triangular():
     mask = causal_mask(5)
     assert torch.equal(mask, torch.tril(torch.ones(5, 5)).bool())
     assert mask.sum().item() == 15 == math.comb(6, 2)
+
+
+def test_causal_mask_follows_a_hand_made_order():
+    # 2x2 grid read in spiral order: raster ids 0, 1, 3, 2 (top row, then down the right side).
+    order = patch_order("spiral", 2)
+    assert order.tolist() == [0, 1, 3, 2]
+    expected = torch.tensor(
+        [
+            [1, 0, 0, 0],  # patch 0, read 1st: itself
+            [1, 1, 0, 0],  # patch 1, read 2nd
+            [1, 1, 1, 1],  # patch 2, read last: everything
+            [1, 1, 0, 1],  # patch 3, read 3rd: not patch 2
+        ],
+        dtype=torch.bool,
+    )
+    assert torch.equal(causal_mask(4, order), expected)
+    with_cls = causal_mask(5, order)  # one prefix token: seen by all, sees itself only
+    assert torch.equal(with_cls[1:, 1:], expected)
+    assert with_cls[:, 0].all() and with_cls[0].tolist() == [True, False, False, False, False]
+    for n in (4, 5):  # the raster order gives the lower-triangular mask
+        assert torch.equal(causal_mask(n, patch_order("raster", 2)), causal_mask(n))
+    with pytest.raises(ValueError, match="permutation"):
+        causal_mask(4, torch.tensor([0, 1, 1, 2]))
+
+
+AIM_TINY = [
+    "data.name=synthetic", "data.synthetic_size=64", "data.batch_size=16", "data.img_size=16",
+    "backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+    "method.head_width=32", "method.head_depth=1", "train.precision=fp32",
+    "train.progress=false", "train.threads=1", "train.steps=2",
+]  # fmt: skip
+
+
+def test_causal_eval_of_a_spiral_aim_run_reads_patches_in_spiral_order(tmp_path):
+    run = tmp_path / "aim"
+    argv = ["pretrain", "configs/aim/vit_tiny_fmnist.yaml", *AIM_TINY, "method.order=spiral"]
+    assert main([*argv, "--run-dir", str(run)]) == 0
+    evaluation = ["eval", "knn", "--checkpoint", str(run), "--attention", "causal"]
+    assert main([*evaluation, "--device", "cpu"]) == 0
+    top1 = json.loads((run / "eval" / "knn.json").read_text())["rows"][0]["top1"]
+
+    run_cfg, _ = load_run(run)
+    cfg = EvalConfig(protocols=("knn",), checkpoint=run, attention="causal", device="cpu")
+    setup = build_setup(run_cfg, cfg)
+    backbone = load_backbone(run)  # 4x4 patches, no class token
+    spiral = causal_mask(16, patch_order("spiral", 4))
+    assert torch.equal(setup.attn_mask(backbone), spiral)
+    assert not torch.equal(spiral, causal_mask(16))
+    f_train, f_test = setup.extract(extract_layer_features, backbone, layers=[None])
+    f_raster, _ = extract_features(backbone, setup.batches(setup.train), attn_mask=causal_mask(16))
+    assert not torch.allclose(f_train[0], f_raster, atol=1e-4)  # the order matters
+    by_hand = knn_classify(f_train[0], setup.train.labels, f_test[0], setup.test.labels)
+    assert by_hand["top1"] == top1

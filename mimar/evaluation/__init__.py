@@ -6,6 +6,7 @@ from mimar.evaluation.attentive import (
     attentive_params,
     attentive_probe,
 )
+from mimar.evaluation.config import EvalConfig
 from mimar.evaluation.features import (
     causal_mask,
     extract_block_tokens,
@@ -16,16 +17,21 @@ from mimar.evaluation.features import (
 from mimar.evaluation.knn import knn_classify, knn_predict
 from mimar.evaluation.linear import linear_probe
 from mimar.evaluation.lora import LoRALinear, add_lora, lora_finetune, merge_lora
+from mimar.evaluation.protocols import PROTOCOLS
 from mimar.evaluation.report import print_results, results_table, write_json
+from mimar.evaluation.runner import evaluate
 
 __all__ = [
     "AttentiveClassifier",
     "AttentivePooler",
+    "EvalConfig",
     "LoRALinear",
+    "PROTOCOLS",
     "add_lora",
     "attentive_params",
     "attentive_probe",
     "causal_mask",
+    "evaluate",
     "extract_block_tokens",
     "extract_features",
     "extract_layer_features",

@@ -1,30 +1,31 @@
 """Attentive probe of AIM: one learned query cross-attends to frozen patch tokens.
 
 El-Nouby et al., "Scalable Pre-training of Large Autoregressive Image Models", 2024,
-arXiv:2401.08541, §4 "attentive probing"; the head transcribes ml-aim v1's
-``AttentionPoolingClassifier`` (``aim/torch/layers.py`` at commit 1eaedecc, METHODS.md §5.6).
+arXiv:2401.08541, §4 "attentive probing"; the head transcribes ml-aim's
+``AttentionPoolingClassifier`` (``aim-v1/aim/v1/torch/layers.py`` at commit 37621213,
+METHODS.md §5.6).
 
 Glossary: ``query`` = the learnable ``cls_token`` of ml-aim (used as q directly, no q
 projection); ``k``/``v`` = its key/value projections (no bias); ``norm`` = its parameter-free
 BatchNorm over the channels of every token; ``linear`` = its classifier.
 
-Deviation, on purpose: METHODS.md §5.6 says the classifier has no bias, but ml-aim v1 builds it
-as ``nn.Linear(dim, out_features)``, i.e. *with* a bias; we follow the code
-(``classifier_bias=True``) and keep the switch for the bias-free variant.
+The classifier has no bias (``linear_bias=False`` in ml-aim now, and METHODS.md §5.6). An earlier
+ml-aim (``aim/torch/layers.py`` at commit 1eaedecc) built it as
+``nn.Linear(dim, out_features)``, i.e. with a bias: ``classifier_bias=True`` gives that variant.
 
 The probe *training* recipe is not in the public code (METHODS.md §5.6 "UNVERIFIED"). Ours:
 AdamW (lr 1e-3, betas (0.9, 0.999), weight decay 0.05 on the k/v/classifier weights, none on
-the query and the bias), per-step cosine decay to 0 without warmup, minibatch cross-entropy,
+the query and the bias, if any), per-step cosine decay to 0 without warmup, minibatch cross-entropy,
 no augmentation (the features are pre-extracted once).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from mimar.evaluation.train import fit
 
 _EVAL_CHUNK = 1024  # test rows per forward when scoring
 
@@ -62,11 +63,11 @@ class AttentiveClassifier(nn.Module):
     """:class:`AttentivePooler` + ``Linear(D, classes)``.
 
     Trainable parameters: ``2·D² + D + D·classes`` (+ ``classes`` with ``classifier_bias``,
-    ml-aim v1's default); the BatchNorm adds none.
+    an earlier ml-aim); the BatchNorm adds none.
     """
 
     def __init__(
-        self, dim: int, num_classes: int, num_heads: int, classifier_bias: bool = True
+        self, dim: int, num_classes: int, num_heads: int, classifier_bias: bool = False
     ) -> None:
         super().__init__()
         self.pooler = AttentivePooler(dim, num_heads)
@@ -76,7 +77,7 @@ class AttentiveClassifier(nn.Module):
         return self.linear(self.pooler(x))  # (B, classes)
 
 
-def attentive_params(dim: int, num_classes: int, classifier_bias: bool = True) -> int:
+def attentive_params(dim: int, num_classes: int, classifier_bias: bool = False) -> int:
     """The closed-form trainable parameter count of :class:`AttentiveClassifier`."""
     return 2 * dim * dim + dim + dim * num_classes + (num_classes if classifier_bias else 0)
 
@@ -108,7 +109,7 @@ def attentive_probe(
     weight_decay: float = 0.05,
     batch_size: int = 256,
     seed: int = 0,
-    classifier_bias: bool = True,
+    classifier_bias: bool = False,
     device: str | torch.device = "cpu",
 ) -> dict:
     """Train an :class:`AttentiveClassifier` on frozen tokens; score it on the test tokens.
@@ -119,6 +120,7 @@ def attentive_probe(
         train_labels, test_labels: ``(N,)`` / ``(M,)`` integer labels.
         num_heads: attention heads (the trunk's, see :func:`probe_heads`).
         seed: seeds both the head's initialisation and the minibatch order.
+        classifier_bias: a bias in the classifier (an earlier ml-aim; default: none, as now).
 
     Returns:
         ``{"top1": test percent, "train_top1", "params", "epochs", "lr", "weight_decay",
@@ -151,30 +153,29 @@ def attentive_probe(
 
 
 def _train(model, x, y, epochs, lr, weight_decay, batch_size, generator) -> None:
-    """AdamW + per-step cosine to 0; weight decay on matrices only (not the query, the bias)."""
+    """Weight decay on matrices only (not the query, not the bias); see :func:`fit`."""
     device = next(model.parameters()).device
     decay = [p for p in model.parameters() if p.ndim == 2]
     no_decay = [p for p in model.parameters() if p.ndim != 2]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0}],
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0},
+    ]
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb = x[idx].to(device, torch.float32)  # (B, T, D)
+        return F.cross_entropy(model(xb), y[idx].to(device))
+
+    fit(
+        step_loss,
+        groups,
+        len(x),
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=generator,
         lr=lr,
+        module=model,
     )
-    total_steps = epochs * math.ceil(len(x) / batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-    )
-    model.train()
-    # Callers may hold us inside no_grad or inference mode.
-    with torch.inference_mode(False), torch.enable_grad():
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=generator).split(batch_size):
-                xb = x[idx].to(device, torch.float32)  # (B, T, D)
-                loss = F.cross_entropy(model(xb), y[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-    model.eval()
 
 
 @torch.no_grad()

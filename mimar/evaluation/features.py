@@ -10,19 +10,21 @@ One pass over a dataset with the backbone in eval mode. Three shapes of output:
   kept (prefix excluded), for the attentive probe (AIM, METHODS.md §5.6).
 
 Every function takes an optional ``attn_mask`` (bool, True = allowed, over the whole token
-sequence, prefix included); :func:`causal_mask` builds the lower-triangular one that AIM's
-Table 3d uses to compare causal with bidirectional attention at evaluation time.
+sequence, prefix included); :func:`causal_mask` builds the causal one (in raster or in the
+model's own patch order) that AIM's Table 3d uses to compare causal with bidirectional
+attention at evaluation time.
 """
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, Literal
 
 import torch
 from rich.progress import track
 from torch import nn
+
+from mimar.evaluation.precision import autocast
 
 Pool = Literal["avg", "cls"]
 POOLS: tuple[str, ...] = ("avg", "cls")
@@ -44,9 +46,25 @@ def pool_tokens(tokens: torch.Tensor, pool: Pool, num_prefix_tokens: int) -> tor
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
 
-def causal_mask(num_tokens: int) -> torch.Tensor:
-    """Bool ``(T, T)`` lower-triangular mask, True = allowed: token i sees tokens 0..i."""
-    return torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
+def causal_mask(num_tokens: int, order: torch.Tensor | None = None) -> torch.Tensor:
+    """Bool ``(T, T)`` causal mask, True = allowed, over P prefix tokens then N patch tokens.
+
+    Without ``order`` it is lower-triangular: token i sees tokens 0..i. ``order`` (long
+    ``(N,)``, as :func:`mimar.masking.patch_order`: ``order[t]`` = raster id of the t-th patch
+    read) makes the patches causal in that reading order while the mask keeps the backbone's
+    raster token layout: patch i sees patch j iff j is read no later than i. The P = T - N
+    prefix tokens come first in either case (prefix token p sees prefix tokens 0..p; every
+    patch sees every prefix token). For the raster order both masks are the same.
+    """
+    if order is None:
+        return torch.ones(num_tokens, num_tokens, dtype=torch.bool).tril()
+    order, n = order.cpu(), len(order)
+    if n > num_tokens or not torch.equal(order.sort().values, torch.arange(n)):
+        raise ValueError(f"order must be a permutation of the last {n} of {num_tokens} tokens")
+    rank = torch.empty(n, dtype=torch.long)
+    rank[order] = torch.arange(n)  # (N,) rank[raster id] = reading position
+    rank = torch.cat([torch.arange(num_tokens - n), num_tokens - n + rank])  # (T,)
+    return rank[None, :] <= rank[:, None]  # (T, T): [i, j] = j read no later than i
 
 
 def tap_indices(backbone: nn.Module) -> tuple[int, ...]:
@@ -197,7 +215,7 @@ def _run(
     try:
         with torch.inference_mode():
             for images, batch_labels in _maybe_track(batches, progress):
-                with _autocast(device, autocast_dtype):
+                with autocast(device, autocast_dtype):
                     out = backbone(images.to(device), attn_mask=mask, return_layers=return_layers)
                 parts.append(reduce(out))
                 labels.append(None if batch_labels is None else torch.as_tensor(batch_labels))
@@ -216,12 +234,6 @@ def _cat_labels(labels: list[torch.Tensor | None]) -> torch.Tensor | None:
     if any(y is None for y in labels):
         raise ValueError("either every batch has labels or none does")
     return torch.cat([y.cpu().reshape(-1) for y in labels])  # type: ignore[union-attr]
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _maybe_track(batches: Iterable, progress: bool) -> Iterator:

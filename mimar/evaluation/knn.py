@@ -22,21 +22,24 @@ def knn_predict(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    device: str | torch.device | None = None,
 ) -> torch.Tensor:
     """Predicted class ``(M,)`` for each test row; see the module docstring for the vote.
 
     Test rows are processed ``chunk_size`` at a time, so memory is ``O(chunk_size * n_train)``.
-    Ties between classes go to the smallest class index (``argmax``).
+    Ties between classes go to the smallest class index (``argmax``). Runs on ``device``
+    (default: that of ``train_feats``) and returns the predictions there.
     """
     if k < 1 or temperature <= 0 or chunk_size < 1:
         raise ValueError(f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}")
     if len(train_feats) != len(train_labels) or len(train_feats) == 0:
         raise ValueError("train_feats and train_labels must be non-empty and of equal length")
-    train_labels = train_labels.long()
+    device = train_feats.device if device is None else torch.device(device)
+    train_labels = train_labels.to(device).long()
     if num_classes is None:
         num_classes = int(train_labels.max()) + 1
     k = min(k, len(train_feats))
-    train = F.normalize(train_feats.float(), dim=1)  # (N, D)
+    train = F.normalize(train_feats.to(device).float(), dim=1)  # (N, D)
     test = F.normalize(test_feats.float().to(train.device), dim=1)  # (M, D)
 
     preds = []
@@ -60,6 +63,7 @@ def knn_classify(
     temperature: float = 0.07,
     num_classes: int | None = None,
     chunk_size: int = 1024,
+    device: str | torch.device | None = None,
 ) -> dict:
     """Weighted kNN top-1 accuracy of ``test_feats`` against the ``train_feats`` memory bank.
 
@@ -70,6 +74,7 @@ def knn_classify(
         temperature: vote weight is ``exp(cosine / temperature)`` (0.07 in DINO).
         num_classes: defaults to ``max(label) + 1`` over train and test labels.
         chunk_size: test rows per similarity matrix.
+        device: where the similarities are computed (default: that of ``train_feats``).
 
     Returns:
         ``{"top1": percent, "k", "temperature", "n_train", "n_test"}``.
@@ -86,6 +91,7 @@ def knn_classify(
         temperature=temperature,
         num_classes=num_classes,
         chunk_size=chunk_size,
+        device=device,
     )
     correct = (preds.cpu() == test_labels.cpu().long()).sum().item()
     return {

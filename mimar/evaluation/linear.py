@@ -25,10 +25,10 @@ train + val, to keep it simple.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
+
+from mimar.evaluation.train import fit
 
 _EVAL_CHUNK = 8192  # rows per batched matmul when scoring heads
 
@@ -45,13 +45,14 @@ def linear_probe(
     batch_size: int = 256,
     seed: int = 0,
     val_fraction: float = 0.1,
+    device: str | torch.device = "cpu",
 ) -> dict:
     """Train one linear head per lr on standardised features; report the best on val.
 
     A seeded random ``val_fraction`` of the train rows is held out to pick the lr; the heads
     train on the rest only (no retraining on the full train set afterwards). Features are
     standardised with the mean/std of that training part. Heads start at zero and train with
-    AdamW, a per-step cosine schedule to 0, and minibatch cross-entropy.
+    AdamW, a per-step cosine schedule to 0, and minibatch cross-entropy, on ``device``.
 
     Returns:
         ``{"top1": test percent of the chosen head, "best_lr", "val_top1": {lr: percent},
@@ -62,8 +63,10 @@ def linear_probe(
     if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
         raise ValueError("features and labels must have equal lengths")
     generator = torch.Generator().manual_seed(seed)
-    train_feats, train_labels = train_feats.float().cpu(), train_labels.long().cpu()
-    test_feats, test_labels = test_feats.float().cpu(), test_labels.long().cpu()
+    device = torch.device(device)
+    train_feats, train_labels = train_feats.to(device, torch.float32), train_labels.to(device)
+    test_feats, test_labels = test_feats.to(device, torch.float32), test_labels.to(device)
+    train_labels, test_labels = train_labels.long(), test_labels.long()
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
 
     fit_idx, val_idx = _split(len(train_feats), val_fraction, generator)
@@ -109,34 +112,34 @@ def _train_heads(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train R = len(lrs) heads together; returns weights (R, D, C) and biases (R, C)."""
     num_heads = len(lrs)
-    weights = [torch.zeros(x.shape[1], num_classes, requires_grad=True) for _ in lrs]
-    biases = [torch.zeros(num_classes, requires_grad=True) for _ in lrs]
+    weights = [
+        torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True) for _ in lrs
+    ]
+    biases = [torch.zeros(num_classes, device=x.device, requires_grad=True) for _ in lrs]
     groups = []
     for lr, w, b in zip(lrs, weights, biases, strict=True):
         groups.append({"params": [w], "lr": lr, "weight_decay": weight_decay})
         groups.append({"params": [b], "lr": lr, "weight_decay": 0.0})  # no decay on biases
-    optimizer = torch.optim.AdamW(groups, fused=True)  # fused: fewest kernel launches per step
-    steps_per_epoch = math.ceil(len(x) / batch_size)
-    total_steps = epochs * steps_per_epoch
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
-    )
 
-    # inference_mode(False)/enable_grad: callers may hold us inside no_grad or inference mode.
-    with torch.inference_mode(False), torch.enable_grad():
-        for _ in range(epochs):
-            for idx in torch.randperm(len(x), generator=generator).split(batch_size):
-                xb, yb = x[idx], y[idx]  # (B, D), (B,)
-                w = torch.stack(weights, dim=1).flatten(1)  # (D, R*C)
-                logits = torch.addmm(torch.cat(biases), xb, w).unflatten(1, (num_heads, -1))
-                # logits: (B, R, C). Mean CE over the B*R (sample, head) pairs, times R, is the
-                # sum over heads of each head's mean CE.
-                targets = yb[:, None].expand(-1, num_heads)  # (B, R)
-                loss = F.cross_entropy(logits.transpose(1, 2), targets) * num_heads
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        xb, yb = x[idx], y[idx]  # (B, D), (B,)
+        w = torch.stack(weights, dim=1).flatten(1)  # (D, R*C)
+        logits = torch.addmm(torch.cat(biases), xb, w).unflatten(1, (num_heads, -1))
+        # logits: (B, R, C). Mean CE over the B*R (sample, head) pairs, times R, is the sum over
+        # heads of each head's mean CE.
+        targets = yb[:, None].expand(-1, num_heads)  # (B, R)
+        return F.cross_entropy(logits.transpose(1, 2), targets) * num_heads
+
+    # fused: the fewest kernel launches per step for many tiny heads.
+    fit(
+        step_loss,
+        groups,
+        len(x),
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=generator,
+        fused=True,
+    )
     return torch.stack(weights).detach(), torch.stack(biases).detach()
 
 
@@ -146,5 +149,5 @@ def _accuracy(weight: torch.Tensor, bias: torch.Tensor, x: torch.Tensor, y: torc
     correct = torch.zeros(len(weight))
     for xc, yc in zip(x.split(_EVAL_CHUNK), y.split(_EVAL_CHUNK), strict=True):
         logits = xc @ weight + bias[:, None]  # (R, b, C)
-        correct += (logits.argmax(dim=-1) == yc).sum(dim=1)
+        correct += (logits.argmax(dim=-1).cpu() == yc.cpu()).sum(dim=1)
     return 100.0 * correct / max(len(y), 1)

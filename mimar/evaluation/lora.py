@@ -15,7 +15,6 @@ the final patch tokens (prefix excluded).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from collections.abc import Sequence
 
@@ -25,6 +24,8 @@ from torch import nn
 
 from mimar.data import ImageSet, eval_transform
 from mimar.evaluation.features import pool_tokens
+from mimar.evaluation.precision import autocast
+from mimar.evaluation.train import fit
 
 
 class LoRALinear(nn.Module):
@@ -159,35 +160,33 @@ class _Classifier(nn.Module):
 
 
 def _train(model, data, img_size, epochs, lr, weight_decay, batch_size, generator, dtype) -> float:
+    """Weight decay on matrices only; returns the last epoch's mean loss. See :func:`fit`."""
     device = next(model.parameters()).device
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.ndim == 2], "weight_decay": weight_decay},
         {"params": [p for p in params if p.ndim != 2], "weight_decay": 0.0},
     ]
-    optimizer = torch.optim.AdamW(groups, lr=lr)
-    total_steps = epochs * math.ceil(len(data) / batch_size)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: 0.5 * (1.0 + math.cos(math.pi * step / total_steps))
+
+    def step_loss(idx: torch.Tensor) -> torch.Tensor:
+        x = eval_transform(data.images[idx], img_size, data.mean, data.std)  # (B, C, H, W)
+        flip = torch.rand(len(idx), generator=generator) < 0.5
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
+        with autocast(device, dtype):
+            logits = model(x)  # (B, classes)
+        return F.cross_entropy(logits.float(), data.labels[idx].to(device))
+
+    losses = fit(
+        step_loss,
+        groups,
+        len(data),
+        epochs=epochs,
+        batch_size=batch_size,
+        generator=generator,
+        lr=lr,
+        module=model,
     )
-    model.train()
-    with torch.inference_mode(False), torch.enable_grad():
-        for _ in range(epochs):
-            losses = []
-            for idx in torch.randperm(len(data), generator=generator).split(batch_size):
-                x = eval_transform(data.images[idx], img_size, data.mean, data.std)  # (B,C,H,W)
-                flip = torch.rand(len(idx), generator=generator) < 0.5
-                x = torch.where(flip[:, None, None, None], x.flip(-1), x).to(device)
-                with _autocast(device, dtype):
-                    logits = model(x)  # (B, classes)
-                loss = F.cross_entropy(logits.float(), data.labels[idx].to(device))
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                schedule.step()
-                losses.append(loss.item())
-    model.eval()
-    return sum(losses) / len(losses)
+    return losses[-1]
 
 
 @torch.no_grad()
@@ -197,17 +196,11 @@ def _accuracy(model, data: ImageSet, img_size: int, batch_size: int, dtype) -> f
     correct = 0
     for start in range(0, len(data), batch_size):
         x = eval_transform(data.images[start : start + batch_size], img_size, data.mean, data.std)
-        with _autocast(device, dtype):
+        with autocast(device, dtype):
             logits = model(x.to(device))  # (B, classes)
         labels = data.labels[start : start + batch_size]  # type: ignore[index]
         correct += int((logits.argmax(dim=-1).cpu() == labels).sum())
     return 100.0 * correct / max(len(data), 1)
-
-
-def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def _ends_with(name: str, target: str) -> bool:

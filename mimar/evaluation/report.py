@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import torch
 from rich.console import Console
 from rich.table import Table
+
+from mimar.engine.checkpoint import atomic_write
 
 COLUMNS: tuple[str, ...] = ("model", "protocol", "layer", "top-1", "notes")
 
@@ -39,28 +39,13 @@ def print_results(rows: list[dict], title: str, console: Console | None = None) 
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically, creating parent directories.
+    """Write ``payload`` as JSON to ``path`` atomically (:func:`atomic_write`), making parents.
 
-    The JSON goes to a temporary file in the same directory, is flushed and fsync-ed, then
-    ``os.replace``-d over ``path``, so readers see either the old file or the complete new one.
     Tensors and paths are converted (``tolist()`` / ``str``); other unknown types raise
-    TypeError and leave no temporary file behind.
+    TypeError before anything is written.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f, indent=2, default=_to_json)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    text = json.dumps(payload, indent=2, default=_to_json) + "\n"
+    atomic_write(path, lambda f: f.write(text.encode()))
 
 
 def _cell(value: object) -> str:

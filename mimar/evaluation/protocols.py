@@ -1,0 +1,243 @@
+"""The protocols of ``mimar eval``, one table: protocol name -> how it runs.
+
+Two kinds of entry. A *pooled-feature probe* (kNN, linear) gives ``probe``: it scores one
+``(N, D)`` feature matrix per model and tap, and all such probes of one evaluation share one
+feature pass per model; raw pixels are such a matrix too, so exactly these protocols have a
+raw-pixel control row. The others (attentive probe, LoRA) give ``run``, which does its own
+extraction or training for every model.
+
+The controls answer "what did pretraining buy?": raw pixels, and the very same backbone at
+its random initialisation. ``layer="all"`` taps every block in one forward pass, the probe runs
+per block, and the block with the highest *test* top-1 is marked "best" (a selection on the
+test set: an analysis tool, not a headline number). The attentive probe reads ``blocks``
+instead; LoRA always trains on the final tokens.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import torch
+from torch import nn
+
+from mimar.data import ImageSet, iterate_eval_batches
+from mimar.evaluation.attentive import attentive_probe, default_blocks, probe_heads
+from mimar.evaluation.features import (
+    causal_mask,
+    extract_block_tokens,
+    extract_layer_features,
+    tap_indices,
+)
+from mimar.evaluation.knn import knn_classify
+from mimar.evaluation.linear import linear_probe
+from mimar.evaluation.lora import lora_finetune
+from mimar.masking import patch_order
+
+if TYPE_CHECKING:
+    from mimar.evaluation.config import EvalConfig
+
+log = logging.getLogger("mimar")
+
+Models = list[tuple[str, nn.Module]]  # (row name, backbone on the setup's device)
+
+
+@dataclass(frozen=True)
+class EvalSetup:
+    """What every protocol shares: the data, how to batch it, where and how to run."""
+
+    train: ImageSet
+    test: ImageSet
+    img_size: int
+    batch_size: int
+    autocast_dtype: torch.dtype | None
+    device: torch.device
+    causal: bool
+    order: str  # the model's patch order (masking.patch_order kinds): what causal follows
+    order_seed: int
+    notes: str
+
+    def batches(self, images: ImageSet):
+        return iterate_eval_batches(images, self.img_size, self.batch_size)
+
+    def attn_mask(self, backbone: nn.Module) -> torch.Tensor | None:
+        """None (full attention), or the causal mask in the model's own patch order."""
+        if not self.causal:
+            return None
+        order = patch_order(self.order, backbone.grid_size, self.order_seed)  # (N,)
+        return causal_mask(backbone.num_prefix_tokens + backbone.num_patches, order)
+
+    def extract(self, extract, backbone: nn.Module, **kwargs) -> tuple[torch.Tensor, ...]:
+        """``extract(...)`` features of the train and the test split (labels dropped)."""
+        return tuple(
+            extract(
+                backbone,
+                self.batches(images),
+                attn_mask=self.attn_mask(backbone),
+                device=self.device,
+                autocast_dtype=self.autocast_dtype,
+                progress=True,
+                **kwargs,
+            )[0]
+            for images in (self.train, self.test)
+        )
+
+
+Probe = Callable[[torch.Tensor, torch.Tensor, EvalSetup, "EvalConfig", "int | None"], dict]
+Run = Callable[[Models, EvalSetup, "EvalConfig", "int | None"], dict]
+
+
+@dataclass(frozen=True)
+class EvalProtocol:
+    """How one protocol runs: exactly one of ``probe`` (pooled features) and ``run``."""
+
+    default_epochs: int | None  # None: the protocol trains nothing
+    help: str
+    probe: Probe | None = None  # (train feats, test feats, setup, cfg, epochs) -> result
+    run: Run | None = None  # (models, setup, cfg, epochs) -> {"rows": [...], ...}
+
+    def __post_init__(self) -> None:
+        if (self.probe is None) == (self.run is None):
+            raise ValueError("an EvalProtocol has exactly one of probe and run")
+
+    @property
+    def pixel_row(self) -> bool:
+        """``--baselines`` adds a raw-pixel row: pooled-feature probes only."""
+        return self.probe is not None
+
+    def epochs(self, requested: int | None) -> int | None:
+        """Training epochs: ``requested`` (``--epochs``) or the default; None if untrained."""
+        if self.default_epochs is None:
+            return None
+        return self.default_epochs if requested is None else requested
+
+
+def _knn(f_train, f_test, setup: EvalSetup, cfg: EvalConfig, epochs) -> dict:
+    train, test = setup.train.labels, setup.test.labels
+    return knn_classify(f_train, train, f_test, test, k=cfg.k, device=setup.device)
+
+
+def _linear(f_train, f_test, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dict:
+    train, test = setup.train.labels, setup.test.labels
+    return linear_probe(f_train, train, f_test, test, epochs=epochs, device=setup.device)
+
+
+def _attentive(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dict:
+    """One attentive-probe row per model, on the mean raw output of ``cfg.blocks``."""
+    rows = []
+    for name, backbone in models:
+        chosen = cfg.blocks or default_blocks(backbone)
+        train, test = setup.extract(extract_block_tokens, backbone, blocks=chosen)  # (N, T, D)
+        res = attentive_probe(
+            train,
+            setup.train.labels,
+            test,
+            setup.test.labels,
+            num_heads=probe_heads(backbone),
+            epochs=epochs,
+            batch_size=setup.batch_size,
+            classifier_bias=cfg.classifier_bias,
+            device=setup.device,
+        )
+        where = "blocks " + ",".join(str(b) for b in chosen)
+        notes = f"{setup.notes}; {res['params']:,} params"
+        rows.append(_row(name, "attentive", where, res, notes) | {"blocks": list(chosen)})
+    return {"rows": rows}
+
+
+def _lora(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dict:
+    """One LoRA row per model, trained on a copy of the backbone."""
+    rows = []
+    for name, backbone in models:
+        res = lora_finetune(
+            copy.deepcopy(backbone),
+            setup.train,
+            setup.test,
+            img_size=setup.img_size,
+            rank=cfg.lora_rank,
+            epochs=epochs,
+            batch_size=setup.batch_size,
+            attn_mask=setup.attn_mask(backbone),
+            device=setup.device,
+            autocast_dtype=setup.autocast_dtype,
+        )
+        log.info("%s LoRA: %s trainable of %s", name, res["trainable_params"], res["total_params"])
+        notes = f"{setup.notes}; {res['trainable_params']:,} trainable / {res['total_params']:,}"
+        rows.append(_row(name, "lora", None, res, notes))
+    return {"rows": rows, "lora_rank": cfg.lora_rank}
+
+
+PROTOCOL_TABLE: dict[str, EvalProtocol] = {
+    "knn": EvalProtocol(None, "weighted kNN (k=--k, cosine, T=0.07)", probe=_knn),
+    "linear": EvalProtocol(30, "linear probe, a grid of lrs", probe=_linear),
+    "attentive": EvalProtocol(10, "AIM's attentive probe on --blocks", run=_attentive),
+    "lora": EvalProtocol(3, "LoRA on attn.qkv/attn.proj + a linear head", run=_lora),
+}
+PROTOCOLS: tuple[str, ...] = tuple(PROTOCOL_TABLE)
+
+
+def pooled_probes(protocols, models: Models, setup: EvalSetup, cfg: EvalConfig) -> dict:
+    """Rows of the pooled-feature ``protocols``: raw pixels once, then per model and tap.
+
+    One feature pass per model serves every protocol (and, with ``layer="all"``, every tap).
+    """
+    specs = {p: PROTOCOL_TABLE[p] for p in protocols}
+    epochs = {p: spec.epochs(cfg.epochs) for p, spec in specs.items()}
+    out: dict[str, dict] = {p: {"rows": []} for p in protocols}
+    if cfg.baselines:
+        f_train, f_test = (_pixels(setup.batches(s)) for s in (setup.train, setup.test))
+        for p, spec in specs.items():
+            res = spec.probe(f_train, f_test, setup, cfg, epochs[p])
+            out[p]["rows"].append(_row("raw pixels", p, "pixels", res, setup.notes))
+    for name, backbone in models:
+        taps = list(tap_indices(backbone)) if cfg.layer == "all" else [cfg.layer]
+        tic = time.perf_counter()
+        f_train, f_test = setup.extract(
+            extract_layer_features, backbone, layers=taps, pool=cfg.pool
+        )
+        seconds = time.perf_counter() - tic
+        log.info("%s: %d tap(s), features %s in %.1fs", name, len(taps), f_train[0].shape, seconds)
+        for p, spec in specs.items():
+            rows = []
+            for i, tap in enumerate(taps):  # f_train[i]: (N, D) features of tap i
+                res = spec.probe(f_train[i], f_test[i], setup, cfg, epochs[p])
+                rows.append(_row(name, p, tap, res, setup.notes))
+            if cfg.layer == "all":
+                best = _mark_best(rows)
+                if name == "pretrained":
+                    out[p]["best_layer"] = best
+            out[p]["rows"].extend(rows)
+    return out
+
+
+def _row(model: str, protocol: str, layer: int | str | None, res: dict, notes: str) -> dict:
+    """One table/JSON row; ``layer`` None = final tokens, an int = that block, else as is."""
+    where = "final" if layer is None else f"block {layer}" if isinstance(layer, int) else layer
+    block = layer if isinstance(layer, int) else None
+    return {
+        "model": model,
+        "protocol": protocol,
+        "layer": where,
+        "block": block,
+        "top1": res["top1"],
+        "best": False,
+        "notes": notes,
+        "details": res,
+    }
+
+
+def _mark_best(rows: list[dict]) -> int:
+    """Flag the row with the highest top-1 (the shallower block on ties); return its block."""
+    best = max(rows, key=lambda r: r["top1"])  # max keeps the first maximum
+    best["best"] = True
+    best["notes"] = f"best; {best['notes']}"
+    return best["block"]
+
+
+def _pixels(batches) -> torch.Tensor:
+    """Raw-pixel control: the normalised image as a vector."""
+    return torch.cat([b.flatten(1) for b, _ in batches])
