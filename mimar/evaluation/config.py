@@ -8,6 +8,7 @@ from typing import Literal
 
 import torch
 
+from mimar.errors import ConfigError
 from mimar.evaluation.features import POOLS, Pool
 from mimar.evaluation.protocols import PROTOCOLS
 
@@ -45,30 +46,32 @@ class EvalConfig:
             object.__setattr__(self, "blocks", tuple(self.blocks))
         unknown = [p for p in self.protocols if p not in PROTOCOLS]
         if unknown or not self.protocols:
-            raise ValueError(f"protocols must be among {PROTOCOLS}, got {list(self.protocols)}")
+            raise ConfigError(f"protocols must be among {PROTOCOLS}, got {list(self.protocols)}")
         if len(set(self.protocols)) < len(self.protocols):
-            raise ValueError(f"protocols must be distinct, got {list(self.protocols)}")
+            raise ConfigError(f"protocols must be distinct, got {list(self.protocols)}")
         if not (self.layer is None or self.layer == "all" or _is_int(self.layer)):
-            raise ValueError(f"layer must be a block index, 'all' or None, got {self.layer!r}")
+            raise ConfigError(f"layer must be a block index, 'all' or None, got {self.layer!r}")
         if self.pool not in POOLS:
-            raise ValueError(f"pool must be one of {POOLS}, got {self.pool!r}")
+            raise ConfigError(f"pool must be one of {POOLS}, got {self.pool!r}")
         if self.attention not in ATTENTIONS:
-            raise ValueError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
+            raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.blocks is not None and not (self.blocks and all(map(_is_int, self.blocks))):
-            raise ValueError(f"blocks must be a non-empty list of block indices, got {self.blocks}")
+            raise ConfigError(
+                f"blocks must be a non-empty list of block indices, got {self.blocks}"
+            )
         for name in ("max_train", "max_test"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)!r}")
         for name in ("batch_size", "k", "lora_rank"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
-                raise ValueError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if self.epochs is not None and not (_is_int(self.epochs) and self.epochs >= 1):
-            raise ValueError(f"epochs must be a positive integer or None, got {self.epochs!r}")
+            raise ConfigError(f"epochs must be a positive integer or None, got {self.epochs!r}")
         if self.device != "auto":
             try:
                 torch.device(self.device)
             except (RuntimeError, TypeError):
-                raise ValueError(
+                raise ConfigError(
                     f"device must be 'auto' or a torch device (cpu, cuda, cuda:1), "
                     f"got {self.device!r}"
                 ) from None

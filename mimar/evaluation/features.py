@@ -24,6 +24,7 @@ import torch
 from rich.progress import track
 from torch import nn
 
+from mimar.errors import ConfigError
 from mimar.evaluation.precision import autocast
 
 Pool = Literal["avg", "cls"]
@@ -41,7 +42,9 @@ def pool_tokens(tokens: torch.Tensor, pool: Pool, num_prefix_tokens: int) -> tor
         return tokens[:, num_prefix_tokens:].mean(dim=1)  # (B, D)
     if pool == "cls":
         if num_prefix_tokens == 0:
-            raise ValueError("pool='cls' needs a backbone with a class token (num_prefix_tokens=0)")
+            raise ConfigError(
+                "pool='cls' needs a backbone with a class token (num_prefix_tokens=0)"
+            )
         return tokens[:, 0]  # (B, D)
     raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
 
@@ -143,7 +146,7 @@ def extract_layer_features(
         raise ValueError(f"pool must be one of {POOLS}, got {pool!r}")
     prefix = backbone.num_prefix_tokens
     if pool == "cls" and prefix == 0:
-        raise ValueError("pool='cls' needs a backbone with a class token (num_prefix_tokens=0)")
+        raise ConfigError("pool='cls' needs a backbone with a class token (num_prefix_tokens=0)")
     taps = tuple(i for i in layers if i is not None)
 
     def reduce(out: dict) -> list[torch.Tensor]:

@@ -6,6 +6,8 @@ import contextlib
 
 import torch
 
+from mimar.errors import ConfigError
+
 
 def resolve_device(name: str) -> torch.device:
     """``"auto"`` -> cuda when available, else cpu; anything else as ``torch.device`` reads it.
@@ -16,7 +18,7 @@ def resolve_device(name: str) -> torch.device:
         name = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} asked for, but CUDA is not available here")
+        raise ConfigError(f"device {name!r} asked for, but CUDA is not available here")
     return device
 
 

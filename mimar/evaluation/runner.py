@@ -16,13 +16,15 @@ from __future__ import annotations
 from dataclasses import replace
 from pathlib import Path
 
+from mimar import runs
 from mimar.config import PretrainConfig
 from mimar.data import load_images
+from mimar.errors import DataError
 from mimar.evaluation.config import EvalConfig
 from mimar.evaluation.precision import autocast_dtype, resolve_device
 from mimar.evaluation.protocols import PROTOCOL_TABLE, EvalSetup, pooled_probes
 from mimar.evaluation.report import print_results, write_json
-from mimar.loading import load_backbone, load_run, random_init_backbone, resolve_checkpoint
+from mimar.loading import load_run_backbone, random_init_backbone, resolve_checkpoint
 
 
 def run_folder(checkpoint: str | Path) -> Path:
@@ -30,8 +32,7 @@ def run_folder(checkpoint: str | Path) -> Path:
     path = Path(checkpoint)
     if path.is_dir():
         return path
-    ckpt = resolve_checkpoint(path)
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+    return runs.run_of_checkpoint(resolve_checkpoint(path))
 
 
 def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
@@ -39,9 +40,9 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
 
     Returns the rows per protocol.
     """
-    run_cfg, _ = load_run(cfg.checkpoint)
+    run_cfg, pretrained = load_run_backbone(cfg.checkpoint)  # the checkpoint is read once
     setup = build_setup(run_cfg, cfg)
-    models = [("pretrained", load_backbone(cfg.checkpoint))]
+    models = [("pretrained", pretrained)]
     if cfg.baselines:
         models.insert(0, ("random init", random_init_backbone(run_cfg)))
     models = [(name, backbone.to(setup.device)) for name, backbone in models]
@@ -57,7 +58,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
     header |= {"attention": cfg.attention, "n_train": len(setup.train), "n_test": len(setup.test)}
     for p, spec in specs.items():
         payload = {"protocol": p, **header, "epochs": spec.epochs(cfg.epochs)}
-        write_json(run_folder(cfg.checkpoint) / "eval" / f"{p}.json", payload | results[p])
+        write_json(run_folder(cfg.checkpoint) / runs.EVAL / f"{p}.json", payload | results[p])
     data_name = run_cfg.data.name
     title = f"{run_cfg.method.name} {run_cfg.backbone.name}: {data_name} test top-1 (%)"
     print_results([r for p in cfg.protocols for r in results[p]["rows"]], title)
@@ -70,7 +71,7 @@ def build_setup(run_cfg: PretrainConfig, cfg: EvalConfig) -> EvalSetup:
     train = load_images(replace(data, max_images=cfg.max_train), "train")
     test = load_images(replace(data, max_images=cfg.max_test), "test")
     if train.labels is None or test.labels is None:
-        raise ValueError(f"{data.root} has no labels (class sub-folders) to evaluate with")
+        raise DataError(f"{data.root} has no labels (class sub-folders) to evaluate with")
     causal = cfg.attention == "causal"
     notes = [_subsample_note(len(train), len(test), cfg.max_train, cfg.max_test)]
     return EvalSetup(
