@@ -17,6 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mimar
+from mimar import viz
 from mimar.cli import main
 from mimar.factory import build_backbone
 from mimar.losses import cosine_distance
@@ -244,7 +245,7 @@ def test_gradients_reach_every_trainable_parameter_and_never_the_teacher():
 def test_visualize_gives_rows_of_image_shape():
     method = _digpt()
     x = images(3, seed=2)
-    rows = method.visualize(x, torch.Generator().manual_seed(0))
+    rows = viz.reconstruction_rows(method, x, torch.Generator().manual_seed(0))
     assert "D-iGPT" in rows.pop("caption")
     assert list(rows) == ["original", "encoder input", "cosine to teacher"]
     assert all(r.shape == (3, 1, 16, 16) for r in rows.values())

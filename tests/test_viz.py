@@ -1,6 +1,9 @@
 """Pictures: every method's rows stay the same pixels (fingerprints on tiny models with fixed
 weights and a fixed mask generator)."""
 
+import os
+import subprocess
+import sys
 import zlib
 from pathlib import Path
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 from helpers import images, patch_teacher, tiny_vit
 
+from mimar import viz
 from mimar.backbones.hivit import HiViT, HiViTConfig
 from mimar.methods.aim import AIM, AIMConfig
 from mimar.methods.digpt import DiGPT, DiGPTConfig
@@ -63,7 +67,7 @@ def _digpt():
 
 
 def _rows(method, x: torch.Tensor, seed: int = 0) -> dict:
-    return method.visualize(x, torch.Generator().manual_seed(seed))
+    return viz.reconstruction_rows(method, x, torch.Generator().manual_seed(seed))
 
 
 def _fingerprint(row: torch.Tensor) -> tuple[float, float]:
@@ -146,3 +150,41 @@ def test_rows_are_the_same_pixels_as_before(kind):
         assert caption is None
     else:
         assert CAPTIONS[kind] in caption
+
+
+def test_save_reconstruction_writes_a_png_and_keeps_the_training_mode(tmp_path):
+    method = _simmim().train()
+    gen = torch.Generator().manual_seed(0)
+    path = viz.save_reconstruction(
+        method, images(3), tmp_path / "a" / "rec.png", mean=(0.5,), std=(0.5,), generator=gen
+    )
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert method.training
+
+
+def test_a_method_without_a_picture_is_a_clear_error():
+    assert not viz.has_picture(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="Linear has no reconstruction picture"):
+        viz.reconstruction_rows(torch.nn.Linear(2, 2), images(1))
+
+
+def test_importing_and_drawing_select_no_backend_and_the_engine_draws_nothing_on_import(tmp_path):
+    code = f"""
+import sys, matplotlib, torch
+backend = dict.__getitem__(matplotlib.rcParams, "backend")
+import mimar.engine.loop
+assert "mimar.viz" not in sys.modules, "mimar.engine imports mimar.viz"
+from mimar import viz
+from mimar.backbones.vit import ViT, ViTConfig
+from mimar.methods.simmim import SimMIM, SimMIMConfig
+vit = ViT(ViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=8, depth=1, num_heads=1,
+                    use_mask_token=True))
+method = SimMIM(SimMIMConfig(mask_patch_size=8), vit)
+viz.save_reconstruction(method, torch.zeros(1, 1, 16, 16), {str(tmp_path / "r.png")!r},
+                        mean=(0.0,), std=(1.0,))
+assert "matplotlib.pyplot" not in sys.modules, "pyplot imported"
+assert dict.__getitem__(matplotlib.rcParams, "backend") == backend, "backend changed"
+"""
+    env = {k: v for k, v in os.environ.items() if k != "MPLBACKEND"}
+    env["PYTHONPATH"] = str(ROOT)
+    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT)

@@ -31,7 +31,7 @@ from mimar.heads import AIMHead
 from mimar.losses import masked_mse
 from mimar.masking import ORDERS, patch_order, prefix_causal_mask, sample_prefix_len
 from mimar.nn import sincos_pos_embed_2d
-from mimar.targets import normalize_patches, patchify, unpatchify
+from mimar.targets import normalize_patches, patchify
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -110,29 +110,3 @@ class AIM(nn.Module):
     def target(self, images: torch.Tensor) -> torch.Tensor:
         patches = patchify(images, self.backbone.patch_size)[:, self.order]  # (B, N, T)
         return normalize_patches(patches.float(), self.cfg.norm_pix_eps)
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows: input, the prefix (first half of the order), and the image with every later
-        patch replaced by its one-step-ahead prediction (teacher forcing), de-normalised with
-        the *target* patch's own mean and std, as the model predicts normalised pixels."""
-        B, n, p = images.shape[0], self.num_patches, self.backbone.patch_size
-        S = n // 2
-        pred = self.predict(images, torch.full((B,), S, device=images.device)).float()
-        seq = patchify(images.float(), p)[:, self.order]  # (B, N, T) raw pixels, sequence order
-        mean, std = seq.mean(-1, keepdim=True), (seq.var(-1, keepdim=True) + 1e-6).sqrt()
-        guess = pred[:, :-1] * std[:, 1:] + mean[:, 1:]  # predictions of patches 1..N-1
-        prefix, recon = seq.clone(), seq.clone()
-        prefix[:, S:] = images.amin()
-        recon[:, S:] = guess[:, S - 1 :]
-        rows = {}
-        for title, x in (("original", seq), ("prefix", prefix), ("next-patch prediction", recon)):
-            raster = torch.empty_like(x)
-            raster[:, self.order] = x
-            rows[title] = unpatchify(raster, p, self.backbone.in_chans)
-        rows["caption"] = (
-            f"AIM: prefix = first {S} of {n} patches ({self.cfg.order} order); every later patch "
-            "is predicted from the true patches before it, de-normalised with the target "
-            "patch's own mean and variance"
-        )
-        return rows

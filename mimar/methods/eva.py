@@ -29,7 +29,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
@@ -113,32 +112,3 @@ class EVA(nn.Module):
         tokens = self.backbone(images, mask=mask)["tokens"]  # (B, P + N, D) after final norm
         tokens = tokens[:, self.backbone.num_prefix_tokens :]  # (B, N, D), class token dropped
         return self.lm_head(tokens)  # (B, N, T)
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows: input, input with hidden patches blanked, and the per-patch cosine similarity
-        between the student's prediction and the teacher feature (black -1, white +1)."""
-        mask = self.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
-        pred, target = self.predict(images, mask).float(), self.teacher(images)["tokens"]
-        cos = F.cosine_similarity(pred, target, dim=-1)  # (B, N)
-        g, p = self.backbone.grid_size, self.backbone.patch_size
-        pixel_mask = _to_pixels(mask.float(), g, p)  # (B, 1, H, W)
-        brightness = _to_pixels((cos + 1) / 2, g, p)  # (B, 1, H, W) in [0, 1]
-        # encode as normalised images so the picture code's de-normalisation shows [0, 1]
-        mean = images.new_tensor(self.teacher.data_mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.teacher.data_std).view(1, -1, 1, 1)
-        hidden_cos = cos[mask].mean().item()
-        return {
-            "original": images,
-            "masked": images * (1 - pixel_mask) + images.amin() * pixel_mask,
-            "cosine to teacher": (brightness - mean) / std,
-            "caption": f"EVA: cosine(student, teacher) per patch, black -1 / white +1; "
-            f"{mask.sum(1).float().mean():.0f} of {g * g} patches hidden, "
-            f"mean cosine on hidden patches {hidden_cos:.2f}",
-        }
-
-
-def _to_pixels(values: torch.Tensor, grid: int, patch_size: int) -> torch.Tensor:
-    """``(B, N)`` per-patch values -> ``(B, 1, H, W)`` constant over each patch."""
-    v = values.reshape(-1, 1, grid, grid)
-    return v.repeat_interleave(patch_size, dim=2).repeat_interleave(patch_size, dim=3)

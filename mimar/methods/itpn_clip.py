@@ -37,7 +37,6 @@ from mimar.heads import PyramidFusionHead
 from mimar.losses import smooth_l1
 from mimar.masking import BlockMasking
 from mimar.methods.itpn import pyramid_backbone
-from mimar.targets import upsample_mask
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -127,23 +126,3 @@ class ITPNCLIP(nn.Module):
     def target(tokens: torch.Tensor) -> torch.Tensor:
         """Teacher features normalised by a LayerNorm without affine parameters (§4.6)."""
         return F.layer_norm(tokens.float(), tokens.shape[-1:])
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows: input, input with hidden patches blanked, per-patch cosine similarity of the
-        main prediction to the teacher target (black -1, white +1)."""
-        mask = self.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
-        pred = self.predict(images, mask)[0].float()
-        cos = F.cosine_similarity(pred, self.target(self.teacher(images)["tokens"]), dim=-1)
-        g, p = self.backbone.grid_size, self.backbone.patch_size
-        pixel_mask = upsample_mask(mask, g, p)  # (B, 1, H, W)
-        brightness = upsample_mask((cos + 1) / 2, g, p)  # (B, 1, H, W) in [0, 1]
-        mean = images.new_tensor(self.teacher.data_mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.teacher.data_std).view(1, -1, 1, 1)
-        return {
-            "original": images,
-            "masked": images * (1 - pixel_mask) + images.amin() * pixel_mask,
-            "cosine to teacher": (brightness - mean) / std,
-            "caption": f"iTPN-CLIP: cosine(prediction, teacher) per patch, black -1 / white +1; "
-            f"mean on hidden patches {cos[mask].mean():.2f}, on visible {cos[~mask].mean():.2f}",
-        }

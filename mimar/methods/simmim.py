@@ -62,20 +62,6 @@ class SimMIM(nn.Module):
         loss = masked_l1(reconstruction, images, pixel_mask)  # targets = the input itself
         return {"loss": loss, "mask_ratio": mask.float().mean()}
 
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows for ``mimar visualize``: input, input with hidden cells blanked, and the
-        prediction pasted into the hidden cells (visible pixels are shown as given)."""
-        mask = self.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
-        pixel_mask = upsample_mask(mask, self.masking.grid, self.backbone.patch_size)
-        prediction = self.reconstruct(images, mask).float()
-        blank = images.amin()  # the darkest normalised value
-        return {
-            "original": images,
-            "masked": images * (1 - pixel_mask) + blank * pixel_mask,
-            "reconstruction": images * (1 - pixel_mask) + prediction * pixel_mask,
-        }
-
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encode with hidden patches replaced by the mask token; predict every pixel."""
         out = self.backbone(images, mask=mask)
