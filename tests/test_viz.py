@@ -4,66 +4,16 @@ weights and a fixed mask generator)."""
 import os
 import subprocess
 import sys
-import zlib
 from pathlib import Path
 
 import pytest
 import torch
-from helpers import images, patch_teacher, tiny_vit
+from helpers import images
+from tiny_methods import BUILDERS, fixed_weights, simmim
 
 from mimar import viz
-from mimar.backbones.hivit import HiViT, HiViTConfig
-from mimar.methods.aim import AIM, AIMConfig
-from mimar.methods.digpt import DiGPT, DiGPTConfig
-from mimar.methods.eva import EVA, EVAConfig
-from mimar.methods.itpn import ITPN, ITPNConfig
-from mimar.methods.itpn_clip import ITPNCLIP, ITPNCLIPConfig
-from mimar.methods.simmim import SimMIM, SimMIMConfig
 
 ROOT = Path(__file__).resolve().parents[1]
-HIVIT = dict(img_size=16, patch_size=4, in_chans=1, embed_dim=32, mlp_depth=1, depth=2, num_heads=2)
-
-
-def _teacher():
-    return patch_teacher(grid=(4, 4), mean=0.5, std=0.5)
-
-
-def _fixed_weights(*modules) -> None:
-    """Every parameter drawn from a generator seeded by its own name, so that the pictures do
-    not depend on the order in which constructors draw their initial weights."""
-    with torch.no_grad():
-        for module in modules:
-            for name, p in module.named_parameters():
-                gen = torch.Generator().manual_seed(zlib.crc32(name.encode()))
-                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
-
-
-def _simmim():
-    return SimMIM(SimMIMConfig(mask_patch_size=8, mask_ratio=0.5), tiny_vit(use_mask_token=True))
-
-
-def _eva():
-    return EVA(EVAConfig(min_num_patches=2), tiny_vit(use_mask_token=True), _teacher())
-
-
-def _itpn():
-    cfg = ITPNConfig(fpn_dim=16, decoder_dim=32, decoder_depth=1, decoder_num_heads=2)
-    return ITPN(cfg, HiViT(HiViTConfig(**HIVIT)))
-
-
-def _itpn_clip():
-    cfg = ITPNCLIPConfig(fpn_dim=16, num_mask_patches=6, min_num_patches=4)
-    return ITPNCLIP(cfg, HiViT(HiViTConfig(**HIVIT, use_mask_token=True)), _teacher())
-
-
-def _aim():
-    trunk = tiny_vit(class_token=False, pos_embed="sincos", qkv_bias=False, proj_bias=False)
-    return AIM(AIMConfig(order="spiral", head_width=32, head_depth=2), trunk)
-
-
-def _digpt():
-    trunk = tiny_vit(pos_embed="sincos")
-    return DiGPT(DiGPTConfig(decoder_dim=16, decoder_heads=2), trunk, _teacher())
 
 
 def _rows(method, x: torch.Tensor, seed: int = 0) -> dict:
@@ -77,21 +27,9 @@ def _fingerprint(row: torch.Tensor) -> tuple[float, float]:
     return round(row.sum().item(), 4), round((row * w).sum().item(), 4)
 
 
-BUILDERS = {
-    "simmim": _simmim,
-    "eva": _eva,
-    "itpn": _itpn,
-    "itpn_clip": _itpn_clip,
-    "aim": _aim,
-    "digpt": _digpt,
-}
-
-
 def _method_rows(kind: str) -> dict:
-    method = BUILDERS[kind]()
-    teacher = getattr(method, "teacher", None)
-    _fixed_weights(method, *([teacher.module] if teacher is not None else []))
-    return _rows(method.eval(), images(2, seed=1))
+    method = fixed_weights(BUILDERS[kind]()).eval()
+    return _rows(method, images(2, seed=1))
 
 
 # fingerprints of the rows drawn before the picture code moved out of the method files
@@ -153,7 +91,7 @@ def test_rows_are_the_same_pixels_as_before(kind):
 
 
 def test_save_reconstruction_writes_a_png_and_keeps_the_training_mode(tmp_path):
-    method = _simmim().train()
+    method = simmim().train()
     gen = torch.Generator().manual_seed(0)
     path = viz.save_reconstruction(
         method, images(3), tmp_path / "a" / "rec.png", mean=(0.5,), std=(0.5,), generator=gen
