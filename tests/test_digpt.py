@@ -231,7 +231,7 @@ def test_without_the_dis_decoder_only_the_generative_term_remains():
 
 def test_gradients_reach_every_trainable_parameter_and_never_the_teacher():
     method = _digpt().train()
-    method(images(4, seed=7))["loss"].backward()
+    method(images(4, seed=7), **method.sample_corruption(4))["loss"].backward()
     for name, p in method.named_parameters():
         if p.requires_grad:
             assert p.grad is not None, name

@@ -125,7 +125,7 @@ def test_eva_loss_is_negative_cosine_over_hidden_tokens_only():
 def test_eva_gradients_reach_every_trainable_parameter_and_never_the_teacher():
     method = _eva()
     method.train()
-    method(torch.randn(4, 1, 16, 16))["loss"].backward()
+    method(torch.randn(4, 1, 16, 16), **method.sample_corruption(4))["loss"].backward()
     for name, p in method.named_parameters():
         assert p.grad is not None, name
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.module.parameters())

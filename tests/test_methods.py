@@ -1,5 +1,5 @@
 """Every method: the loss stays the same number (tiny models with fixed weights and a fixed
-corruption)."""
+corruption), and a forward pass without its corruption is refused."""
 
 import pytest
 import torch
@@ -24,3 +24,11 @@ def test_loss_is_the_same_number_as_before(kind):
     out = method(images(3, seed=4), **corruption)
     for key, value in EXPECTED[kind].items():
         assert out[key].item() == pytest.approx(value, rel=1e-5, abs=1e-6), key
+
+
+@pytest.mark.parametrize("kind", list(BUILDERS))
+def test_forward_without_its_corruption_is_refused(kind):
+    method = BUILDERS[kind]()
+    (name,) = method.sample_corruption(2)  # the one keyword forward() requires
+    with pytest.raises(TypeError, match=name):
+        method(images(2))

@@ -78,7 +78,7 @@ def test_patchify_round_trip_and_order():
 
 def test_gradients_reach_every_trainable_parameter():
     method = tiny_simmim()
-    method(torch.randn(2, 1, 16, 16))["loss"].backward()
+    method(torch.randn(2, 1, 16, 16), **method.sample_corruption(2))["loss"].backward()
     missing = [n for n, p in method.named_parameters() if p.requires_grad and p.grad is None]
     assert missing == []
 

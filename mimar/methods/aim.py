@@ -88,9 +88,7 @@ class AIM(nn.Module):
         """One prefix length per image, drawn by the engine for the whole global batch."""
         return {"prefix_len": sample_prefix_len(batch_size, *self.prefix_range, generator)}
 
-    def forward(self, images: torch.Tensor, prefix_len: torch.Tensor | None = None) -> dict:
-        if prefix_len is None:
-            prefix_len = self.sample_corruption(images.shape[0])["prefix_len"]
+    def forward(self, images: torch.Tensor, *, prefix_len: torch.Tensor) -> dict:
         prefix_len = prefix_len.to(images.device)  # (B,)
         pred = self.predict(images, prefix_len)  # (B, N, T): position t predicts patch t + 1
         target = self.target(images)  # (B, N, T) in sequence order

@@ -134,9 +134,7 @@ class DiGPT(nn.Module):
         """One random cluster order per image, drawn by the engine for the global batch."""
         return {"order": random_cluster_orders(batch_size, self.num_clusters, generator)}
 
-    def forward(self, images: torch.Tensor, order: torch.Tensor | None = None) -> dict:
-        if order is None:
-            order = self.sample_corruption(images.shape[0])["order"]
+    def forward(self, images: torch.Tensor, *, order: torch.Tensor) -> dict:
         order = order.to(images.device)  # (B, K)
         preds = self.predict(images, order)
         target = self.teacher(images)  # the teacher sees the whole image

@@ -90,9 +90,7 @@ class EVA(nn.Module):
         """One block mask per image, drawn by the engine for the whole global batch."""
         return {"mask": self.masking(batch_size, generator)}  # (B, N) bool
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        if mask is None:
-            mask = self.sample_corruption(images.shape[0])["mask"]
+    def forward(self, images: torch.Tensor, *, mask: torch.Tensor) -> dict:
         mask = mask.to(images.device)  # (B, N), True = hidden
         pred = self.predict(images, mask)  # (B, N, T) student guesses of the teacher features
         target = self.teacher(images)  # the teacher sees the whole (unmasked) image

@@ -115,9 +115,7 @@ class ITPN(nn.Module):
         """The kept main patches of every image, drawn by the engine for the global batch."""
         return {"keep_ids": random_keep(batch_size, self.num_patches, self.num_keep, generator)}
 
-    def forward(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> dict:
-        if keep_ids is None:
-            keep_ids = self.sample_corruption(images.shape[0])["keep_ids"]
+    def forward(self, images: torch.Tensor, *, keep_ids: torch.Tensor) -> dict:
         keep_ids = keep_ids.to(images.device)  # (B, n) kept main patches, row-major ids
         hidden = hidden_from_keep(keep_ids, self.num_patches)  # (B, N), True = dropped
         z = self.decode(images, keep_ids)  # (B, N, Dd) decoder tokens of all patches

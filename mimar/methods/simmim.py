@@ -53,9 +53,7 @@ class SimMIM(nn.Module):
         """Per-image random draws, made for a whole global batch by the engine."""
         return {"mask": self.masking(batch_size, generator)}  # (B, N) bool
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        if mask is None:
-            mask = self.sample_corruption(images.shape[0])["mask"]
+    def forward(self, images: torch.Tensor, *, mask: torch.Tensor) -> dict:
         mask = mask.to(images.device)  # (B, N), True = hidden
         reconstruction = self.reconstruct(images, mask)  # (B, C, H, W)
         pixel_mask = upsample_mask(mask, self.masking.grid, self.backbone.patch_size)
