@@ -4,7 +4,7 @@ corruption), and a forward pass without its corruption is refused."""
 import pytest
 import torch
 from helpers import images
-from tiny_methods import BUILDERS, fixed_weights
+from tiny_methods import BUILDERS, aim, fixed_weights
 
 # outputs of forward(images(3, seed=4), **sample_corruption(3, Generator().manual_seed(2)))
 EXPECTED = {
@@ -32,3 +32,18 @@ def test_forward_without_its_corruption_is_refused(kind):
     (name,) = method.sample_corruption(2)  # the one keyword forward() requires
     with pytest.raises(TypeError, match=name):
         method(images(2))
+
+
+@pytest.mark.parametrize(
+    "prefix, message",
+    [
+        (dict(prefix_min=16), "method.prefix_min=16 must be <= 15"),
+        (dict(prefix_min=20), "method.prefix_min=20 must be <= 15"),
+        (dict(prefix_max=16), "method.prefix_max must be < 16"),
+    ],
+)
+def test_aim_refuses_a_prefix_of_every_patch_when_built(prefix, message):
+    # 4x4 = 16 patches: S may be at most N - 1 = 15, or no patch is left to predict
+    with pytest.raises(ValueError, match=message):
+        aim(**prefix)
+    assert aim(prefix_min=15).prefix_range == (15, 15)

@@ -67,9 +67,15 @@ class AIM(nn.Module):
             )
         self.cfg, self.backbone = cfg, backbone
         self.num_patches = n = backbone.num_patches
-        self.prefix_range = (cfg.prefix_min, cfg.prefix_max or n - 1)
-        if self.prefix_range[1] > n - 1:
+        lo, hi = cfg.prefix_min, cfg.prefix_max or n - 1  # S ~ U{lo, ..., hi}
+        if hi > n - 1:
             raise ValueError(f"method.prefix_max must be < {n} (the number of patches)")
+        if lo > hi:  # a prefix of every patch would leave nothing to predict
+            raise ValueError(
+                f"method.prefix_min={lo} must be <= {hi} (prefix_max, or N - 1 when it is 0): "
+                f"the image has {n} patches"
+            )
+        self.prefix_range = (lo, hi)
         self.register_buffer(
             "order", patch_order(cfg.order, backbone.grid_size, cfg.order_seed), persistent=False
         )  # (N,)
