@@ -39,8 +39,10 @@ from mimar.masking import BlockMasking
 @dataclass(frozen=True, kw_only=True)
 class EVAConfig:
     name: Literal["eva"] = "eva"
-    mask_ratio: float = 0.4  # EVA README "0.4 * 256" (METHODS.md §3.2)
-    num_mask_patches: int = 0  # 0 -> round(mask_ratio * N); EVA-g/14 uses 105 of 256 (§3.2)
+    mask_ratio: float = 0.4  # EVA README comment "0.4 * 256" (METHODS.md §3.2)
+    # 0 -> round(mask_ratio * N). EVA-g/14 sets 105 of 256 explicitly (41 %), which its README
+    # calls "0.4 * 256" although that is 102.4 (§3.2)
+    num_mask_patches: int = 0
     min_num_patches: int = 16  # EVA run-script default (§1.3; BEiT's generator default is 4)
     max_num_patches: int = 0  # 0 -> no cap beyond the target count (EVA: None)
     min_aspect: float = 0.3  # block aspect ratio in [0.3, 1 / 0.3], log-uniform (§1.3)
@@ -73,7 +75,8 @@ class EVA(nn.Module):
             )
         self.cfg, self.backbone, self.teacher = cfg, backbone, teacher
         n = backbone.num_patches
-        self.num_mask = cfg.num_mask_patches or round(cfg.mask_ratio * n)  # 26 of 64, 105 of 256
+        # 0.4 x 64 -> 26 (tiny recipe), 0.4 x 196 -> 78 (ViT-B/16 @224), 0.4 x 256 -> 102
+        self.num_mask = cfg.num_mask_patches or round(cfg.mask_ratio * n)
         self.masking = BlockMasking(
             backbone.grid_size,
             self.num_mask,
