@@ -38,11 +38,10 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
-from mimar.backbones.vit import Block, Mlp, ViTConfig
-from mimar.nn import sincos_pos_embed_2d
+from mimar.nn import Block, MLPBlock, init_linears, sincos_pos_embed_2d
 
 INNER = 4  # sub-tokens per main-patch side at the stem (the official ``inner_patches``)
 # PatchMerge gathers the 2x2 children of a cell as (row, col) offsets in this order (Swin's):
@@ -117,19 +116,6 @@ class PatchMerge(nn.Module):
         return self.reduction(self.norm(merge_subtokens(x)))  # (B, n, h/2, w/2, 2C)
 
 
-class MLPBlock(nn.Module):
-    """``x += MLP(LN(x))`` per (sub-)token: HiViT's attention-free block ("num_heads = 0")."""
-
-    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, eps: float) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=True)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mlp(self.norm(x)))
-
-
 class PatchEmbed(nn.Module):
     """Stem: each main patch -> a 4x4 grid of sub-tokens (Conv p/4, stride p/4) + LayerNorm."""
 
@@ -171,19 +157,18 @@ class HiViT(nn.Module):
         )
         self.merge2 = PatchMerge(D // 2, eps)
         # Stage 3 is a plain ViT over main patches: the shared pre-norm attention block.
-        vit = ViTConfig(
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            embed_dim=D,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias,
-            init_values=cfg.init_values,
-            norm_eps=eps,
+        self.blocks = nn.ModuleList(
+            Block(
+                D,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                init_values=cfg.init_values,
+                drop_path=dpr[2 * m + i],
+                norm_eps=eps,
+            )
+            for i in range(cfg.depth)
         )
-        self.block_config = vit  # public: heads that extend stage 3 build the same blocks
-        self.blocks = nn.ModuleList(Block(vit, dpr[2 * m + i]) for i in range(cfg.depth))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
         # sin-cos initialised and trainable, as the official pixel model (§4.1.6)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, D))
@@ -194,14 +179,7 @@ class HiViT(nn.Module):
     def init_weights(self) -> None:
         # Official: every Linear trunc-normal std 0.02 (timm's default cut at +-2, i.e. in
         # effect untruncated), zero biases, LayerNorms 1/0; the stem conv keeps PyTorch's init.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self, layer_norm=True)
         self.pos_embed[0] = sincos_pos_embed_2d(self.embed_dim, self.grid_size)
         if self.mask_token is not None:
             trunc_normal_(self.mask_token, std=0.02)  # ours: the BEiT convention

@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimar.backbones.hivit import MLPBlock, split_subtokens
+from mimar.backbones.hivit import split_subtokens
+from mimar.nn import MLPBlock
 
 
 class PatchSplit(nn.Module):
