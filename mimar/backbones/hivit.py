@@ -17,8 +17,10 @@ D/4, D/2, D): stem ``(B, n, 4, 4, C1)`` -> stage 1 ``f4`` -> merge -> stage 2 ``
 ``(B, n, 2, 2, C2)`` -> merge -> ``(B, n, D)`` + position -> stage 3 blocks -> final norm.
 
 Contract notes (``mimar.backbones.base``): no prefix tokens; ``keep_ids`` drops main patches
-(never computed, not even by the stem); ``mask`` puts a mask token at the entry of stage 3
-(the CLIP variant, METHODS.md §4.6: stages 1-2 see every patch); ``attn_mask`` acts in stage 3;
+(never computed, not even by the stem) and ``order`` permutes them, both at the stem (stages
+1-2 are per patch, so this equals re-ordering after the position embedding); ``mask`` puts a
+mask token at the entry of stage 3 (the CLIP variant, METHODS.md §4.6: stages 1-2 see every
+patch); ``attn_mask`` acts in stage 3;
 ``return_layers`` indexes all ``num_layers = 2 * mlp_depth + depth`` blocks in order (stage-1
 and -2 outputs come back as ``(B, n * s * s, C)`` sub-token sequences); the result also holds
 ``"stages": [f4, f8]`` (raw stage-1 and stage-2 outputs) for the pyramid neck. Images of
@@ -41,6 +43,7 @@ import torch.nn.functional as F
 from timm.layers import trunc_normal_
 from torch import nn
 
+from mimar.backbones.base import patch_ids
 from mimar.nn import Block, MLPBlock, init_linears, sincos_pos_embed_2d
 
 INNER = 4  # sub-tokens per main-patch side at the stem (the official ``inner_patches``)
@@ -144,7 +147,8 @@ class HiViT(nn.Module):
         self.in_chans, self.img_size = cfg.in_chans, cfg.img_size
         self.grid_size = cfg.img_size // cfg.patch_size
         self.num_patches = self.grid_size**2
-        self.stage_widths = (D // 4, D // 2, D)  # f4, f8, stage 3
+        self.stage_dims = (D // 4, D // 2, D)  # f4, f8, stage 3 (the Backbone contract)
+        self.stage_widths = self.stage_dims  # the name iTPN's pyramid_backbone reads
 
         dpr = [cfg.drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
         self.patch_embed = PatchEmbed(cfg)
@@ -185,7 +189,8 @@ class HiViT(nn.Module):
             trunc_normal_(self.mask_token, std=0.02)  # ours: the BEiT convention
 
     def embed(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Cut ``(B, C, H, W)`` into main patches, keep ``keep_ids`` (all when None), stem them.
+        """Cut ``(B, C, H, W)`` into main patches, keep ``keep_ids`` (all when None; any
+        order), stem them.
 
         Returns ``(B, n, 4, 4, C1)``: the dropped patches never reach a single layer.
         """
@@ -225,6 +230,7 @@ class HiViT(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_layers: tuple[int, ...] = (),
     ) -> dict:
@@ -232,9 +238,20 @@ class HiViT(nn.Module):
             raise ValueError(
                 "HiViT takes either mask (mask token) or keep_ids (dropping), not both"
             )
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        # Stages 1-2 never mix main patches, so re-ordering them at the stem is the same as
+        # re-ordering stage-3 tokens after the position embedding (the contract's ``order``);
+        # the mask (row-major) and the positions follow the same permutation.
+        ids = patch_ids(keep_ids, order, images.shape[0], h * w)  # (B, n) or None
+        if order is not None and mask is not None:
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"mask must be (B, N) = {tuple(ids.shape)}, got {tuple(mask.shape)}"
+                )
+            mask = torch.gather(mask, 1, ids)
         wanted = self._wanted(return_layers)
         layers: dict[int, torch.Tensor] = {}
-        x = self.embed(images, keep_ids)  # (B, n, 4, 4, C1)
+        x = self.embed(images, ids)  # (B, n, 4, 4, C1)
         stages, index = [], 0
         for stage, merge in ((self.stage1, self.merge1), (self.stage2, self.merge2)):
             for block in stage:
@@ -247,10 +264,9 @@ class HiViT(nn.Module):
         x = x.flatten(1, 3)  # (B, n, D): one token per main patch
         if mask is not None:
             x = self._apply_mask_token(x, mask)
-        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
         pos = self.position_table(h, w).to(x.dtype).expand(x.shape[0], -1, -1)  # (B, N, D)
-        if keep_ids is not None:
-            pos = torch.gather(pos, 1, keep_ids.unsqueeze(-1).expand(-1, -1, self.embed_dim))
+        if ids is not None:
+            pos = torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, self.embed_dim))
         x = x + pos
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, n, n): broadcast over heads

@@ -21,6 +21,7 @@ import torch
 from timm.layers import trunc_normal_
 from torch import nn
 
+from mimar.backbones.base import patch_ids
 from mimar.nn import Block, init_linears, sincos_pos_embed_2d
 
 
@@ -46,6 +47,7 @@ class ViTConfig:
     patch_norm: bool = False  # AIM: LayerNorm right after the patch projection (timm's
     # ``patch_embed.norm``, ``embed_norm_layer="layernorm"``)
     weight_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # AIM: xavier-uniform
+    final_norm: bool = True  # False: no final LayerNorm, tokens = raw last block output
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -90,6 +92,7 @@ class ViT(nn.Module):
         self.grid_size = cfg.img_size // cfg.patch_size
         self.num_patches = self.grid_size**2
         self.num_prefix_tokens = int(cfg.class_token)
+        self.stage_dims: tuple[int, ...] = ()  # not hierarchical
 
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
@@ -121,7 +124,11 @@ class ViT(nn.Module):
             )
             for i in range(cfg.depth)
         )
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        # final_norm=False (D-iGPT's encoder, METHODS.md §6.3): tokens are the raw last block
+        # output and there are no norm.* weights
+        self.norm = (
+            nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        )
         self.init_weights()
 
     @torch.no_grad()
@@ -151,8 +158,10 @@ class ViT(nn.Module):
         images: torch.Tensor,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Patch embedding, mask token, class token, position embedding and token dropping.
+        """Patch embedding, mask token, class token, position embedding, token dropping or
+        re-ordering (``mimar.backbones.base`` states the contract of the arguments).
 
         Args:
             images: ``(B, C, H, W)``.
@@ -160,6 +169,8 @@ class ViT(nn.Module):
                 token *before* position information is added (SimMIM §2.2, EVA §3.1).
             keep_ids: long ``(B, n)`` indices of the patches to keep (MAE-style dropping);
                 the others are removed after the position embedding is added.
+            order: long ``(N,)`` or ``(B, N)`` permutation of all patch ids: the patch tokens
+                are put in this order after the position embedding; prefix tokens stay first.
         Returns:
             ``(B, P + N, D)`` or ``(B, P + n, D)`` tokens.
         """
@@ -176,9 +187,10 @@ class ViT(nn.Module):
             x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
-        if keep_ids is not None:
+        ids = patch_ids(keep_ids, order, B, N)  # (B, n) patch ids in sequence order, or None
+        if ids is not None:
             P = self.num_prefix_tokens
-            index = keep_ids.unsqueeze(-1).expand(-1, -1, D)  # (B, n, D)
+            index = ids.unsqueeze(-1).expand(-1, -1, D)  # (B, n, D)
             x = torch.cat([x[:, :P], torch.gather(x[:, P:], 1, index)], dim=1)
         return x
 
@@ -188,10 +200,11 @@ class ViT(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_layers: tuple[int, ...] = (),
     ) -> dict:
-        x = self.embed(images, mask, keep_ids)  # (B, P + N, D)
+        x = self.embed(images, mask, keep_ids, order)  # (B, P + n, D)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, N, N): broadcast over heads
         for i in return_layers:
@@ -203,7 +216,7 @@ class ViT(nn.Module):
             x = block(x, attn_mask)
             if i in wanted:
                 layers[i] = x
-        out = {"tokens": self.norm(x)}  # (B, P + N, D)
+        out = {"tokens": self.norm(x)}  # (B, P + n, D); norm is Identity without final_norm
         if return_layers:
             out["layers"] = [layers[i % self.num_layers] for i in return_layers]
         return out
