@@ -32,11 +32,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimar.backbones.vit import Block
+from mimar.backbones.hivit import HiViT
 from mimar.heads import PyramidFusionHead
 from mimar.losses import smooth_l1
 from mimar.masking import BlockMasking
 from mimar.methods.itpn import pyramid_backbone
+from mimar.nn import Block, init_linears
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -64,7 +65,7 @@ class ITPNCLIP(nn.Module):
 
     def __init__(self, cfg: ITPNCLIPConfig, backbone: nn.Module, teacher) -> None:
         super().__init__()
-        if getattr(backbone, "mask_token", None) is None or not hasattr(backbone, "block_config"):
+        if not isinstance(backbone, HiViT) or backbone.mask_token is None:
             raise ValueError(
                 "iTPN-CLIP needs a HiViT with a mask token: set backbone.name=hivit "
                 "backbone.use_mask_token=true"
@@ -80,16 +81,22 @@ class ITPNCLIP(nn.Module):
         # return_layers counts the 2 * mlp_depth MLP blocks first
         depth = backbone.cfg.depth
         self.aux_layer = 2 * backbone.cfg.mlp_depth + int(cfg.aux_fraction * depth)
+        c = backbone.cfg  # the aux blocks are stage-3 blocks of the same shape, no drop path
         self.aux_blocks = nn.ModuleList(
-            Block(backbone.block_config, 0.0) for _ in range(cfg.aux_depth)
+            Block(
+                D,
+                c.num_heads,
+                mlp_ratio=c.mlp_ratio,
+                qkv_bias=c.qkv_bias,
+                init_values=c.init_values,
+                norm_eps=c.norm_eps,
+            )
+            for _ in range(cfg.aux_depth)
         )
         self.aux_norm = nn.LayerNorm(D, eps=backbone.cfg.norm_eps)
         self.aux_head = nn.Linear(D, teacher.dim)
-        for m in [*self.aux_blocks.modules(), self.aux_head]:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self.aux_blocks)
+        init_linears(self.aux_head)
 
     def sample_corruption(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
         """One block mask per image, drawn by the engine for the whole global batch."""
