@@ -45,7 +45,7 @@ def aim(**kw) -> AIM:
 
 
 def digpt() -> DiGPT:
-    trunk = tiny_vit(pos_embed="sincos")
+    trunk = tiny_vit(pos_embed="sincos", final_norm=False)
     return DiGPT(DiGPTConfig(decoder_dim=16, decoder_heads=2), trunk, _teacher())
 
 

@@ -60,7 +60,7 @@ class AIMConfig:
 class AIM(nn.Module):
     def __init__(self, cfg: AIMConfig, backbone: nn.Module) -> None:
         super().__init__()
-        if getattr(backbone, "num_prefix_tokens", 1) != 0 or not hasattr(backbone, "grid_size"):
+        if backbone.num_prefix_tokens != 0 or backbone.stage_dims != ():
             raise ValueError(
                 "AIM needs a ViT without class token: set backbone.name=vit "
                 "backbone.class_token=false"
@@ -105,10 +105,9 @@ class AIM(nn.Module):
 
     def predict(self, images: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
         """Encode the patches in ``order`` under the prefix-causal mask; decode each token."""
-        B = images.shape[0]
         attn_mask = prefix_causal_mask(prefix_len, self.num_patches)  # (B, N, N)
-        keep = self.order.expand(B, -1)  # a full permutation: reorder after pos-embed
-        tokens = self.backbone(images, keep_ids=keep, attn_mask=attn_mask)["tokens"]  # (B,N,D)
+        # order: patch tokens re-ordered after the position embedding, each keeps its position
+        tokens = self.backbone(images, order=self.order, attn_mask=attn_mask)["tokens"]  # (B,N,D)
         return self.head(tokens, self.order)  # (B, N, T)
 
     def target(self, images: torch.Tensor) -> torch.Tensor:

@@ -84,10 +84,15 @@ class DiGPT(nn.Module):
 
     def __init__(self, cfg: DiGPTConfig, backbone: nn.Module, teacher) -> None:
         super().__init__()
-        if getattr(backbone, "num_prefix_tokens", 0) != 1 or not hasattr(backbone, "grid_size"):
+        if backbone.num_prefix_tokens != 1 or backbone.stage_dims != ():
             raise ValueError(
                 "D-iGPT needs a ViT with a class token: set backbone.name=vit "
                 "backbone.class_token=true"
+            )
+        if backbone.cfg.final_norm:  # no final LayerNorm in pretraining (§6.3)
+            raise ValueError(
+                "D-iGPT pretrains its ViT without a final LayerNorm (METHODS.md §6.3): set "
+                "backbone.final_norm=false"
             )
         self.cfg, self.backbone, self.teacher = cfg, backbone, teacher
         k, grid = cfg.clusters_per_side, backbone.grid_size
@@ -111,9 +116,6 @@ class DiGPT(nn.Module):
             )
         mask = cluster_causal_mask(self.num_slots, self.cluster_size)  # (T, T), class token first
         self.register_buffer("attn_mask", mask, persistent=False)
-        # No final LayerNorm in pretraining (§6.3): the ViT's own norm stays frozen at identity
-        # affine, so that it gets no gradient (DDP needs every trainable parameter used).
-        backbone.norm.requires_grad_(False)
         self.gen_decoder = self._decoder()
         self.dis_decoder = self._decoder() if cfg.dis_decoder else None
 

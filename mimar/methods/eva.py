@@ -68,7 +68,7 @@ class EVA(nn.Module):
 
     def __init__(self, cfg: EVAConfig, backbone: nn.Module, teacher) -> None:
         super().__init__()
-        if getattr(backbone, "mask_token", None) is None or not hasattr(backbone, "grid_size"):
+        if backbone.mask_token is None or backbone.stage_dims != ():  # a plain ViT grid
             raise ValueError(
                 "EVA needs a ViT with a mask token: set backbone.name=vit "
                 "backbone.use_mask_token=true"

@@ -69,11 +69,13 @@ class ITPNConfig:
 
 def pyramid_backbone(cfg, trunk: nn.Module) -> PyramidBackbone:
     """HiViT + its pyramid neck: the module iTPN pretrains and ``load_backbone`` returns."""
-    if not hasattr(trunk, "stage_widths"):
+    # the neck reads the earlier stages *inside* each main patch: a hierarchical trunk whose
+    # final tokens are still one per main patch (HiViT; not a ViT, not Swin's merged grid)
+    if trunk.stage_dims == () or trunk.out_stride != trunk.patch_size:
         raise ValueError(
             "iTPN needs a hierarchical backbone with stage outputs: backbone.name=hivit"
         )
-    neck = PyramidNeck(trunk.stage_widths, cfg.fpn_dim, cfg.fpn_depth, eps=trunk.cfg.norm_eps)
+    neck = PyramidNeck(trunk.stage_dims, cfg.fpn_dim, cfg.fpn_depth, eps=trunk.cfg.norm_eps)
     return PyramidBackbone(trunk, neck)
 
 

@@ -32,7 +32,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from mimar.backbones.hivit import HiViT
 from mimar.heads import PyramidFusionHead
 from mimar.losses import smooth_l1
 from mimar.masking import BlockMasking
@@ -65,7 +64,7 @@ class ITPNCLIP(nn.Module):
 
     def __init__(self, cfg: ITPNCLIPConfig, backbone: nn.Module, teacher) -> None:
         super().__init__()
-        if not isinstance(backbone, HiViT) or backbone.mask_token is None:
+        if backbone.mask_token is None or backbone.stage_dims == ():
             raise ValueError(
                 "iTPN-CLIP needs a HiViT with a mask token: set backbone.name=hivit "
                 "backbone.use_mask_token=true"

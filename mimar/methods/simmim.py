@@ -40,7 +40,7 @@ class SimMIMConfig:
 class SimMIM(nn.Module):
     def __init__(self, cfg: SimMIMConfig, backbone: nn.Module) -> None:
         super().__init__()
-        if getattr(backbone, "mask_token", None) is None:
+        if backbone.mask_token is None:
             raise ValueError("SimMIM needs a mask token: set backbone.use_mask_token=true")
         self.cfg = cfg
         self.backbone = backbone
