@@ -83,10 +83,10 @@ def cmd_visualize(args) -> int:
 
     from mimar.data import iterate_eval_batches, load_images
     from mimar.factory import load_method
-    from mimar.viz import save_reconstruction
+    from mimar.viz import has_picture, save_reconstruction
 
     cfg, method = load_method(args.checkpoint)
-    if not hasattr(method, "visualize"):
+    if not has_picture(method):
         raise ConfigError(f"{type(method).__name__} has no reconstruction picture")
     data = cfg.data if args.data is None else replace(cfg.data, root=args.data)
     images = load_images(replace(data, max_images=args.num), args.split)

@@ -3,11 +3,9 @@
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from mimar.backbones.vit import Attention, Block, Mlp, ViTConfig
-from mimar.nn import sincos_pos_embed_2d
+from mimar.nn import Attention, Block, CrossAttention, Mlp, init_linears, sincos_pos_embed_2d
 
 
 class PixelShuffleHead(nn.Module):
@@ -28,7 +26,7 @@ class PixelShuffleHead(nn.Module):
         return self.shuffle(self.conv(feature_map))
 
 
-class MLPBlock(nn.Module):
+class AIMHeadBlock(nn.Module):
     """One per-token block of AIM's pretraining head: ``h += MLP(LN(h))``, MLP without biases.
 
     ``residual_norm`` reproduces the released l3m config, which builds the head from
@@ -54,7 +52,7 @@ class MLPBlock(nn.Module):
 class AIMHead(nn.Module):
     """AIM's heavy MLP head (METHODS.md §5.3): every token is decoded on its own.
 
-    ``Linear(D -> W) + sincos positions -> depth x MLPBlock(W) -> LN -> Linear(W -> T)``.
+    ``Linear(D -> W) + sincos positions -> depth x AIMHeadBlock(W) -> LN -> Linear(W -> T)``.
     All linears are xavier-uniform with zero biases (§10: the official scaled init of the last
     layer is overwritten by the generic one).
     """
@@ -74,11 +72,11 @@ class AIMHead(nn.Module):
         self.proj = nn.Linear(embed_dim, width)
         self.register_buffer("pos_embed", pos_embed, persistent=False)  # (N, W), row-major
         self.blocks = nn.ModuleList(
-            MLPBlock(width, mlp_ratio, residual_norm, eps) for _ in range(depth)
+            AIMHeadBlock(width, mlp_ratio, residual_norm, eps) for _ in range(depth)
         )
         self.norm = nn.LayerNorm(width, eps=eps)
         self.pred = nn.Linear(width, out_dim)
-        _xavier_linears(self)
+        init_linears(self, "xavier")
 
     def forward(self, tokens: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
         """``tokens (B, N, D)`` in sequence order; ``order (N,)`` their row-major patch ids."""
@@ -108,9 +106,7 @@ class PyramidEmbed(nn.Module):
             nn.Sequential(nn.LayerNorm(fpn_dim, eps=eps), nn.Linear(fpn_dim, dim // (s * s)))
             for s in sub_tokens
         )
-        for level in self.levels:
-            nn.init.trunc_normal_(level[1].weight, std=0.02)
-            nn.init.zeros_(level[1].bias)
+        init_linears(self.levels)
 
     def forward(self, levels: tuple[torch.Tensor, ...]) -> list[torch.Tensor]:
         """``levels[l]``: ``(B, n, s, s, F)``, finest first -> ``[(B, n, dim)] * 3``."""
@@ -144,14 +140,11 @@ class PyramidPixelDecoder(nn.Module):
         self.embed = PyramidEmbed(fpn_dim, dim, eps=eps)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.register_buffer("pos_embed", sincos_pos_embed_2d(dim, grid), persistent=False)
-        block_cfg = ViTConfig(embed_dim=dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio)
-        self.blocks = nn.ModuleList(Block(block_cfg, 0.0) for _ in range(depth))
+        self.blocks = nn.ModuleList(
+            Block(dim, num_heads, mlp_ratio=mlp_ratio) for _ in range(depth)
+        )
         self.norm = nn.LayerNorm(dim, eps=eps)
-        for m in self.blocks.modules():
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self.blocks)
         nn.init.normal_(self.mask_token, std=0.02)
 
     def forward(self, levels: tuple[torch.Tensor, ...], keep_ids: torch.Tensor) -> torch.Tensor:
@@ -181,34 +174,11 @@ class PyramidFusionHead(nn.Module):
         self.embed = PyramidEmbed(fpn_dim, dim, eps=eps)
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.head = nn.Linear(dim, out_dim)
-        nn.init.trunc_normal_(self.head.weight, std=0.02)
-        nn.init.zeros_(self.head.bias)
+        init_linears(self.head)
 
     def forward(self, levels: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """``levels[l]``: ``(B, N, s, s, F)`` -> ``(B, N, D_t)``."""
         return self.head(self.norm(torch.stack(self.embed(levels)).sum(0)))
-
-
-class CrossAttention(nn.Module):
-    """Multi-head attention of queries ``x`` over a separate ``memory`` (SDPA), with a mask."""
-
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.q = nn.Linear(dim, dim, bias=qkv_bias)
-        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
-
-    def forward(
-        self, x: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None = None
-    ) -> torch.Tensor:
-        B, Nq, D = x.shape
-        h = self.num_heads
-        q = self.q(x).reshape(B, Nq, h, D // h).transpose(1, 2)  # (B, h, Nq, D/h)
-        kv = self.kv(memory).reshape(B, memory.shape[1], 2, h, D // h)
-        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, Nk, D/h)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, Nq, D))
 
 
 class DiGPTDecoderBlock(nn.Module):
@@ -273,7 +243,7 @@ class DiGPTDecoder(nn.Module):
         )
         self.norm = nn.LayerNorm(dim, eps=eps)
         self.head = nn.Linear(dim, out_dim)
-        _xavier_linears(self)
+        init_linears(self, "xavier")
         nn.init.normal_(self.query_token, std=0.02)
 
     def forward(
@@ -291,12 +261,3 @@ class DiGPTDecoder(nn.Module):
         for layer, block in enumerate(self.blocks):
             q = block(q, memory[..., layer], attn_mask)
         return self.head(self.norm(q))  # (B, T, out_dim)
-
-
-def _xavier_linears(module: nn.Module) -> None:
-    """MAE/AIM init: every Linear xavier-uniform with zero bias."""
-    for m in module.modules():
-        if isinstance(m, nn.Linear):
-            nn.init.xavier_uniform_(m.weight)
-            if m.bias is not None:
-                nn.init.zeros_(m.bias)

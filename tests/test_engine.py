@@ -94,8 +94,8 @@ def test_sigterm_saves_a_checkpoint_and_exits_cleanly(tmp_path):
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch, capsys):
     forward, calls = SimMIM.forward, {"n": 0}
 
-    def poisoned(self, images, mask=None):
-        out = forward(self, images, mask)
+    def poisoned(self, images, **corruption):
+        out = forward(self, images, **corruption)
         calls["n"] += 1
         if calls["n"] == 7:
             out["loss"] = out["loss"] * float("nan")

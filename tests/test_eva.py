@@ -12,6 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import mimar
+from mimar import viz
 from mimar.cli import main
 from mimar.factory import build_backbone
 from mimar.losses import neg_cosine
@@ -124,7 +125,7 @@ def test_eva_loss_is_negative_cosine_over_hidden_tokens_only():
 def test_eva_gradients_reach_every_trainable_parameter_and_never_the_teacher():
     method = _eva()
     method.train()
-    method(torch.randn(4, 1, 16, 16))["loss"].backward()
+    method(torch.randn(4, 1, 16, 16), **method.sample_corruption(4))["loss"].backward()
     for name, p in method.named_parameters():
         assert p.grad is not None, name
     assert all(p.grad is None and not p.requires_grad for p in method.teacher.module.parameters())
@@ -135,7 +136,8 @@ def test_eva_gradients_reach_every_trainable_parameter_and_never_the_teacher():
 
 def test_eva_visualize_gives_rows_of_image_shape():
     method = _eva().eval()
-    rows = method.visualize(torch.randn(3, 1, 16, 16), torch.Generator().manual_seed(0))
+    x, gen = torch.randn(3, 1, 16, 16), torch.Generator().manual_seed(0)
+    rows = viz.reconstruction_rows(method, x, gen)
     assert "cosine" in rows.pop("caption")
     assert list(rows) == ["original", "masked", "cosine to teacher"]
     assert all(r.shape == (3, 1, 16, 16) for r in rows.values())

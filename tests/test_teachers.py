@@ -313,7 +313,7 @@ def test_teacher_is_frozen_not_trained_and_not_checkpointed(mimar_run):
     keys = method.state_dict().keys()
     assert all(k.startswith(("backbone.", "lm_head.")) for k in keys)
     method.train()
-    out = method(torch.randn(4, 1, 16, 16))
+    out = method(torch.randn(4, 1, 16, 16), **method.sample_corruption(4))
     out["loss"].backward()
     assert all(p.grad is None for p in teacher.module.parameters())
     assert not teacher.module.training  # method.train() does not reach the teacher

@@ -17,8 +17,10 @@ D/4, D/2, D): stem ``(B, n, 4, 4, C1)`` -> stage 1 ``f4`` -> merge -> stage 2 ``
 ``(B, n, 2, 2, C2)`` -> merge -> ``(B, n, D)`` + position -> stage 3 blocks -> final norm.
 
 Contract notes (``mimar.backbones.base``): no prefix tokens; ``keep_ids`` drops main patches
-(never computed, not even by the stem); ``mask`` puts a mask token at the entry of stage 3
-(the CLIP variant, METHODS.md §4.6: stages 1-2 see every patch); ``attn_mask`` acts in stage 3;
+(never computed, not even by the stem) and ``order`` permutes them, both at the stem (stages
+1-2 are per patch, so this equals re-ordering after the position embedding); ``mask`` puts a
+mask token at the entry of stage 3 (the CLIP variant, METHODS.md §4.6: stages 1-2 see every
+patch); ``attn_mask`` acts in stage 3;
 ``return_layers`` indexes all ``num_layers = 2 * mlp_depth + depth`` blocks in order (stage-1
 and -2 outputs come back as ``(B, n * s * s, C)`` sub-token sequences); the result also holds
 ``"stages": [f4, f8]`` (raw stage-1 and stage-2 outputs) for the pyramid neck. Images of
@@ -38,11 +40,11 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
-from mimar.backbones.vit import Block, Mlp, ViTConfig
-from mimar.nn import sincos_pos_embed_2d
+from mimar.backbones.base import patch_ids
+from mimar.nn import Block, MLPBlock, init_linears, sincos_pos_embed_2d
 
 INNER = 4  # sub-tokens per main-patch side at the stem (the official ``inner_patches``)
 # PatchMerge gathers the 2x2 children of a cell as (row, col) offsets in this order (Swin's):
@@ -120,19 +122,6 @@ class PatchMerge(nn.Module):
         return self.reduction(self.norm(merge_subtokens(x)))  # (B, n, h/2, w/2, 2C)
 
 
-class MLPBlock(nn.Module):
-    """``x += MLP(LN(x))`` per (sub-)token: HiViT's attention-free block ("num_heads = 0")."""
-
-    def __init__(self, dim: int, mlp_ratio: float, drop_path: float, eps: float) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(dim, eps=eps)
-        self.mlp = Mlp(dim, int(dim * mlp_ratio), bias=True)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.drop_path(self.mlp(self.norm(x)))
-
-
 class PatchEmbed(nn.Module):
     """Stem: each main patch -> a 4x4 grid of sub-tokens (Conv p/4, stride p/4) + LayerNorm."""
 
@@ -161,7 +150,8 @@ class HiViT(nn.Module):
         self.in_chans, self.img_size = cfg.in_chans, cfg.img_size
         self.grid_size = cfg.img_size // cfg.patch_size
         self.num_patches = self.grid_size**2
-        self.stage_widths = (D // 4, D // 2, D)  # f4, f8, stage 3
+        self.stage_dims = (D // 4, D // 2, D)  # f4, f8, stage 3 (the Backbone contract)
+        self.stage_widths = self.stage_dims  # the name iTPN's pyramid_backbone reads
 
         dpr = [cfg.drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
         self.patch_embed = PatchEmbed(cfg)
@@ -174,19 +164,18 @@ class HiViT(nn.Module):
         )
         self.merge2 = PatchMerge(D // 2, eps)
         # Stage 3 is a plain ViT over main patches: the shared pre-norm attention block.
-        vit = ViTConfig(
-            img_size=cfg.img_size,
-            patch_size=cfg.patch_size,
-            embed_dim=D,
-            depth=cfg.depth,
-            num_heads=cfg.num_heads,
-            mlp_ratio=cfg.mlp_ratio,
-            qkv_bias=cfg.qkv_bias,
-            init_values=cfg.init_values,
-            norm_eps=eps,
+        self.blocks = nn.ModuleList(
+            Block(
+                D,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                init_values=cfg.init_values,
+                drop_path=dpr[2 * m + i],
+                norm_eps=eps,
+            )
+            for i in range(cfg.depth)
         )
-        self.block_config = vit  # public: heads that extend stage 3 build the same blocks
-        self.blocks = nn.ModuleList(Block(vit, dpr[2 * m + i]) for i in range(cfg.depth))
         self.mask_token = nn.Parameter(torch.zeros(1, 1, D)) if cfg.use_mask_token else None
         # sin-cos initialised and trainable, as the official pixel model (§4.1.6)
         self.pos_embed = nn.Parameter(torch.zeros(1, self.num_patches, D))
@@ -197,20 +186,14 @@ class HiViT(nn.Module):
     def init_weights(self) -> None:
         # Official: every Linear trunc-normal std 0.02 (timm's default cut at +-2, i.e. in
         # effect untruncated), zero biases, LayerNorms 1/0; the stem conv keeps PyTorch's init.
-        for m in self.modules():
-            if isinstance(m, nn.Linear):
-                trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
-            elif isinstance(m, nn.LayerNorm):
-                nn.init.ones_(m.weight)
-                nn.init.zeros_(m.bias)
+        init_linears(self, layer_norm=True)
         self.pos_embed[0] = sincos_pos_embed_2d(self.embed_dim, self.grid_size)
         if self.mask_token is not None:
             trunc_normal_(self.mask_token, std=0.02)  # ours: the BEiT convention
 
     def embed(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Cut ``(B, C, H, W)`` into main patches, keep ``keep_ids`` (all when None), stem them.
+        """Cut ``(B, C, H, W)`` into main patches, keep ``keep_ids`` (all when None; any
+        order), stem them.
 
         Returns ``(B, n, 4, 4, C1)``: the dropped patches never reach a single layer.
         """
@@ -254,6 +237,7 @@ class HiViT(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_layers: tuple[int, ...] = (),
     ) -> dict:
@@ -261,9 +245,20 @@ class HiViT(nn.Module):
             raise ValueError(
                 "HiViT takes either mask (mask token) or keep_ids (dropping), not both"
             )
+        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
+        # Stages 1-2 never mix main patches, so re-ordering them at the stem is the same as
+        # re-ordering stage-3 tokens after the position embedding (the contract's ``order``);
+        # the mask (row-major) and the positions follow the same permutation.
+        ids = patch_ids(keep_ids, order, images.shape[0], h * w)  # (B, n) or None
+        if order is not None and mask is not None:
+            if mask.shape != ids.shape:
+                raise ValueError(
+                    f"mask must be (B, N) = {tuple(ids.shape)}, got {tuple(mask.shape)}"
+                )
+            mask = torch.gather(mask, 1, ids)
         wanted = self._wanted(return_layers)
         layers: dict[int, torch.Tensor] = {}
-        x = self.embed(images, keep_ids)  # (B, n, 4, 4, C1)
+        x = self.embed(images, ids)  # (B, n, 4, 4, C1)
         stages, index = [], 0
         for stage, merge in ((self.stage1, self.merge1), (self.stage2, self.merge2)):
             for block in stage:
@@ -276,11 +271,10 @@ class HiViT(nn.Module):
         x = x.flatten(1, 3)  # (B, n, D): one token per main patch
         if mask is not None:
             x = self._apply_mask_token(x, mask)
-        h, w = images.shape[-2] // self.patch_size, images.shape[-1] // self.patch_size
-        all_kept = keep_ids is None or keep_ids.shape[1] == h * w
+        all_kept = ids is None or ids.shape[1] == h * w  # official: no resampling then
         pos = self.position_table(h, w, all_kept).to(x.dtype).expand(x.shape[0], -1, -1)
-        if keep_ids is not None:
-            pos = torch.gather(pos, 1, keep_ids.unsqueeze(-1).expand(-1, -1, self.embed_dim))
+        if ids is not None:
+            pos = torch.gather(pos, 1, ids.unsqueeze(-1).expand(-1, -1, self.embed_dim))
         x = x + pos
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, n, n): broadcast over heads

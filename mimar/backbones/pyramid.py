@@ -23,7 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from mimar.backbones.hivit import MLPBlock, split_subtokens
+from mimar.backbones.hivit import split_subtokens
+from mimar.nn import MLPBlock
 
 
 class PatchSplit(nn.Module):
@@ -97,7 +98,9 @@ class PyramidBackbone(nn.Module):
     """A trunk with stage outputs (HiViT) plus its pyramid neck, under the Backbone contract.
 
     ``forward`` is the trunk's (``"tokens"`` etc.); ``return_pyramid=True`` adds
-    ``"pyramid"``: P4, P8, P16 per kept main patch (the layout pretraining needs).
+    ``"pyramid"``: P4, P8, P16 per kept main patch (the layout pretraining needs). The
+    contract's attributes are the trunk's (``mask_token`` and ``stage_dims`` read through, so
+    the trunk's parameters are not registered twice).
     :meth:`feature_maps` gives the dense maps of full images for a detection/segmentation head.
     Weight names: ``trunk.*`` and ``neck.*``.
     """
@@ -113,18 +116,32 @@ class PyramidBackbone(nn.Module):
         p = trunk.patch_size
         self.strides = (p // 4, p // 2, p)  # pixels per cell of P4, P8, P16
 
+    @property
+    def mask_token(self) -> nn.Parameter | None:
+        return self.trunk.mask_token
+
+    @property
+    def stage_dims(self) -> tuple[int, ...]:
+        return self.trunk.stage_dims
+
     def forward(
         self,
         images: torch.Tensor,
         *,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_layers: tuple[int, ...] = (),
         return_pyramid: bool = False,
     ) -> dict:
         out = self.trunk(
-            images, mask=mask, keep_ids=keep_ids, attn_mask=attn_mask, return_layers=return_layers
+            images,
+            mask=mask,
+            keep_ids=keep_ids,
+            order=order,
+            attn_mask=attn_mask,
+            return_layers=return_layers,
         )
         if return_pyramid:
             out["pyramid"] = self.neck(*out["stages"], out["tokens"])
@@ -152,9 +169,11 @@ class PyramidBackbone(nn.Module):
 
 def pyramid_backbone(trunk: nn.Module, fpn_dim: int, fpn_depth: int) -> PyramidBackbone:
     """HiViT + its pyramid neck: the module iTPN pretrains and ``load_backbone`` returns."""
-    if not getattr(trunk, "stage_widths", None):
+    # the neck reads the earlier stages *inside* each main patch: a hierarchical trunk whose
+    # final tokens are still one per main patch (HiViT; not a ViT, not Swin's merged grid)
+    if trunk.stage_dims == () or trunk.out_stride != trunk.patch_size:
         raise ValueError(
             "iTPN needs a hierarchical backbone with stage outputs: backbone.name=hivit"
         )
-    neck = PyramidNeck(trunk.stage_widths, fpn_dim, fpn_depth, eps=trunk.cfg.norm_eps)
+    neck = PyramidNeck(trunk.stage_dims, fpn_dim, fpn_depth, eps=trunk.cfg.norm_eps)
     return PyramidBackbone(trunk, neck)

@@ -14,8 +14,9 @@ microsoft/SimMIM @ 0e7174608f (``models/simmim.py`` ``SwinTransformerForSimMIM``
 Glossary: ``mask`` (B, N) bool on the 4-px token grid, True = hidden; ``w`` its float weight;
 stage s has ``depths[s]`` blocks of width ``embed_dim * 2**s`` at stride ``patch_size * 2**s``.
 Differences from the contract's ViT reading of ``base.py``: there are no prefix tokens, tokens
-cannot be dropped (``keep_ids``) and attention cannot be masked (``attn_mask``), since
-windows and patch merging need the full grid; ``return_layers`` indexes **stages**, not blocks.
+cannot be dropped (``keep_ids``) or re-ordered (``order``) and attention cannot be masked
+(``attn_mask``), since windows and patch merging need the full row-major grid;
+``return_layers`` indexes **stages**, not blocks.
 """
 
 from __future__ import annotations
@@ -173,11 +174,17 @@ class Swin(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_layers: tuple[int, ...] = (),
     ) -> dict:
         if keep_ids is not None:
             raise ValueError("Swin cannot drop tokens (keep_ids): windows need the full grid")
+        if order is not None:
+            raise ValueError(
+                "Swin cannot re-order tokens (order): windows and patch merging need the "
+                "row-major grid"
+            )
         if attn_mask is not None:
             raise ValueError("Swin does not take an attn_mask: attention is windowed")
         wanted = [self._stage_index(i) for i in return_layers]

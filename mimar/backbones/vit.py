@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-import torch.nn.functional as F
-from timm.layers import DropPath, trunc_normal_
+from timm.layers import trunc_normal_
 from torch import nn
 
-from mimar.nn import sincos_pos_embed_2d
+from mimar.backbones.base import patch_ids
+from mimar.nn import Block, init_linears, sincos_pos_embed_2d
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +47,7 @@ class ViTConfig:
     patch_norm: bool = False  # AIM: LayerNorm right after the patch projection (timm's
     # ``patch_embed.norm``, ``embed_norm_layer="layernorm"``)
     weight_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # AIM: xavier-uniform
+    final_norm: bool = True  # False: no final LayerNorm, tokens = raw last block output
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -65,61 +66,6 @@ class ViTConfig:
             raise ValueError(
                 f"backbone.weight_init must be trunc_normal or xavier, got {self.weight_init!r}"
             )
-
-
-class Attention(nn.Module):
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool, proj_bias: bool) -> None:
-        super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim, bias=proj_bias)
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        B, N, D = x.shape
-        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
-        return self.proj(x.transpose(1, 2).reshape(B, N, D))
-
-
-class Mlp(nn.Module):
-    def __init__(self, dim: int, hidden: int, bias: bool) -> None:
-        super().__init__()
-        self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
-        self.fc2 = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
-
-
-class LayerScale(nn.Module):
-    def __init__(self, dim: int, init_values: float) -> None:
-        super().__init__()
-        self.gamma = nn.Parameter(torch.full((dim,), init_values))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.gamma
-
-
-class Block(nn.Module):
-    """Pre-norm block: ``x += Attn(LN(x)); x += MLP(LN(x))`` with optional LayerScale."""
-
-    def __init__(self, cfg: ViTConfig, drop_path: float) -> None:
-        super().__init__()
-        dim = cfg.embed_dim
-        self.norm1 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.attn = Attention(dim, cfg.num_heads, cfg.qkv_bias, cfg.proj_bias)
-        self.ls1 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
-        self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-        self.norm2 = nn.LayerNorm(dim, eps=cfg.norm_eps)
-        self.mlp = Mlp(dim, int(dim * cfg.mlp_ratio), cfg.proj_bias)
-        self.ls2 = LayerScale(dim, cfg.init_values) if cfg.init_values else nn.Identity()
-        self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
-
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))
-        return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))
 
 
 class PatchEmbed(nn.Module):
@@ -146,6 +92,7 @@ class ViT(nn.Module):
         self.grid_size = cfg.img_size // cfg.patch_size
         self.num_patches = self.grid_size**2
         self.num_prefix_tokens = int(cfg.class_token)
+        self.stage_dims: tuple[int, ...] = ()  # not hierarchical
 
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
@@ -164,13 +111,34 @@ class ViT(nn.Module):
             )
         # stochastic depth grows linearly with depth (plain floats: builds on the meta device)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
-        self.blocks = nn.ModuleList(Block(cfg, dpr[i]) for i in range(cfg.depth))
-        self.norm = nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps)
+        self.blocks = nn.ModuleList(
+            Block(
+                cfg.embed_dim,
+                cfg.num_heads,
+                mlp_ratio=cfg.mlp_ratio,
+                qkv_bias=cfg.qkv_bias,
+                proj_bias=cfg.proj_bias,
+                init_values=cfg.init_values,
+                drop_path=dpr[i],
+                norm_eps=cfg.norm_eps,
+            )
+            for i in range(cfg.depth)
+        )
+        # final_norm=False (D-iGPT's encoder, METHODS.md §6.3): tokens are the raw last block
+        # output and there are no norm.* weights
+        self.norm = (
+            nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
+        )
         self.init_weights()
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        self.apply(_xavier_module if self.cfg.weight_init == "xavier" else _init_module)
+        if self.cfg.weight_init == "xavier":
+            # AIM/MAE (METHODS.md §5.1): xavier-uniform linears, the patch conv like a linear
+            # layer on its flattened (D, C*p*p) weight
+            init_linears(self, "xavier", conv=True, layer_norm=True)
+        else:  # SimMIM/EVA: truncated normal, std 0.02 cut at +-1 std (METHODS.md §10.7-8)
+            init_linears(self, "trunc_normal", std=0.02, cutoff=0.02, conv=True, layer_norm=True)
         for token in (self.cls_token, self.mask_token):
             if token is not None:
                 _trunc_normal(token)
@@ -190,8 +158,10 @@ class ViT(nn.Module):
         images: torch.Tensor,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Patch embedding, mask token, class token, position embedding and token dropping.
+        """Patch embedding, mask token, class token, position embedding, token dropping or
+        re-ordering (``mimar.backbones.base`` states the contract of the arguments).
 
         Args:
             images: ``(B, C, H, W)``.
@@ -199,6 +169,8 @@ class ViT(nn.Module):
                 token *before* position information is added (SimMIM §2.2, EVA §3.1).
             keep_ids: long ``(B, n)`` indices of the patches to keep (MAE-style dropping);
                 the others are removed after the position embedding is added.
+            order: long ``(N,)`` or ``(B, N)`` permutation of all patch ids: the patch tokens
+                are put in this order after the position embedding; prefix tokens stay first.
         Returns:
             ``(B, P + N, D)`` or ``(B, P + n, D)`` tokens.
         """
@@ -215,9 +187,10 @@ class ViT(nn.Module):
             x = torch.cat([self.cls_token.expand(B, -1, -1).to(x.dtype), x], dim=1)
         if self.pos_embed is not None:
             x = x + self.pos_embed.to(x.dtype)
-        if keep_ids is not None:
+        ids = patch_ids(keep_ids, order, B, N)  # (B, n) patch ids in sequence order, or None
+        if ids is not None:
             P = self.num_prefix_tokens
-            index = keep_ids.unsqueeze(-1).expand(-1, -1, D)  # (B, n, D)
+            index = ids.unsqueeze(-1).expand(-1, -1, D)  # (B, n, D)
             x = torch.cat([x[:, :P], torch.gather(x[:, P:], 1, index)], dim=1)
         return x
 
@@ -227,10 +200,11 @@ class ViT(nn.Module):
         *,
         mask: torch.Tensor | None = None,
         keep_ids: torch.Tensor | None = None,
+        order: torch.Tensor | None = None,
         attn_mask: torch.Tensor | None = None,
         return_layers: tuple[int, ...] = (),
     ) -> dict:
-        x = self.embed(images, mask, keep_ids)  # (B, P + N, D)
+        x = self.embed(images, mask, keep_ids, order)  # (B, P + n, D)
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, N, N): broadcast over heads
         for i in return_layers:
@@ -242,7 +216,7 @@ class ViT(nn.Module):
             x = block(x, attn_mask)
             if i in wanted:
                 layers[i] = x
-        out = {"tokens": self.norm(x)}  # (B, P + N, D)
+        out = {"tokens": self.norm(x)}  # (B, P + n, D); norm is Identity without final_norm
         if return_layers:
             out["layers"] = [layers[i % self.num_layers] for i in return_layers]
         return out
@@ -257,29 +231,6 @@ class ViT(nn.Module):
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "mask_token", "pos_embed"}
-
-
-def _init_module(m: nn.Module) -> None:
-    # Truncated normal, std 0.02 cut at +-1 std, as SimMIM/EVA do (METHODS.md §10.7-8); zero biases.
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
-        _trunc_normal(m.weight)
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
-
-
-def _xavier_module(m: nn.Module) -> None:
-    # AIM (METHODS.md §5.1): xavier-uniform linears; the patch conv is initialised like a
-    # linear layer on its flattened (D, C*p*p) weight; zero biases; LayerNorms at 1 and 0.
-    if isinstance(m, (nn.Linear, nn.Conv2d)):
-        nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
-        if m.bias is not None:
-            nn.init.zeros_(m.bias)
-    elif isinstance(m, nn.LayerNorm):
-        nn.init.ones_(m.weight)
-        nn.init.zeros_(m.bias)
 
 
 def _trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:

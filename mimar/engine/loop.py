@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mimar import runs, viz
+from mimar import runs
 from mimar.config import PretrainConfig, save_config, to_dict
 from mimar.data import build_step_loader, load_images
 from mimar.engine import checkpoint, dist
@@ -114,15 +114,18 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
                 save(step)
                 return RunResult(step, stop.signal or "signal on another rank")
         save(step)
-        if rank == 0 and hasattr(method, "visualize"):
-            viz.save_reconstruction(
-                method,
-                loader.batch(0)[:8].to(device),
-                run_dir / runs.PICTURE,
-                mean=images.mean,
-                std=images.std,
-                generator=loader.generator_for(0),
-            )
+        if rank == 0:
+            from mimar import viz  # here, not at the top: the engine itself draws nothing
+
+            if viz.has_picture(method):
+                viz.save_reconstruction(
+                    method,
+                    loader.batch(0)[:8].to(device),
+                    run_dir / runs.PICTURE,
+                    mean=images.mean,
+                    std=images.std,
+                    generator=loader.generator_for(0),
+                )
         dist.barrier()  # every rank finished before any leaves the group
         return RunResult(step, None)
     finally:

@@ -31,7 +31,7 @@ from mimar.heads import AIMHead
 from mimar.losses import masked_mse
 from mimar.masking import ORDERS, patch_order, prefix_causal_mask, sample_prefix_len
 from mimar.nn import sincos_pos_embed_2d
-from mimar.targets import normalize_patches, patchify, unpatchify
+from mimar.targets import normalize_patches, patchify
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,16 +60,22 @@ class AIMConfig:
 class AIM(nn.Module):
     def __init__(self, cfg: AIMConfig, backbone: nn.Module) -> None:
         super().__init__()
-        if getattr(backbone, "num_prefix_tokens", 1) != 0 or not hasattr(backbone, "grid_size"):
+        if backbone.num_prefix_tokens != 0 or backbone.stage_dims != ():
             raise ValueError(
                 "AIM needs a ViT without class token: set backbone.name=vit "
                 "backbone.class_token=false"
             )
         self.cfg, self.backbone = cfg, backbone
         self.num_patches = n = backbone.num_patches
-        self.prefix_range = (cfg.prefix_min, cfg.prefix_max or n - 1)
-        if self.prefix_range[1] > n - 1:
+        lo, hi = cfg.prefix_min, cfg.prefix_max or n - 1  # S ~ U{lo, ..., hi}
+        if hi > n - 1:
             raise ValueError(f"method.prefix_max must be < {n} (the number of patches)")
+        if lo > hi:  # a prefix of every patch would leave nothing to predict
+            raise ValueError(
+                f"method.prefix_min={lo} must be <= {hi} (prefix_max, or N - 1 when it is 0): "
+                f"the image has {n} patches"
+            )
+        self.prefix_range = (lo, hi)
         self.register_buffer(
             "order", patch_order(cfg.order, backbone.grid_size, cfg.order_seed), persistent=False
         )  # (N,)
@@ -88,9 +94,7 @@ class AIM(nn.Module):
         """One prefix length per image, drawn by the engine for the whole global batch."""
         return {"prefix_len": sample_prefix_len(batch_size, *self.prefix_range, generator)}
 
-    def forward(self, images: torch.Tensor, prefix_len: torch.Tensor | None = None) -> dict:
-        if prefix_len is None:
-            prefix_len = self.sample_corruption(images.shape[0])["prefix_len"]
+    def forward(self, images: torch.Tensor, *, prefix_len: torch.Tensor) -> dict:
         prefix_len = prefix_len.to(images.device)  # (B,)
         pred = self.predict(images, prefix_len)  # (B, N, T): position t predicts patch t + 1
         target = self.target(images)  # (B, N, T) in sequence order
@@ -101,38 +105,11 @@ class AIM(nn.Module):
 
     def predict(self, images: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
         """Encode the patches in ``order`` under the prefix-causal mask; decode each token."""
-        B = images.shape[0]
         attn_mask = prefix_causal_mask(prefix_len, self.num_patches)  # (B, N, N)
-        keep = self.order.expand(B, -1)  # a full permutation: reorder after pos-embed
-        tokens = self.backbone(images, keep_ids=keep, attn_mask=attn_mask)["tokens"]  # (B,N,D)
+        # order: patch tokens re-ordered after the position embedding, each keeps its position
+        tokens = self.backbone(images, order=self.order, attn_mask=attn_mask)["tokens"]  # (B,N,D)
         return self.head(tokens, self.order)  # (B, N, T)
 
     def target(self, images: torch.Tensor) -> torch.Tensor:
         patches = patchify(images, self.backbone.patch_size)[:, self.order]  # (B, N, T)
         return normalize_patches(patches.float(), self.cfg.norm_pix_eps)
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows: input, the prefix (first half of the order), and the image with every later
-        patch replaced by its one-step-ahead prediction (teacher forcing), de-normalised with
-        the *target* patch's own mean and std, as the model predicts normalised pixels."""
-        B, n, p = images.shape[0], self.num_patches, self.backbone.patch_size
-        S = n // 2
-        pred = self.predict(images, torch.full((B,), S, device=images.device)).float()
-        seq = patchify(images.float(), p)[:, self.order]  # (B, N, T) raw pixels, sequence order
-        mean, std = seq.mean(-1, keepdim=True), (seq.var(-1, keepdim=True) + 1e-6).sqrt()
-        guess = pred[:, :-1] * std[:, 1:] + mean[:, 1:]  # predictions of patches 1..N-1
-        prefix, recon = seq.clone(), seq.clone()
-        prefix[:, S:] = images.amin()
-        recon[:, S:] = guess[:, S - 1 :]
-        rows = {}
-        for title, x in (("original", seq), ("prefix", prefix), ("next-patch prediction", recon)):
-            raster = torch.empty_like(x)
-            raster[:, self.order] = x
-            rows[title] = unpatchify(raster, p, self.backbone.in_chans)
-        rows["caption"] = (
-            f"AIM: prefix = first {S} of {n} patches ({self.cfg.order} order); every later patch "
-            "is predicted from the true patches before it, de-normalised with the target "
-            "patch's own mean and variance"
-        )
-        return rows

@@ -84,10 +84,15 @@ class DiGPT(nn.Module):
 
     def __init__(self, cfg: DiGPTConfig, backbone: nn.Module, teacher) -> None:
         super().__init__()
-        if getattr(backbone, "num_prefix_tokens", 0) != 1 or not hasattr(backbone, "grid_size"):
+        if backbone.num_prefix_tokens != 1 or backbone.stage_dims != ():
             raise ValueError(
                 "D-iGPT needs a ViT with a class token: set backbone.name=vit "
                 "backbone.class_token=true"
+            )
+        if backbone.cfg.final_norm:  # no final LayerNorm in pretraining (§6.3)
+            raise ValueError(
+                "D-iGPT pretrains its ViT without a final LayerNorm (METHODS.md §6.3): set "
+                "backbone.final_norm=false"
             )
         self.cfg, self.backbone, self.teacher = cfg, backbone, teacher
         k, grid = cfg.clusters_per_side, backbone.grid_size
@@ -111,9 +116,6 @@ class DiGPT(nn.Module):
             )
         mask = cluster_causal_mask(self.num_slots, self.cluster_size)  # (T, T), class token first
         self.register_buffer("attn_mask", mask, persistent=False)
-        # No final LayerNorm in pretraining (§6.3): the ViT's own norm stays frozen at identity
-        # affine, so that it gets no gradient (DDP needs every trainable parameter used).
-        backbone.norm.requires_grad_(False)
         self.gen_decoder = self._decoder()
         self.dis_decoder = self._decoder() if cfg.dis_decoder else None
 
@@ -134,9 +136,7 @@ class DiGPT(nn.Module):
         """One random cluster order per image, drawn by the engine for the global batch."""
         return {"order": random_cluster_orders(batch_size, self.num_clusters, generator)}
 
-    def forward(self, images: torch.Tensor, order: torch.Tensor | None = None) -> dict:
-        if order is None:
-            order = self.sample_corruption(images.shape[0])["order"]
+    def forward(self, images: torch.Tensor, *, order: torch.Tensor) -> dict:
         order = order.to(images.device)  # (B, K)
         preds = self.predict(images, order)
         target = self.teacher(images)  # the teacher sees the whole image
@@ -200,43 +200,3 @@ class DiGPT(nn.Module):
         maps = pred.float().reshape(B * self.num_slots, a, a, D).permute(0, 3, 1, 2)
         maps = F.interpolate(maps, size=(b, b), mode="bilinear", align_corners=False)
         return maps.permute(0, 2, 3, 1).reshape(B, self.num_slots, b * b, D)
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows: input; what the encoder sees (its 3 clusters, the 4th blacked out) with the
-        reading order drawn as brightness (first cluster darkest); and the per-token cosine
-        similarity of the generative prediction with the teacher feature (black -1, white
-        +1) on the teacher's grid; the first cluster read has no generative prediction."""
-        B, (H, W) = images.shape[0], images.shape[-2:]
-        order = self.sample_corruption(B, generator)["order"].to(images.device)
-        pred = self.predict(images, order)["gen"].float()
-        target = self.teacher_tokens(self.teacher(images)["tokens"], order)  # (B, K, s_t, D_t)
-        cos = F.cosine_similarity(self.to_teacher_grid(pred[:, 1:]), target[:, 1:], dim=-1)
-        K, g, gt = self.num_clusters, self.backbone.grid_size, self.teacher.grid[0]
-        rank = torch.empty_like(order)
-        rank.scatter_(1, order, torch.arange(K, device=order.device).expand(B, -1))  # slot of c
-        cluster_of = self.clusters.flatten().argsort() // self.cluster_size  # (N,) per patch
-        per_patch = rank[:, cluster_of]  # (B, N) reading slot of each student patch
-        shade = torch.where(per_patch < K - 1, 0.4 + 0.6 * per_patch / max(K - 2, 1), 0.0)
-        per_token = torch.zeros(B, gt * gt, device=images.device)  # slot 0: no prediction
-        ids = self.teacher_clusters[order[:, 1:]].flatten(1)  # (B, slots * s_t) token ids
-        per_token.scatter_(1, ids, (cos.flatten(1) + 1) / 2)
-        seen = _grid_image(shade, g, (H, W))
-        mean = images.new_tensor(self.teacher.data_mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.teacher.data_std).view(1, -1, 1, 1)
-        pixels = images * std + mean  # [0, 1]
-        return {
-            "original": images,
-            "encoder input": (pixels * seen - mean) / std,
-            "cosine to teacher": (_grid_image(per_token, gt, (H, W)) - mean) / std,
-            "caption": f"D-iGPT: {K} clusters read in a random order per image (middle row: "
-            "darker = read earlier, black = never shown to the encoder); bottom: "
-            "cosine(generative prediction, teacher) per teacher token, black -1 / white +1 "
-            f"(mean {cos.mean():.2f}); the first cluster read is not predicted (black)",
-        }
-
-
-def _grid_image(values: torch.Tensor, grid: int, size: tuple[int, int]) -> torch.Tensor:
-    """``(B, grid * grid)`` per-cell values -> ``(B, 1, H, W)``, constant over each cell."""
-    cells = values.float().reshape(-1, 1, grid, grid)
-    return F.interpolate(cells, size=size, mode="nearest")

@@ -36,7 +36,7 @@ from mimar.backbones.pyramid import pyramid_backbone
 from mimar.heads import PyramidPixelDecoder
 from mimar.losses import masked_mse
 from mimar.masking import hidden_from_keep, random_keep
-from mimar.targets import normalize_patches, patchify, unpatchify
+from mimar.targets import normalize_patches, patchify
 
 SUB_TOKENS = (4, 2, 1)  # sub-token grid side per main patch of P4, P8, P16
 
@@ -106,9 +106,7 @@ class ITPN(nn.Module):
         """The kept main patches of every image, drawn by the engine for the global batch."""
         return {"keep_ids": random_keep(batch_size, self.num_patches, self.num_keep, generator)}
 
-    def forward(self, images: torch.Tensor, keep_ids: torch.Tensor | None = None) -> dict:
-        if keep_ids is None:
-            keep_ids = self.sample_corruption(images.shape[0])["keep_ids"]
+    def forward(self, images: torch.Tensor, *, keep_ids: torch.Tensor) -> dict:
         keep_ids = keep_ids.to(images.device)  # (B, n) kept main patches, row-major ids
         hidden = hidden_from_keep(keep_ids, self.num_patches)  # (B, N), True = dropped
         z = self.decode(images, keep_ids)  # (B, N, Dd) decoder tokens of all patches
@@ -167,26 +165,3 @@ class ITPN(nn.Module):
         if self.ema is not None:
             self.ema.eval()  # ours: the teacher always runs without drop path
         return self
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows: input, input with the dropped patches blanked, and the visible patches with
-        the dropped ones replaced by the prediction, de-normalised with each target patch's
-        own mean and std (the model predicts normalised pixels)."""
-        keep_ids = self.sample_corruption(images.shape[0], generator)["keep_ids"]
-        keep_ids = keep_ids.to(images.device)
-        hidden = hidden_from_keep(keep_ids, self.num_patches)[..., None]  # (B, N, 1)
-        pred = self.pixel_head(self.decode(images, keep_ids)).float()
-        p, C = self.backbone.patch_size, self.backbone.in_chans
-        patches = patchify(images.float(), p)  # (B, N, T)
-        mean = patches.mean(-1, keepdim=True)
-        std = (patches.var(-1, keepdim=True) + self.cfg.norm_pix_eps).sqrt()
-        masked = torch.where(hidden, images.amin().float(), patches)
-        recon = torch.where(hidden, pred * std + mean, patches)
-        return {
-            "original": images,
-            "masked": unpatchify(masked, p, C),
-            "reconstruction": unpatchify(recon, p, C),
-            "caption": f"iTPN: {self.num_keep} of {self.num_patches} main patches kept; the "
-            "dropped ones predicted as normalised pixels, shown with the true patch mean/std",
-        }

@@ -33,11 +33,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimar.backbones.pyramid import pyramid_backbone
-from mimar.backbones.vit import Block
 from mimar.heads import PyramidFusionHead
 from mimar.losses import smooth_l1
 from mimar.masking import BlockMasking
-from mimar.targets import upsample_mask
+from mimar.nn import Block, init_linears
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -65,7 +64,7 @@ class ITPNCLIP(nn.Module):
 
     def __init__(self, cfg: ITPNCLIPConfig, backbone: nn.Module, teacher) -> None:
         super().__init__()
-        if getattr(backbone, "mask_token", None) is None or not hasattr(backbone, "block_config"):
+        if backbone.mask_token is None or backbone.stage_dims == ():
             raise ValueError(
                 "iTPN-CLIP needs a HiViT with a mask token: set backbone.name=hivit "
                 "backbone.use_mask_token=true"
@@ -82,24 +81,28 @@ class ITPNCLIP(nn.Module):
         # return_layers counts the 2 * mlp_depth MLP blocks first
         depth = backbone.cfg.depth
         self.aux_layer = 2 * backbone.cfg.mlp_depth + int(cfg.aux_fraction * depth)
+        c = backbone.cfg  # the aux blocks are stage-3 blocks of the same shape, no drop path
         self.aux_blocks = nn.ModuleList(
-            Block(backbone.block_config, 0.0) for _ in range(cfg.aux_depth)
+            Block(
+                D,
+                c.num_heads,
+                mlp_ratio=c.mlp_ratio,
+                qkv_bias=c.qkv_bias,
+                init_values=c.init_values,
+                norm_eps=c.norm_eps,
+            )
+            for _ in range(cfg.aux_depth)
         )
         self.aux_norm = nn.LayerNorm(D, eps=backbone.cfg.norm_eps)
         self.aux_head = nn.Linear(D, teacher.dim)
-        for m in [*self.aux_blocks.modules(), self.aux_head]:
-            if isinstance(m, nn.Linear):
-                nn.init.trunc_normal_(m.weight, std=0.02)
-                if m.bias is not None:
-                    nn.init.zeros_(m.bias)
+        init_linears(self.aux_blocks)
+        init_linears(self.aux_head)
 
     def sample_corruption(self, batch_size: int, generator: torch.Generator | None = None) -> dict:
         """One block mask per image, drawn by the engine for the whole global batch."""
         return {"mask": self.masking(batch_size, generator)}  # (B, N) bool
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        if mask is None:
-            mask = self.sample_corruption(images.shape[0])["mask"]
+    def forward(self, images: torch.Tensor, *, mask: torch.Tensor) -> dict:
         mask = mask.to(images.device)  # (B, N), True = hidden
         pred, aux = self.predict(images, mask)  # (B, N, D_t) each
         teacher = self.teacher(images)  # the teacher sees the whole (unmasked) image
@@ -128,23 +131,3 @@ class ITPNCLIP(nn.Module):
     def target(tokens: torch.Tensor) -> torch.Tensor:
         """Teacher features normalised by a LayerNorm without affine parameters (§4.6)."""
         return F.layer_norm(tokens.float(), tokens.shape[-1:])
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows: input, input with hidden patches blanked, per-patch cosine similarity of the
-        main prediction to the teacher target (black -1, white +1)."""
-        mask = self.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
-        pred = self.predict(images, mask)[0].float()
-        cos = F.cosine_similarity(pred, self.target(self.teacher(images)["tokens"]), dim=-1)
-        g, p = self.backbone.grid_size, self.backbone.patch_size
-        pixel_mask = upsample_mask(mask, g, p)  # (B, 1, H, W)
-        brightness = upsample_mask((cos + 1) / 2, g, p)  # (B, 1, H, W) in [0, 1]
-        mean = images.new_tensor(self.teacher.data_mean).view(1, -1, 1, 1)
-        std = images.new_tensor(self.teacher.data_std).view(1, -1, 1, 1)
-        return {
-            "original": images,
-            "masked": images * (1 - pixel_mask) + images.amin() * pixel_mask,
-            "cosine to teacher": (brightness - mean) / std,
-            "caption": f"iTPN-CLIP: cosine(prediction, teacher) per patch, black -1 / white +1; "
-            f"mean on hidden patches {cos[mask].mean():.2f}, on visible {cos[~mask].mean():.2f}",
-        }

@@ -40,7 +40,7 @@ class SimMIMConfig:
 class SimMIM(nn.Module):
     def __init__(self, cfg: SimMIMConfig, backbone: nn.Module) -> None:
         super().__init__()
-        if getattr(backbone, "mask_token", None) is None:
+        if backbone.mask_token is None:
             raise ValueError("SimMIM needs a mask token: set backbone.use_mask_token=true")
         self.cfg = cfg
         self.backbone = backbone
@@ -53,28 +53,12 @@ class SimMIM(nn.Module):
         """Per-image random draws, made for a whole global batch by the engine."""
         return {"mask": self.masking(batch_size, generator)}  # (B, N) bool
 
-    def forward(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> dict:
-        if mask is None:
-            mask = self.sample_corruption(images.shape[0])["mask"]
+    def forward(self, images: torch.Tensor, *, mask: torch.Tensor) -> dict:
         mask = mask.to(images.device)  # (B, N), True = hidden
         reconstruction = self.reconstruct(images, mask)  # (B, C, H, W)
         pixel_mask = upsample_mask(mask, self.masking.grid, self.backbone.patch_size)
         loss = masked_l1(reconstruction, images, pixel_mask)  # targets = the input itself
         return {"loss": loss, "mask_ratio": mask.float().mean()}
-
-    @torch.no_grad()
-    def visualize(self, images: torch.Tensor, generator: torch.Generator | None = None) -> dict:
-        """Rows for ``mimar visualize``: input, input with hidden cells blanked, and the
-        prediction pasted into the hidden cells (visible pixels are shown as given)."""
-        mask = self.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
-        pixel_mask = upsample_mask(mask, self.masking.grid, self.backbone.patch_size)
-        prediction = self.reconstruct(images, mask).float()
-        blank = images.amin()  # the darkest normalised value
-        return {
-            "original": images,
-            "masked": images * (1 - pixel_mask) + blank * pixel_mask,
-            "reconstruction": images * (1 - pixel_mask) + prediction * pixel_mask,
-        }
 
     def reconstruct(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Encode with hidden patches replaced by the mask token; predict every pixel."""

@@ -1,4 +1,4 @@
-"""Small generic layers shared by parts: position embeddings."""
+"""Position embeddings: fixed 2-D sin-cos tables (MAE convention)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,21 @@
+"""Generic layers shared by backbones and heads (imports only torch and timm.layers)."""
+
+from mimar.nn.attention import Attention, CrossAttention, additive_mask
+from mimar.nn.block import Block
+from mimar.nn.init import init_linears
+from mimar.nn.layers import LayerScale
+from mimar.nn.mlp import Mlp, MLPBlock
+from mimar.nn.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
+
+__all__ = [
+    "Attention",
+    "Block",
+    "CrossAttention",
+    "LayerScale",
+    "MLPBlock",
+    "Mlp",
+    "additive_mask",
+    "init_linears",
+    "sincos_pos_embed_1d",
+    "sincos_pos_embed_2d",
+]

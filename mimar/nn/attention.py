@@ -1,0 +1,74 @@
+"""Multi-head attention on ``F.scaled_dot_product_attention``: self- and cross-attention.
+
+Masks follow SDPA: boolean (True = *allowed*) or additive float (0 / -inf, or any bias),
+broadcastable to ``(B, heads, Nq, Nk)``: ``(Nq, Nk)``, ``(B, 1, Nq, Nk)``, ``(heads, Nq, Nk)``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class Attention(nn.Module):
+    """Self-attention with a fused ``qkv`` projection (timm names ``qkv``, ``proj``)."""
+
+    def __init__(
+        self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True
+    ) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim, bias=proj_bias)
+
+    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+        B, N, D = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, D/heads)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=_match_dtype(attn_mask, q))
+        return self.proj(x.transpose(1, 2).reshape(B, N, D))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of queries ``x`` over a separate ``memory`` (SDPA), with a mask."""
+
+    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True) -> None:
+        super().__init__()
+        self.num_heads = num_heads
+        self.q = nn.Linear(dim, dim, bias=qkv_bias)
+        self.kv = nn.Linear(dim, 2 * dim, bias=qkv_bias)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(
+        self, x: torch.Tensor, memory: torch.Tensor, attn_mask: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        B, Nq, D = x.shape
+        h = self.num_heads
+        q = self.q(x).reshape(B, Nq, h, D // h).transpose(1, 2)  # (B, h, Nq, D/h)
+        kv = self.kv(memory).reshape(B, memory.shape[1], 2, h, D // h)
+        k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, Nk, D/h)
+        x = F.scaled_dot_product_attention(q, k, v, attn_mask=_match_dtype(attn_mask, q))
+        return self.proj(x.transpose(1, 2).reshape(B, Nq, D))
+
+
+def additive_mask(attn_mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
+    """One additive float mask from an SDPA mask (bool True = allowed, or float) and a bias.
+
+    A boolean mask becomes 0 where allowed and ``-inf`` elsewhere, then ``bias`` (e.g. a
+    relative position bias ``(heads, N, N)`` or ``(B, heads, N, N)``) is added.
+    """
+    if attn_mask is None:
+        return bias
+    if attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros(attn_mask.shape, dtype=bias.dtype, device=bias.device).masked_fill(
+            ~attn_mask, float("-inf")
+        )
+    return attn_mask + bias
+
+
+def _match_dtype(attn_mask: torch.Tensor | None, q: torch.Tensor) -> torch.Tensor | None:
+    # SDPA wants a float mask in the query's dtype (bf16 under autocast); bool masks pass as is
+    if attn_mask is None or attn_mask.dtype == torch.bool or attn_mask.dtype == q.dtype:
+        return attn_mask
+    return attn_mask.to(q.dtype)

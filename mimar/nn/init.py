@@ -1,0 +1,51 @@
+"""Weight initialisation: the one helper every part uses, with the papers' variants as args."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+from timm.layers import trunc_normal_
+from torch import nn
+
+
+@torch.no_grad()
+def init_linears(
+    module: nn.Module,
+    kind: Literal["trunc_normal", "xavier"] = "trunc_normal",
+    *,
+    std: float = 0.02,
+    cutoff: float = 2.0,
+    conv: bool = False,
+    layer_norm: bool = False,
+) -> None:
+    """Re-initialise every ``nn.Linear`` inside ``module`` (itself included), in module order.
+
+    Args:
+        module: the module whose linears are initialised.
+        kind: ``"trunc_normal"``: normal with ``std`` truncated to ``[-cutoff, cutoff]``
+            (absolute values; the default 2.0 is timm's and PyTorch's, i.e. in effect
+            untruncated at std 0.02; SimMIM/EVA cut at one std, ``cutoff=std``, METHODS.md
+            §10.7-8). ``"xavier"``: xavier-uniform on the ``(out, fan_in)`` view of the weight
+            (MAE/AIM/D-iGPT).
+        std: standard deviation of ``"trunc_normal"``.
+        cutoff: absolute truncation bound of ``"trunc_normal"``.
+        conv: also ``nn.Conv2d`` weights, treated like a linear layer on the flattened kernel.
+        layer_norm: also reset ``nn.LayerNorm`` to weight 1, bias 0.
+
+    Biases of the initialised layers are set to zero.
+    """
+    if kind not in ("trunc_normal", "xavier"):
+        raise ValueError(f"init kind must be trunc_normal or xavier, got {kind!r}")
+    types = (nn.Linear, nn.Conv2d) if conv else (nn.Linear,)
+    for m in module.modules():
+        if isinstance(m, types):
+            if kind == "xavier":
+                nn.init.xavier_uniform_(m.weight.view(m.weight.shape[0], -1))
+            else:
+                trunc_normal_(m.weight, std=std, a=-cutoff, b=cutoff)
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
+        elif layer_norm and isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)

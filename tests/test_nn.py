@@ -1,0 +1,81 @@
+"""Generic layers of ``mimar.nn``: timm-compatible names and numbers, masks, init."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from timm.models.vision_transformer import Block as TimmBlock
+from torch import nn
+
+from mimar.nn import Block, CrossAttention, MLPBlock, additive_mask, init_linears
+
+
+def test_block_has_timm_weight_names_and_gives_timm_numbers():
+    torch.manual_seed(0)
+    ours = Block(16, 2, mlp_ratio=2.0, init_values=0.5).eval()
+    timm = TimmBlock(16, 2, mlp_ratio=2.0, qkv_bias=True, init_values=0.5).eval()
+    assert set(ours.state_dict()) == set(timm.state_dict())
+    for p in ours.parameters():
+        nn.init.normal_(p)  # LayerScale and norms away from their init too
+    timm.load_state_dict(ours.state_dict(), strict=True)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(ours(x), timm(x))
+
+
+def test_block_without_biases_has_no_bias_weights():
+    block = Block(8, 2, qkv_bias=False, proj_bias=False)
+    assert not [k for k in block.state_dict() if k.startswith(("attn", "mlp")) and "bias" in k]
+    assert isinstance(block.ls1, nn.Identity)  # no LayerScale without init_values
+
+
+def test_additive_mask_matches_the_boolean_mask_and_adds_the_bias():
+    q, k, v = torch.randn(3, 1, 2, 4, 8).unbind(0)  # (B, heads, N, D/heads)
+    allowed = torch.ones(4, 4, dtype=torch.bool).tril()
+    mask = additive_mask(allowed, torch.zeros(2, 4, 4))  # (heads, N, N)
+    assert mask.dtype == torch.float32 and torch.isinf(mask[0, 0, 1])
+    torch.testing.assert_close(
+        F.scaled_dot_product_attention(q, k, v, attn_mask=mask),
+        F.scaled_dot_product_attention(q, k, v, attn_mask=allowed),
+    )
+    bias = torch.randn(2, 4, 4)
+    torch.testing.assert_close(additive_mask(None, bias), bias)
+    torch.testing.assert_close(additive_mask(allowed, bias)[:, allowed], bias[:, allowed])
+
+
+def test_cross_attention_is_softmax_attention_over_the_memory():
+    torch.manual_seed(0)
+    attn = CrossAttention(8, 2)
+    x, memory = torch.randn(1, 3, 8), torch.randn(1, 5, 8)
+    q = attn.q(x).reshape(1, 3, 2, 4).transpose(1, 2)
+    k, v = attn.kv(memory).reshape(1, 5, 2, 2, 4).permute(2, 0, 3, 1, 4)
+    weights = (q @ k.transpose(-1, -2) / math.sqrt(4)).softmax(-1)  # (1, 2, 3, 5)
+    expected = attn.proj((weights @ v).transpose(1, 2).reshape(1, 3, 8))
+    torch.testing.assert_close(attn(x, memory), expected)
+
+
+def test_mlp_block_is_a_residual_per_token_mlp():
+    block = MLPBlock(8, 2.0)
+    x = torch.randn(2, 3, 8)
+    torch.testing.assert_close(block(x), x + block.mlp(block.norm(x)))
+    torch.testing.assert_close(block(x)[:, :1], block(x[:, :1]))  # tokens never mix
+
+
+def test_init_linears_trunc_normal_cutoff_xavier_bound_and_layer_norms():
+    model = nn.Sequential(nn.Linear(64, 256), nn.LayerNorm(256), nn.Conv2d(3, 64, 4))
+    with torch.no_grad():
+        model[1].weight.fill_(3.0)
+        model[2].bias.fill_(1.0)
+    init_linears(model, std=0.02, cutoff=0.02)  # Linear only; LayerNorm untouched
+    w = model[0].weight.detach()
+    assert w.abs().max() <= 0.02 and w.std() > 0.01 and not model[0].bias.any()
+    assert model[1].weight.eq(3.0).all() and model[2].bias.eq(1.0).all()
+    init_linears(model, "xavier", conv=True, layer_norm=True)
+    bound = math.sqrt(6 / (64 + 256))
+    assert w.abs().max() <= bound and w.std() == pytest.approx(bound / math.sqrt(3), rel=0.05)
+    conv_bound = math.sqrt(6 / (64 + 3 * 4 * 4))  # the conv as a (64, C*p*p) linear layer
+    assert model[2].weight.abs().max() <= conv_bound and not model[2].bias.any()
+    assert model[1].weight.eq(1.0).all()
+    with pytest.raises(ValueError, match="xavier"):
+        init_linears(model, "kaiming")
