@@ -52,3 +52,56 @@ def test_unknown_names_list_the_table():
         mimar.load_config(DEMO, ["method.name=mae"])
     with pytest.raises(ConfigError, match=r"unknown backbone 'resnet'"):
         mimar.load_config(DEMO, ["backbone.name=resnet"])
+
+
+TOY_METHOD = '''
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+
+
+@dataclass(frozen=True, kw_only=True)
+class ToyConfig:
+    name: Literal["toy"] = "toy"
+    mask_ratio: float = 0.5
+
+
+class Toy(nn.Module):
+    """Predict hidden patch embeddings' pixels with a linear head: a method in one file."""
+
+    def __init__(self, cfg, backbone):
+        super().__init__()
+        self.cfg, self.backbone = cfg, backbone
+        self.head = nn.Linear(backbone.embed_dim, backbone.patch_size**2 * backbone.in_chans)
+
+    def sample_corruption(self, batch_size, generator=None):
+        noise = torch.rand(batch_size, self.backbone.num_patches, generator=generator)
+        return {"mask": noise < self.cfg.mask_ratio}
+
+    def forward(self, images, *, mask):
+        tokens = self.backbone(images, mask=mask)["tokens"][:, self.backbone.num_prefix_tokens :]
+        p = self.backbone.patch_size
+        target = nn.functional.unfold(images, p, stride=p).transpose(1, 2)  # (B, N, p*p*C)
+        loss = ((self.head(tokens) - target) ** 2).mean(-1)[mask].mean()
+        return {"loss": loss}
+'''
+
+
+def test_a_new_method_is_one_table_line_its_file_and_its_recipe(tmp_path, monkeypatch):
+    (tmp_path / "toy_method.py").write_text(TOY_METHOD)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(names.METHODS, "toy", names.Entry("toy_method", "ToyConfig", "Toy"))
+    recipe = tmp_path / "toy.yaml"
+    recipe.write_text(
+        "method:\n  name: toy\nbackbone:\n  name: vit\n  use_mask_token: true\n"
+        "  img_size: 16\n  patch_size: 4\n  in_chans: 1\n  embed_dim: 32\n  depth: 2\n"
+        "  num_heads: 2\ndata:\n  name: synthetic\n  synthetic_size: 64\n  img_size: 16\n"
+        "  in_chans: 1\n  batch_size: 16\ntrain:\n  steps: 4\n  progress: false\n"
+    )
+    run = tmp_path / "run"
+    assert main(["pretrain", str(recipe), "--run-dir", str(run)]) == 0
+    assert (run / "checkpoints" / "last.pt").exists()
+    assert main(["eval", "knn", "--checkpoint", str(run), "--baselines"]) == 0
+    assert (run / "eval" / "knn.json").exists()
