@@ -54,7 +54,7 @@ def test_stage_dims_per_backbone_and_no_duplicate_parameters_in_the_pyramid():
     b = _backbones()
     assert b["vit"].stage_dims == ()
     assert b["swin"].stage_dims == (8, 16)
-    assert b["hivit"].stage_dims == b["hivit"].stage_widths == (8, 16, 32)
+    assert b["hivit"].stage_dims == (8, 16, 32)
     pyramid = b["pyramid"]
     assert pyramid.stage_dims == (8, 16, 32) and pyramid.mask_token is pyramid.trunk.mask_token
     assert "mask_token" not in pyramid.state_dict() and "trunk.mask_token" in pyramid.state_dict()

@@ -30,7 +30,7 @@ def _hivit(**kw) -> HiViT:
 def _pyramid(fpn_dim=16) -> PyramidBackbone:
     trunk = _hivit()
     torch.manual_seed(1)
-    return PyramidBackbone(trunk, PyramidNeck(trunk.stage_widths, fpn_dim, 1)).eval()
+    return PyramidBackbone(trunk, PyramidNeck(trunk.stage_dims, fpn_dim, 1)).eval()
 
 
 # --- dropped patches are never computed ------------------------------------------------------
@@ -225,7 +225,7 @@ def test_layer_ids_follow_the_official_fine_tuning_code():
     names = {n for n, _ in model.named_parameters()}
     assert set(expected) - {"pos_embed"} <= names
     # through the pyramid wrapper: trunk ids unchanged, the neck on top, decay exemptions kept
-    wrapper = PyramidBackbone(model, PyramidNeck(model.stage_widths, 16, 1))
+    wrapper = PyramidBackbone(model, PyramidNeck(model.stage_dims, 16, 1))
     assert wrapper.layer_id("trunk.blocks.0.attn.qkv.weight") == 5
     assert wrapper.layer_id("neck.split8.reduction.weight") == L + 1
     holder = torch.nn.Module()
@@ -321,7 +321,7 @@ def test_the_pyramid_feeds_a_torchvision_detector():
 
     torch.manual_seed(0)
     trunk = HiViT(HiViTConfig(**{**TINY, "img_size": 32, "in_chans": 3}))
-    backbone = PyramidBackbone(trunk, PyramidNeck(trunk.stage_widths, 16, 1))
+    backbone = PyramidBackbone(trunk, PyramidNeck(trunk.stage_dims, 16, 1))
     model = FasterRCNN(
         PyramidForDetection(backbone),
         num_classes=3,

@@ -1,7 +1,9 @@
 """iTPN against the official code (issue 11): neck init, the switch for the extra LayerNorm
 before the neck, and the official position resampling's early return (METHODS.md §4, §10.10)."""
 
+import pytest
 import torch
+from helpers import patch_teacher
 from torch import nn
 
 from mimar.backbones.hivit import HiViT, HiViTConfig
@@ -46,3 +48,34 @@ def test_official_resampling_applies_only_when_tokens_are_dropped():
     assert not torch.allclose(
         official(x, keep_ids=some)["tokens"], plain(x, keep_ids=some)["tokens"]
     )
+
+
+def test_itpn_clip_mlp_stages_carry_layerscale_01_and_aux_blocks_follow_the_code():
+
+    from mimar.methods.itpn_clip import ITPNCLIP, ITPNCLIPConfig
+
+    kw = dict(TINY, mlp_depth=2, depth=4, use_mask_token=True, init_values=0.1)
+    trunk = HiViT(HiViTConfig(**kw, mlp_init_values=0.1, drop_path_rate=0.1))
+    for block in [*trunk.stage1, *trunk.stage2]:
+        assert torch.equal(block.ls.gamma, torch.full_like(block.ls.gamma, 0.1))
+    plain = HiViT(HiViTConfig(**kw))
+    assert not any("ls" in n for n, _ in plain.stage1.named_parameters())  # switch off: none
+    cfg = ITPNCLIPConfig(num_mask_patches=4, min_num_patches=2, fpn_dim=16)
+    method = ITPNCLIP(cfg, trunk, patch_teacher(grid=(4, 4)))
+    # 8 blocks in all (2 + 2 MLP, 4 attention); the branch reads block 2*2 + int(0.75*4) = 7
+    assert method.aux_layer == 7
+    rates = [b.drop_path1.drop_prob for b in method.aux_blocks]
+    assert rates == pytest.approx([0.1 * 7 / 7, 0.1 * 7 / 7])  # capped at the last position
+    assert all(b.norm1.eps == 1e-5 and b.norm2.eps == 1e-5 for b in method.aux_blocks)
+
+
+def test_aux_drop_path_at_base_depth_is_the_official_0083_0086():
+    from mimar.methods.itpn_clip import ITPNCLIP, ITPNCLIPConfig
+
+    # iTPN-B's depths (3 + 3 MLP blocks, 24 attention blocks, drop path 0.1) at a tiny width
+    kw = dict(TINY, mlp_depth=3, depth=24, use_mask_token=True, drop_path_rate=0.1)
+    cfg = ITPNCLIPConfig(num_mask_patches=4, min_num_patches=2, fpn_dim=16)
+    method = ITPNCLIP(cfg, HiViT(HiViTConfig(**kw)), patch_teacher(grid=(4, 4)))
+    assert method.aux_layer == 24  # after stage-3 block int(0.75 * 24) = 18 (0-based)
+    rates = [b.drop_path1.drop_prob for b in method.aux_blocks]
+    assert rates == pytest.approx([0.0828, 0.0862], abs=1e-4)

@@ -65,6 +65,7 @@ class HiViTConfig:
     bridge_mlp_ratio: float = 3.0  # stages 1-2 (§4.1)
     qkv_bias: bool = True
     init_values: float | None = None  # LayerScale in stage 3: CLIP variant 0.1 (§4.6)
+    mlp_init_values: float | None = None  # LayerScale in stages 1-2: CLIP variant 0.1 (§11.4)
     drop_path_rate: float = 0.0  # linear over all 2 * mlp_depth + depth blocks (§4.1.8)
     use_mask_token: bool = False  # CLIP variant: mask token at the entry of stage 3 (§4.6)
     pos_embed_resample: bool = False  # official pixel code: bicubic resample by (g+0.1)/g
@@ -151,16 +152,17 @@ class HiViT(nn.Module):
         self.grid_size = cfg.img_size // cfg.patch_size
         self.num_patches = self.grid_size**2
         self.stage_dims = (D // 4, D // 2, D)  # f4, f8, stage 3 (the Backbone contract)
-        self.stage_widths = self.stage_dims  # the name iTPN's pyramid_backbone reads
 
         dpr = [cfg.drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
         self.patch_embed = PatchEmbed(cfg)
         self.stage1 = nn.ModuleList(
-            MLPBlock(D // 4, cfg.bridge_mlp_ratio, dpr[j], eps) for j in range(m)
+            MLPBlock(D // 4, cfg.bridge_mlp_ratio, dpr[j], eps, cfg.mlp_init_values)
+            for j in range(m)
         )
         self.merge1 = PatchMerge(D // 4, eps)
         self.stage2 = nn.ModuleList(
-            MLPBlock(D // 2, cfg.bridge_mlp_ratio, dpr[m + j], eps) for j in range(m)
+            MLPBlock(D // 2, cfg.bridge_mlp_ratio, dpr[m + j], eps, cfg.mlp_init_values)
+            for j in range(m)
         )
         self.merge2 = PatchMerge(D // 2, eps)
         # Stage 3 is a plain ViT over main patches: the shared pre-norm attention block.

@@ -45,14 +45,14 @@ class PyramidNeck(nn.Module):
 
     def __init__(
         self,
-        stage_widths: tuple[int, int, int],
+        stage_dims: tuple[int, int, int],
         fpn_dim: int = 256,
         fpn_depth: int = 2,
         mlp_ratio: float = 4.0,
         eps: float = 1e-6,
     ) -> None:
         super().__init__()
-        c1, c2, d = stage_widths
+        c1, c2, d = stage_dims
         self.fpn_dim = F = fpn_dim
 
         def mlp_blocks(count: int) -> nn.Sequential:  # no drop path in the neck

@@ -49,6 +49,7 @@ class ITPNCLIPConfig:
     fpn_depth: int = 1  # §4.6: one MLP block per fused level in the CLIP model
     aux_depth: int = 2  # extra attention blocks of the auxiliary branch, §4.6
     aux_fraction: float = 0.75  # the branch starts after stage-3 block int(0.75 depth), §4.6
+    aux_norm_eps: float = 1e-5  # the aux blocks' LayerNorms: nn.LayerNorm's default (code)
     smooth_l1_beta: float = 1.0  # nn.SmoothL1Loss() default, as the code
 
     def __post_init__(self) -> None:
@@ -81,7 +82,10 @@ class ITPNCLIP(nn.Module):
         # return_layers counts the 2 * mlp_depth MLP blocks first
         depth = backbone.cfg.depth
         self.aux_layer = 2 * backbone.cfg.mlp_depth + int(cfg.aux_fraction * depth)
-        c = backbone.cfg  # the aux blocks are stage-3 blocks of the same shape, no drop path
+        # The aux blocks are stage-3 blocks of the same shape; as the official code, block j
+        # takes the trunk's drop-path rate at position aux_layer + j of its linear schedule
+        # (~0.083, 0.086 for iTPN-B) and PyTorch's default LayerNorm eps (1e-5).
+        c, L = backbone.cfg, backbone.num_layers
         self.aux_blocks = nn.ModuleList(
             Block(
                 D,
@@ -89,9 +93,10 @@ class ITPNCLIP(nn.Module):
                 mlp_ratio=c.mlp_ratio,
                 qkv_bias=c.qkv_bias,
                 init_values=c.init_values,
-                norm_eps=c.norm_eps,
+                drop_path=c.drop_path_rate * min(self.aux_layer + j, L - 1) / max(L - 1, 1),
+                norm_eps=cfg.aux_norm_eps,
             )
-            for _ in range(cfg.aux_depth)
+            for j in range(cfg.aux_depth)
         )
         self.aux_norm = nn.LayerNorm(D, eps=backbone.cfg.norm_eps)
         self.aux_head = nn.Linear(D, teacher.dim)
