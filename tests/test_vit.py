@@ -91,8 +91,16 @@ def test_init_truncated_at_one_std_and_fix_init():
     assert torch.equal(vit.blocks[0].ls1.gamma, torch.full((32,), 0.1))
 
 
+def test_default_init_zero_conv_bias_and_trunc_normal_class_token():
+    vit = ViT(ViTConfig(**TINY))
+    assert not vit.patch_embed.proj.bias.any()
+    assert vit.cls_token.abs().max() <= 0.02 and vit.cls_token.std() > 0.005
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="not divisible"):
         ViTConfig(img_size=30, patch_size=4)
     with pytest.raises(ValueError, match="num_heads"):
         ViTConfig(embed_dim=30, num_heads=4, img_size=16, patch_size=4)
+    with pytest.raises(ValueError, match="cls_token_init must be one of trunc_normal, zeros"):
+        ViTConfig(**TINY, cls_token_init="ones")

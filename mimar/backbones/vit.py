@@ -22,7 +22,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.backbones.base import patch_ids
-from mimar.nn import Block, init_linears, sincos_pos_embed_2d
+from mimar.nn import Block, default_bias_, init_linears, sincos_pos_embed_2d, xavier_uniform_split_
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,6 +47,14 @@ class ViTConfig:
     patch_norm: bool = False  # AIM: LayerNorm right after the patch projection (timm's
     # ``patch_embed.norm``, ``embed_norm_layer="layernorm"``)
     weight_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # AIM: xavier-uniform
+    # With xavier: "split" initialises the q, k and v blocks of the fused qkv weight as three
+    # D x D matrices, as AIM's separate projections (METHODS.md §5.1, §10.3); "fused" treats
+    # it as one 3D x D matrix (bound 0.71x smaller), as MAE / D-iGPT's fused qkv (§6.3).
+    qkv_init: Literal["fused", "split"] = "fused"
+    # "default": the patch conv bias keeps PyTorch's U(+-1/sqrt(C p p)) init, as the official
+    # AIM and D-iGPT code (only the conv weight is re-initialised there); "zeros": SimMIM/EVA
+    patch_bias_init: Literal["zeros", "default"] = "zeros"
+    cls_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal"  # D-iGPT: zeros (§6.3)
     final_norm: bool = True  # False: no final LayerNorm, tokens = raw last block output
 
     def __post_init__(self) -> None:
@@ -62,10 +70,25 @@ class ViTConfig:
             )
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             raise ValueError("backbone.pos_embed=sincos needs embed_dim divisible by 4")
-        if self.weight_init not in ("trunc_normal", "xavier"):
+        for key, allowed in _CHOICES.items():
+            if (value := getattr(self, key)) not in allowed:
+                raise ValueError(
+                    f"backbone.{key} must be one of {', '.join(allowed)}, got {value!r}"
+                )
+        if self.qkv_init == "split" and self.weight_init != "xavier":
             raise ValueError(
-                f"backbone.weight_init must be trunc_normal or xavier, got {self.weight_init!r}"
+                "backbone.qkv_init=split only applies to backbone.weight_init=xavier (a truncated "
+                "normal is the same fused or split)"
             )
+
+
+_CHOICES = {
+    "pos_embed": ("learn", "sincos", "none"),
+    "weight_init": ("trunc_normal", "xavier"),
+    "qkv_init": ("fused", "split"),
+    "patch_bias_init": ("zeros", "default"),
+    "cls_token_init": ("trunc_normal", "zeros"),
+}
 
 
 class PatchEmbed(nn.Module):
@@ -139,9 +162,10 @@ class ViT(nn.Module):
             init_linears(self, "xavier", conv=True, layer_norm=True)
         else:  # SimMIM/EVA: truncated normal, std 0.02 cut at +-1 std (METHODS.md §10.7-8)
             init_linears(self, "trunc_normal", std=0.02, cutoff=0.02, conv=True, layer_norm=True)
-        for token in (self.cls_token, self.mask_token):
-            if token is not None:
-                _trunc_normal(token)
+        if self.cls_token is not None and self.cfg.cls_token_init == "trunc_normal":
+            _trunc_normal(self.cls_token)  # else it stays at zero (D-iGPT)
+        if self.mask_token is not None:
+            _trunc_normal(self.mask_token)
         if self.pos_embed is not None:
             if self.cfg.pos_embed == "sincos":
                 table = sincos_pos_embed_2d(self.cfg.embed_dim, self.grid_size)
@@ -152,6 +176,12 @@ class ViT(nn.Module):
             for layer, block in enumerate(self.blocks, start=1):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
                 block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+        # Drawn last, so that the switches below leave every other initial weight as it was.
+        if self.cfg.qkv_init == "split":
+            for block in self.blocks:
+                xavier_uniform_split_(block.attn.qkv.weight, 3)
+        if self.cfg.patch_bias_init == "default":
+            default_bias_(self.patch_embed.proj)
 
     def embed(
         self,

@@ -2,7 +2,7 @@
 
 from mimar.nn.attention import Attention, CrossAttention, additive_mask
 from mimar.nn.block import Block
-from mimar.nn.init import init_linears
+from mimar.nn.init import default_bias_, init_linears, xavier_uniform_split_
 from mimar.nn.layers import LayerScale
 from mimar.nn.mlp import Mlp, MLPBlock
 from mimar.nn.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
@@ -15,7 +15,9 @@ __all__ = [
     "MLPBlock",
     "Mlp",
     "additive_mask",
+    "default_bias_",
     "init_linears",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
+    "xavier_uniform_split_",
 ]
