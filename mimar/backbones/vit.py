@@ -1,14 +1,17 @@
 """Vision Transformer shared by every mimar method.
 
-One ViT whose switches cover the variants the papers use (SimMIM/EVA mask token, MAE-style
-token dropping, AIM's bias-free prefix-causal trunk, D-iGPT's block-causal mask) instead of
-one ViT per paper. Weight names follow timm's ``VisionTransformer`` (``patch_embed.proj``,
-``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.ls1.gamma``, ``norm``...),
-so ``mimar export`` hands the weights to timm with no key surgery.
+One ViT whose switches cover the variants the papers use (SimMIM/EVA mask token, SimMIM's
+shared relative position bias, MAE-style token dropping, AIM's bias-free prefix-causal trunk,
+D-iGPT's block-causal mask) instead of one ViT per paper. Weight names follow timm's
+``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.{i}.attn.qkv``, ``blocks.{i}.ls1.gamma``, ``norm``...), so ``mimar export`` hands
+the weights to timm with no key surgery; a ViT with a relative position bias exports to
+timm's ``Beit`` instead (``mimar.export``).
 
 Attention uses ``F.scaled_dot_product_attention`` and accepts a mask: boolean (True =
 *allowed*, SDPA's convention) or additive float, shaped ``(N, N)``, ``(B, N, N)`` or
-``(B, 1, N, N)`` over the full token sequence (prefix tokens included).
+``(B, 1, N, N)`` over the full token sequence (prefix tokens included). A relative position
+bias is added to it (a boolean mask becomes 0 / -inf first).
 """
 
 from __future__ import annotations
@@ -22,7 +25,15 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.backbones.base import patch_ids
-from mimar.nn import Block, default_bias_, init_linears, sincos_pos_embed_2d, xavier_uniform_split_
+from mimar.nn import (
+    Block,
+    RelativePositionBias,
+    additive_mask,
+    default_bias_,
+    init_linears,
+    sincos_pos_embed_2d,
+    xavier_uniform_split_,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -56,6 +67,10 @@ class ViTConfig:
     patch_bias_init: Literal["zeros", "default"] = "zeros"
     cls_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal"  # D-iGPT: zeros (§6.3)
     final_norm: bool = True  # False: no final LayerNorm, tokens = raw last block output
+    # BEiT-style learned relative position bias added to the attention logits: one table for
+    # all blocks ("shared": SimMIM ViT pretraining, METHODS.md §2.2) or one per block
+    # ("per_block": SimMIM / BEiT fine-tuning, §2.6; see expand_shared_rel_pos_bias)
+    rel_pos_bias: Literal["none", "shared", "per_block"] = "none"
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -88,6 +103,7 @@ _CHOICES = {
     "qkv_init": ("fused", "split"),
     "patch_bias_init": ("zeros", "default"),
     "cls_token_init": ("trunc_normal", "zeros"),
+    "rel_pos_bias": ("none", "shared", "per_block"),
 }
 
 
@@ -132,6 +148,8 @@ class ViT(nn.Module):
                 torch.zeros(1, embed_len, cfg.embed_dim),
                 requires_grad=cfg.pos_embed == "learn",
             )
+        # shared: ``rel_pos_bias.*`` as timm's Beit; per block: ``blocks.{i}.attn.rel_pos_bias.*``
+        self.rel_pos_bias = self._rel_pos_bias() if cfg.rel_pos_bias == "shared" else None
         # stochastic depth grows linearly with depth (plain floats: builds on the meta device)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -144,6 +162,7 @@ class ViT(nn.Module):
                 init_values=cfg.init_values,
                 drop_path=dpr[i],
                 norm_eps=cfg.norm_eps,
+                rel_pos_bias=self._rel_pos_bias() if cfg.rel_pos_bias == "per_block" else None,
             )
             for i in range(cfg.depth)
         )
@@ -153,6 +172,9 @@ class ViT(nn.Module):
             nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         )
         self.init_weights()
+
+    def _rel_pos_bias(self) -> RelativePositionBias:
+        return RelativePositionBias(self.grid_size, self.cfg.num_heads, self.num_prefix_tokens)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -172,6 +194,9 @@ class ViT(nn.Module):
                 self.pos_embed[:, self.num_prefix_tokens :] = table  # class-token row stays 0
             else:
                 _trunc_normal(self.pos_embed)
+        for name, table in self.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                table.zero_()  # SimMIM's shared table starts at zero (METHODS.md §10.7)
         if self.cfg.fix_init:
             for layer, block in enumerate(self.blocks, start=1):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
@@ -235,15 +260,18 @@ class ViT(nn.Module):
         return_layers: tuple[int, ...] = (),
     ) -> dict:
         x = self.embed(images, mask, keep_ids, order)  # (B, P + n, D)
+        pos_ids = patch_ids(keep_ids, order, x.shape[0], self.num_patches)  # (B, n) or None
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, N, N): broadcast over heads
+        if self.rel_pos_bias is not None:  # one bias for every block: (heads or B, heads, T, T)
+            attn_mask = additive_mask(attn_mask, self.rel_pos_bias(pos_ids))
         for i in return_layers:
             if not -self.num_layers <= i < self.num_layers:
                 raise ValueError(f"layer {i} out of range for a ViT of depth {self.num_layers}")
         wanted = {i % self.num_layers for i in return_layers}
         layers = {}
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, pos_ids)  # pos_ids: per-block relative position bias only
             if i in wanted:
                 layers[i] = x
         out = {"tokens": self.norm(x)}  # (B, P + n, D); norm is Identity without final_norm
@@ -260,8 +288,43 @@ class ViT(nn.Module):
         return self.num_layers + 1
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "mask_token", "pos_embed"}
+        tables = {
+            n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")
+        }
+        return {"cls_token", "mask_token", "pos_embed"} | tables
 
 
 def _trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
     trunc_normal_(t, std=std, a=-std, b=std)
+
+
+def expand_shared_rel_pos_bias(
+    state_dict: dict[str, torch.Tensor], prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """The state dict of a ``rel_pos_bias="shared"`` ViT -> that of the ``"per_block"`` ViT of
+    the same shape: the shared table is copied into every block, as SimMIM/BEiT fine-tuning
+    initialises its per-block tables (METHODS.md §2.6). Right after the copy both models give
+    the same tokens.
+
+    Args:
+        state_dict: the shared-table ViT's weights (other keys pass through unchanged).
+        prefix: the ViT's key prefix inside ``state_dict``, e.g. ``"backbone."`` for a
+            method checkpoint.
+
+    Example::
+
+        per_block = ViT(dataclasses.replace(shared.cfg, rel_pos_bias="per_block"))
+        per_block.load_state_dict(expand_shared_rel_pos_bias(shared.state_dict()))
+    """
+    key = f"{prefix}rel_pos_bias.relative_position_bias_table"
+    if key not in state_dict:
+        raise ValueError(f"no shared relative position bias table {key!r} in the state dict")
+    blocks = {
+        k[len(prefix) :].split(".")[1] for k in state_dict if k.startswith(f"{prefix}blocks.")
+    }
+    out = {k: v for k, v in state_dict.items() if k != key}
+    for i in sorted(blocks, key=int):
+        out[f"{prefix}blocks.{i}.attn.rel_pos_bias.relative_position_bias_table"] = state_dict[
+            key
+        ].clone()
+    return out
