@@ -25,6 +25,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.backbones.base import patch_ids
+from mimar.backbones.timm_beit import from_beit
 from mimar.nn import (
     Block,
     RelativePositionBias,
@@ -172,6 +173,9 @@ class ViT(nn.Module):
             nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         )
         self.init_weights()
+        # also load weights under timm Beit's names (``mimar export`` of a ViT with a relative
+        # position bias, or a timm BEiT checkpoint)
+        self.register_load_state_dict_pre_hook(_accept_beit_names)
 
     def _rel_pos_bias(self) -> RelativePositionBias:
         return RelativePositionBias(self.grid_size, self.cfg.num_heads, self.num_prefix_tokens)
@@ -292,6 +296,10 @@ class ViT(nn.Module):
             n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")
         }
         return {"cls_token", "mask_token", "pos_embed"} | tables
+
+
+def _accept_beit_names(module: ViT, state_dict: dict, prefix: str, *args) -> None:
+    from_beit(state_dict, prefix, module.cfg.proj_bias)
 
 
 def _trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
