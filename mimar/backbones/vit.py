@@ -64,9 +64,11 @@ class ViTConfig:
     # it as one 3D x D matrix (bound 0.71x smaller), as MAE / D-iGPT's fused qkv (§6.3).
     qkv_init: Literal["fused", "split"] = "fused"
     # "default": the patch conv bias keeps PyTorch's U(+-1/sqrt(C p p)) init, as the official
-    # AIM and D-iGPT code (only the conv weight is re-initialised there); "zeros": SimMIM/EVA
+    # AIM (METHODS.md §5.1: only the conv weight is re-initialised) and D-iGPT (MAE-style)
+    # code; "zeros": SimMIM/EVA (§10.7-8)
     patch_bias_init: Literal["zeros", "default"] = "zeros"
-    cls_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal"  # D-iGPT: zeros (§6.3)
+    # "zeros": the official D-iGPT class token starts at zero (§6.3 says only "learnable CLS")
+    cls_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal"
     final_norm: bool = True  # False: no final LayerNorm, tokens = raw last block output
     # BEiT-style learned relative position bias added to the attention logits: one table for
     # all blocks ("shared": SimMIM ViT pretraining, METHODS.md §2.2) or one per block
