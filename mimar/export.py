@@ -1,23 +1,40 @@
-"""Export a pretrained ViT to timm: a safetensors file plus the kwargs to build the model."""
+"""Export a pretrained ViT to timm: a safetensors file plus the kwargs to build the model.
+
+``FILE.json`` beside ``FILE.safetensors`` holds ``timm_model`` and ``kwargs`` for
+``timm.create_model(timm_model, pretrained=False, num_classes=0, **kwargs)``, which then loads
+the file with ``load_state_dict(strict=True)``; ``norm_eps`` (timm builds its LayerNorms with
+1e-6, and a kwarg cannot carry another value: :func:`create_timm_model` sets it); and
+``mimar_backbone``, our config, from which ``mimar.load_backbone`` rebuilds the ViT.
+
+* A plain ViT -> timm's ``VisionTransformer`` (``vit_base_patch16_224`` + kwargs): same
+  weight names, no key surgery.
+* A ViT with a relative position bias (SimMIM's, ``rel_pos_bias`` shared or per block) ->
+  timm's ``Beit`` (``beit_base_patch16_224`` + kwargs), under Beit's names
+  (``mimar.backbones.timm_beit``).
+
+Either way ``forward_features`` equals our ``tokens`` (``fc_norm`` off: timm's final ``norm``
+stays inside ``forward_features``), and pooling is the class token when there is one, else
+the mean of the patch tokens.
+"""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
+from torch import nn
 
+from mimar.backbones.timm_beit import to_beit
 from mimar.backbones.vit import ViT
 from mimar.config import to_dict
 from mimar.errors import ConfigError
 
+TIMM_NORM_EPS = 1e-6  # the eps of timm's LayerNorm, used by VisionTransformer and Beit
+
 
 def timm_kwargs(backbone: ViT) -> dict:
-    """kwargs for ``timm.create_model("vit_base_patch16_224", num_classes=0, **kwargs)``.
-
-    ``fc_norm=False`` keeps timm's final ``norm`` inside ``forward_features`` so that its
-    tokens equal mimar's ``tokens``; pooling is the class token when there is one, else mean.
-    """
+    """kwargs for ``timm.create_model("vit_base_patch16_224", num_classes=0, **kwargs)``."""
     c = backbone.cfg
     return {
         "img_size": c.img_size,
@@ -36,6 +53,40 @@ def timm_kwargs(backbone: ViT) -> dict:
         "pos_embed": "none" if c.pos_embed == "none" else "learn",
         "no_embed_class": False,
         **({"embed_norm_layer": "layernorm"} if c.patch_norm else {}),
+        **({} if c.final_norm else {"final_norm": False}),
+    }
+
+
+def beit_kwargs(backbone: ViT) -> dict:
+    """kwargs for ``timm.create_model("beit_base_patch16_224", num_classes=0, **kwargs)``."""
+    c = backbone.cfg
+    unsupported = {
+        "class_token=false": not c.class_token,  # Beit always has a class token
+        "patch_norm=true": c.patch_norm,  # and no norm after the patch projection
+        "final_norm=false": not c.final_norm,  # its norm is either final or fc_norm
+    }
+    if bad := [name for name, hit in unsupported.items() if hit]:
+        raise ConfigError(
+            f"a ViT with rel_pos_bias={c.rel_pos_bias} exports to timm's Beit, which has no "
+            f"equivalent of backbone.{', backbone.'.join(bad)}"
+        )
+    return {
+        "img_size": c.img_size,
+        "patch_size": c.patch_size,
+        "in_chans": c.in_chans,
+        "embed_dim": c.embed_dim,
+        "depth": c.depth,
+        "num_heads": c.num_heads,
+        "mlp_ratio": c.mlp_ratio,
+        "qkv_bias": c.qkv_bias,  # q and v biases; the k bias is dropped (softmax-invariant)
+        # 0, not None, for no LayerScale: create_model drops None kwargs, and
+        # beit_base_patch16_224 defaults to 0.1
+        "init_values": c.init_values or 0.0,
+        "use_abs_pos_emb": c.pos_embed != "none",
+        "use_rel_pos_bias": c.rel_pos_bias == "per_block",
+        "use_shared_rel_pos_bias": c.rel_pos_bias == "shared",
+        "global_pool": "token",
+        "use_fc_norm": False,
     }
 
 
@@ -47,18 +98,44 @@ def export_timm(backbone: ViT, out: str | Path) -> tuple[Path, Path]:
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must end with .safetensors, got {out}")
+    beit = backbone.cfg.rel_pos_bias != "none"
+    kwargs = beit_kwargs(backbone) if beit else timm_kwargs(backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = {
         k: v.detach().contiguous().cpu()
         for k, v in backbone.state_dict().items()
-        if k != "mask_token"  # a pretraining-only parameter timm's ViT does not have
+        if k != "mask_token"  # a pretraining-only parameter timm's models do not have
     }
+    if beit:
+        weights = {k: v.contiguous() for k, v in to_beit(weights, backbone.embed_dim).items()}
     save_file(weights, str(out))
     meta = {
-        "timm_model": "vit_base_patch16_224",
-        "kwargs": timm_kwargs(backbone),
+        "timm_model": "beit_base_patch16_224" if beit else "vit_base_patch16_224",
+        "kwargs": kwargs,
+        "norm_eps": backbone.cfg.norm_eps,
         "mimar_backbone": to_dict(backbone.cfg),
     }
+    if backbone.cfg.norm_eps != TIMM_NORM_EPS:
+        meta["note"] = (
+            f"LayerNorm eps {backbone.cfg.norm_eps}, timm's default is {TIMM_NORM_EPS}: build "
+            "with mimar.export.create_timm_model(path) or set every LayerNorm's eps by hand"
+        )
     meta_path = out.with_suffix(".json")
     meta_path.write_text(json.dumps(meta, indent=2))
     return out, meta_path
+
+
+def create_timm_model(path: str | Path) -> nn.Module:
+    """The timm model of an exported file, weights loaded strictly, eval mode, with the
+    exported LayerNorm eps (which the kwargs alone cannot set)."""
+    import timm
+
+    path = Path(path)
+    meta = json.loads(path.with_suffix(".json").read_text())
+    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["kwargs"])
+    eps = meta.get("norm_eps", TIMM_NORM_EPS)
+    for m in model.modules():
+        if isinstance(m, nn.LayerNorm):
+            m.eps = eps
+    model.load_state_dict(load_file(path), strict=True)
+    return model.eval()

@@ -1,6 +1,7 @@
 """AIM: orders, prefix-causal attention, next-patch loss, head, export, a short run."""
 
 import json
+import math
 
 import pytest
 import timm
@@ -10,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
 
+import mimar
 from mimar.backbones.vit import ViT, ViTConfig
 from mimar.cli import main
 from mimar.export import export_timm
@@ -166,6 +168,38 @@ def test_prefix_lengths_are_drawn_in_range_and_reproducibly():
     assert draw.min() == 1 and draw.max() == 15  # U{1, ..., N - 1}
     again = model.sample_corruption(4000, torch.Generator().manual_seed(0))["prefix_len"]
     assert torch.equal(draw, again)
+
+
+# --- trunk init (METHODS.md §5.1, §10.3-4) --------------------------------------------------
+
+
+def test_recipe_trunk_inits_q_k_v_apart_keeps_the_conv_bias_and_uses_eps_1e5():
+    cfg = mimar.load_config(AIM_RECIPE)
+    torch.manual_seed(0)
+    trunk = mimar.build_method(cfg).backbone
+    D = cfg.backbone.embed_dim
+    w = trunk.blocks[0].attn.qkv.weight.detach()  # (3D, D): q, k, v stacked
+    assert abs(w.std() / math.sqrt(2 / (D + D)) - 1) < 0.08  # each a D x D xavier matrix
+    for block in trunk.blocks:
+        for part in block.attn.qkv.weight.detach().chunk(3):  # q, k, v
+            assert abs(part.std() / math.sqrt(2 / (D + D)) - 1) < 0.08
+            assert part.abs().max() <= math.sqrt(6 / (D + D))
+    bias = trunk.patch_embed.proj.bias.detach()  # PyTorch's U(+-1/sqrt(C p p)), not zeros
+    bound = 1 / math.sqrt(cfg.backbone.in_chans * cfg.backbone.patch_size**2)
+    assert bias.abs().max() <= bound and bias.abs().min() > 0 and bias.std() > bound / 4
+    norms = [m for m in trunk.modules() if isinstance(m, torch.nn.LayerNorm)]
+    assert norms and all(m.eps == 1e-5 for m in norms)
+    for recipe in ("aim_600m", "aim_1b", "aim_3b", "aim_7b"):
+        big = mimar.load_config(f"configs/aim/{recipe}.yaml").backbone
+        assert (big.norm_eps, big.qkv_init, big.patch_bias_init) == (1e-5, "split", "default")
+
+
+def test_fused_xavier_qkv_is_the_smaller_bound_and_split_needs_xavier():
+    torch.manual_seed(0)
+    fused = ViT(ViTConfig(**{**TRUNK, "embed_dim": 64})).blocks[0].attn.qkv.weight.detach()
+    assert abs(fused.std() / math.sqrt(2 / (64 + 3 * 64)) - 1) < 0.08
+    with pytest.raises(ValueError, match="qkv_init=split"):
+        ViTConfig(**{**TRUNK, "weight_init": "trunc_normal", "qkv_init": "split"})
 
 
 # --- the trunk exports to timm --------------------------------------------------------------

@@ -124,3 +124,20 @@ def test_vit_without_final_norm_returns_the_raw_last_block():
     with torch.no_grad():
         out = vit(x, return_layers=(-1,))
     torch.testing.assert_close(out["tokens"], out["layers"][0])
+
+
+def test_layer_dims_say_what_return_layers_taps_and_evaluation_follows_them():
+    from mimar.evaluation.attentive import default_blocks
+    from mimar.evaluation.features import tap_indices
+
+    b = _backbones()
+    assert b["vit"].layer_dims == (32, 32)
+    assert b["swin"].layer_dims == (8, 16)  # stages
+    assert b["hivit"].layer_dims == (8, 16, 32, 32) == b["pyramid"].layer_dims  # every block
+    assert tap_indices(b["hivit"]) == (0, 1, 2, 3) and tap_indices(b["swin"]) == (0, 1)
+    assert default_blocks(b["hivit"]) == (2, 3)  # stage-3 blocks only: one width
+    assert default_blocks(b["swin"]) == (1,)  # the last stage
+    x = images(2, size=16)
+    for name in ("vit", "swin", "hivit"):
+        layers = b[name](x, return_layers=tap_indices(b[name]))["layers"]
+        assert tuple(t.shape[-1] for t in layers) == b[name].layer_dims, name

@@ -390,3 +390,22 @@ def test_paper_recipe_builds_the_paper_geometry():
     assert len(dec.blocks) == 2 and dec.blocks[0].attn.num_heads == 32
     assert cfg.teacher.kind == "open_clip" and cfg.teacher.model == "ViT-H-14"
     assert (cfg.optim.lr, cfg.optim.betas, cfg.optim.weight_decay) == (2.4e-3, (0.9, 0.95), 0.05)
+
+
+def test_recipe_encoder_init_zero_class_token_default_conv_bias_fused_qkv():
+    # METHODS.md §6.3: MAE-style xavier with one fused qkv; official class token at zero and
+    # PyTorch's default conv bias
+    for recipe in ("vit_tiny_fmnist", "vit_base_clip_in1k"):
+        c = mimar.load_config(ROOT / f"configs/digpt/{recipe}.yaml").backbone
+        assert (c.weight_init, c.qkv_init, c.cls_token_init) == ("xavier", "fused", "zeros")
+        assert c.patch_bias_init == "default"
+    cfg = mimar.load_config(ROOT / "configs/digpt/vit_tiny_fmnist.yaml", ["teacher.kind=pixels"])
+    torch.manual_seed(0)
+    vit = mimar.build_method(cfg).backbone
+    assert torch.equal(vit.cls_token, torch.zeros_like(vit.cls_token))
+    bias = vit.patch_embed.proj.bias.detach()
+    bound = 1 / math.sqrt(cfg.backbone.in_chans * cfg.backbone.patch_size**2)
+    assert bias.abs().max() <= bound and bias.abs().min() > 0
+    D = cfg.backbone.embed_dim
+    qkv = vit.blocks[0].attn.qkv.weight.detach()
+    assert abs(qkv.std() / math.sqrt(2 / (D + 3 * D)) - 1) < 0.08

@@ -91,8 +91,107 @@ def test_init_truncated_at_one_std_and_fix_init():
     assert torch.equal(vit.blocks[0].ls1.gamma, torch.full((32,), 0.1))
 
 
+def test_default_init_zero_conv_bias_and_trunc_normal_class_token():
+    vit = ViT(ViTConfig(**TINY))
+    assert not vit.patch_embed.proj.bias.any()
+    assert vit.cls_token.abs().max() <= 0.02 and vit.cls_token.std() > 0.005
+
+
 def test_bad_config_is_rejected():
     with pytest.raises(ValueError, match="not divisible"):
         ViTConfig(img_size=30, patch_size=4)
     with pytest.raises(ValueError, match="num_heads"):
         ViTConfig(embed_dim=30, num_heads=4, img_size=16, patch_size=4)
+    with pytest.raises(ValueError, match="cls_token_init must be one of trunc_normal, zeros"):
+        ViTConfig(**TINY, cls_token_init="ones")
+
+
+# --- relative position bias (SimMIM ViT, METHODS.md §2.2, §2.6) ------------------------------
+
+
+def _rpb_vit(kind="shared", **kw):
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(**{**TINY, "pos_embed": "none", "rel_pos_bias": kind, **kw})).eval()
+    with torch.no_grad():  # away from the zero init, so that the bias matters
+        for name, p in vit.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                p.normal_()
+    return vit
+
+
+def test_relative_position_index_is_timms_beit_layout():
+    from timm.models.beit import gen_relative_position_index
+
+    from mimar.nn import relative_position_index
+
+    assert torch.equal(relative_position_index(4, 1), gen_relative_position_index((4, 4)))
+    assert torch.equal(relative_position_index(3, 0), gen_relative_position_index((3, 3))[1:, 1:])
+
+
+def test_shared_table_starts_at_zero_no_abs_pos_no_decay_and_its_layer_ids():
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(**TINY, pos_embed="none", rel_pos_bias="shared"))
+    table = vit.rel_pos_bias.relative_position_bias_table
+    assert table.shape == ((2 * 4 - 1) ** 2 + 3, 2) and not table.any()
+    assert vit.pos_embed is None
+    assert "rel_pos_bias.relative_position_bias_table" in vit.no_weight_decay()
+    assert vit.layer_id("rel_pos_bias.relative_position_bias_table") == 3  # as BEiT: L + 1
+    per = ViT(ViTConfig(**TINY, rel_pos_bias="per_block"))
+    name = "blocks.1.attn.rel_pos_bias.relative_position_bias_table"
+    assert name in per.no_weight_decay() and per.layer_id(name) == 2
+    assert "relative_position_index" not in str(list(per.state_dict()))  # a buffer, as timm
+
+
+@pytest.mark.parametrize("kind", ["shared", "per_block"])
+def test_bias_is_added_to_the_logits_and_combined_with_a_boolean_mask(kind):
+    from mimar.nn import additive_mask
+
+    vit = _rpb_vit(kind)
+    plain = ViT(ViTConfig(**{**TINY, "pos_embed": "none"})).eval()
+    plain.load_state_dict(vit.state_dict(), strict=False)  # same weights, no tables
+    x = torch.randn(2, 1, 16, 16)
+    causal = torch.ones(17, 17, dtype=torch.bool).tril()
+    with torch.no_grad():
+        out = vit(x, attn_mask=causal)["tokens"]
+        assert not torch.allclose(out, plain(x, attn_mask=causal)["tokens"])
+        # the same network with the bias given by hand as an additive mask, one block at a time
+        h = vit.embed(x)
+        for block, twin in zip(vit.blocks, plain.blocks):
+            table = (vit.rel_pos_bias or block.attn.rel_pos_bias)()  # (heads, T, T)
+            h = twin(h, additive_mask(causal, table))
+        torch.testing.assert_close(out, vit.norm(h))
+
+
+@pytest.mark.parametrize("kind", ["shared", "per_block"])
+def test_dropped_and_reordered_tokens_keep_their_relative_offsets(kind):
+    vit = _rpb_vit(kind)
+    x = torch.randn(2, 1, 16, 16)
+    order = torch.stack([torch.randperm(16), torch.randperm(16)])
+    with torch.no_grad():
+        full = vit(x)["tokens"]
+        moved = vit(x, order=order)["tokens"]
+        kept = vit(x, keep_ids=order[:, :5])["tokens"]
+        alone = vit(x, keep_ids=order[:1, :5].expand(2, -1))["tokens"]
+    take = lambda t, ids: torch.stack([t[i, 1:][ids[i]] for i in range(2)])  # noqa: E731
+    torch.testing.assert_close(moved[:, 0], full[:, 0])
+    torch.testing.assert_close(moved[:, 1:], take(full, order))
+    assert kept.shape == (2, 6, 32)
+    torch.testing.assert_close(alone[0], kept[0])  # per-sample ids index per-sample biases
+
+
+def test_expand_shared_table_into_every_block_gives_the_same_tokens():
+    from dataclasses import replace
+
+    from mimar.backbones.vit import expand_shared_rel_pos_bias
+
+    shared = _rpb_vit("shared", init_values=0.1)
+    per_block = ViT(replace(shared.cfg, rel_pos_bias="per_block")).eval()
+    per_block.load_state_dict(expand_shared_rel_pos_bias(shared.state_dict()), strict=True)
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(per_block(x)["tokens"], shared(x)["tokens"])
+    wrapped = {f"backbone.{k}": v for k, v in shared.state_dict().items()}
+    expanded = expand_shared_rel_pos_bias(wrapped, prefix="backbone.")
+    assert "backbone.blocks.1.attn.rel_pos_bias.relative_position_bias_table" in expanded
+    with pytest.raises(ValueError, match="no shared relative position bias"):
+        expand_shared_rel_pos_bias(per_block.state_dict())

@@ -62,6 +62,9 @@ class Backbone(Protocol):
     num_patches: int  # N = grid_size ** 2: the ids that mask / keep_ids / order refer to
     mask_token: nn.Parameter | None  # replaces hidden patches (``mask``); None: no masking
     stage_dims: tuple[int, ...]  # per-stage widths of a hierarchical backbone; () for a ViT
+    # width of each output ``return_layers`` can tap, in index order: a ViT's blocks, HiViT's
+    # MLP and attention blocks, Swin's stages (evaluation taps them by these)
+    layer_dims: tuple[int, ...]
 
     def forward(
         self,

@@ -152,6 +152,7 @@ class HiViT(nn.Module):
         self.grid_size = cfg.img_size // cfg.patch_size
         self.num_patches = self.grid_size**2
         self.stage_dims = (D // 4, D // 2, D)  # f4, f8, stage 3 (the Backbone contract)
+        self.layer_dims = (D // 4,) * m + (D // 2,) * m + (D,) * cfg.depth  # every block
 
         dpr = [cfg.drop_path_rate * i / max(self.num_layers - 1, 1) for i in range(self.num_layers)]
         self.patch_embed = PatchEmbed(cfg)

@@ -110,7 +110,7 @@ class PyramidBackbone(nn.Module):
         self.trunk, self.neck = trunk, neck
         for key in ("cfg", "embed_dim", "num_layers", "num_prefix_tokens", "patch_size"):
             setattr(self, key, getattr(trunk, key))
-        for key in ("out_stride", "in_chans", "img_size", "grid_size", "num_patches"):
+        for key in ("out_stride", "in_chans", "img_size", "grid_size", "num_patches", "layer_dims"):
             setattr(self, key, getattr(trunk, key))
         self.fpn_dim = neck.fpn_dim
         p = trunk.patch_size

@@ -110,6 +110,7 @@ class Swin(nn.Module):
         num_stages = len(cfg.depths)
         self.stage_dims = tuple(cfg.embed_dim * 2**s for s in range(num_stages))
         self.embed_dim = self.stage_dims[-1]
+        self.layer_dims = self.stage_dims  # return_layers taps stages
         self.num_layers = sum(cfg.depths)
         self.num_prefix_tokens = 0
         self.patch_size = cfg.patch_size

@@ -1,14 +1,17 @@
 """Vision Transformer shared by every mimar method.
 
-One ViT whose switches cover the variants the papers use (SimMIM/EVA mask token, MAE-style
-token dropping, AIM's bias-free prefix-causal trunk, D-iGPT's block-causal mask) instead of
-one ViT per paper. Weight names follow timm's ``VisionTransformer`` (``patch_embed.proj``,
-``cls_token``, ``pos_embed``, ``blocks.{i}.attn.qkv``, ``blocks.{i}.ls1.gamma``, ``norm``...),
-so ``mimar export`` hands the weights to timm with no key surgery.
+One ViT whose switches cover the variants the papers use (SimMIM/EVA mask token, SimMIM's
+shared relative position bias, MAE-style token dropping, AIM's bias-free prefix-causal trunk,
+D-iGPT's block-causal mask) instead of one ViT per paper. Weight names follow timm's
+``VisionTransformer`` (``patch_embed.proj``, ``cls_token``, ``pos_embed``,
+``blocks.{i}.attn.qkv``, ``blocks.{i}.ls1.gamma``, ``norm``...), so ``mimar export`` hands
+the weights to timm with no key surgery; a ViT with a relative position bias exports to
+timm's ``Beit`` instead (``mimar.export``).
 
 Attention uses ``F.scaled_dot_product_attention`` and accepts a mask: boolean (True =
 *allowed*, SDPA's convention) or additive float, shaped ``(N, N)``, ``(B, N, N)`` or
-``(B, 1, N, N)`` over the full token sequence (prefix tokens included).
+``(B, 1, N, N)`` over the full token sequence (prefix tokens included). A relative position
+bias is added to it (a boolean mask becomes 0 / -inf first).
 """
 
 from __future__ import annotations
@@ -22,7 +25,16 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.backbones.base import patch_ids
-from mimar.nn import Block, init_linears, sincos_pos_embed_2d
+from mimar.backbones.timm_beit import from_beit
+from mimar.nn import (
+    Block,
+    RelativePositionBias,
+    additive_mask,
+    default_bias_,
+    init_linears,
+    sincos_pos_embed_2d,
+    xavier_uniform_split_,
+)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -47,7 +59,21 @@ class ViTConfig:
     patch_norm: bool = False  # AIM: LayerNorm right after the patch projection (timm's
     # ``patch_embed.norm``, ``embed_norm_layer="layernorm"``)
     weight_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # AIM: xavier-uniform
+    # With xavier: "split" initialises the q, k and v blocks of the fused qkv weight as three
+    # D x D matrices, as AIM's separate projections (METHODS.md §5.1, §10.3); "fused" treats
+    # it as one 3D x D matrix (bound 0.71x smaller), as MAE / D-iGPT's fused qkv (§6.3).
+    qkv_init: Literal["fused", "split"] = "fused"
+    # "default": the patch conv bias keeps PyTorch's U(+-1/sqrt(C p p)) init, as the official
+    # AIM (METHODS.md §5.1: only the conv weight is re-initialised) and D-iGPT (MAE-style)
+    # code; "zeros": SimMIM/EVA (§10.7-8)
+    patch_bias_init: Literal["zeros", "default"] = "zeros"
+    # "zeros": the official D-iGPT class token starts at zero (§6.3 says only "learnable CLS")
+    cls_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal"
     final_norm: bool = True  # False: no final LayerNorm, tokens = raw last block output
+    # BEiT-style learned relative position bias added to the attention logits: one table for
+    # all blocks ("shared": SimMIM ViT pretraining, METHODS.md §2.2) or one per block
+    # ("per_block": SimMIM / BEiT fine-tuning, §2.6; see expand_shared_rel_pos_bias)
+    rel_pos_bias: Literal["none", "shared", "per_block"] = "none"
 
     def __post_init__(self) -> None:
         if self.img_size % self.patch_size:
@@ -62,10 +88,26 @@ class ViTConfig:
             )
         if self.pos_embed == "sincos" and self.embed_dim % 4:
             raise ValueError("backbone.pos_embed=sincos needs embed_dim divisible by 4")
-        if self.weight_init not in ("trunc_normal", "xavier"):
+        for key, allowed in _CHOICES.items():
+            if (value := getattr(self, key)) not in allowed:
+                raise ValueError(
+                    f"backbone.{key} must be one of {', '.join(allowed)}, got {value!r}"
+                )
+        if self.qkv_init == "split" and self.weight_init != "xavier":
             raise ValueError(
-                f"backbone.weight_init must be trunc_normal or xavier, got {self.weight_init!r}"
+                "backbone.qkv_init=split only applies to backbone.weight_init=xavier (a truncated "
+                "normal is the same fused or split)"
             )
+
+
+_CHOICES = {
+    "pos_embed": ("learn", "sincos", "none"),
+    "weight_init": ("trunc_normal", "xavier"),
+    "qkv_init": ("fused", "split"),
+    "patch_bias_init": ("zeros", "default"),
+    "cls_token_init": ("trunc_normal", "zeros"),
+    "rel_pos_bias": ("none", "shared", "per_block"),
+}
 
 
 class PatchEmbed(nn.Module):
@@ -93,6 +135,7 @@ class ViT(nn.Module):
         self.num_patches = self.grid_size**2
         self.num_prefix_tokens = int(cfg.class_token)
         self.stage_dims: tuple[int, ...] = ()  # not hierarchical
+        self.layer_dims = (cfg.embed_dim,) * cfg.depth  # return_layers taps blocks
 
         self.patch_embed = PatchEmbed(cfg)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim)) if cfg.class_token else None
@@ -109,6 +152,8 @@ class ViT(nn.Module):
                 torch.zeros(1, embed_len, cfg.embed_dim),
                 requires_grad=cfg.pos_embed == "learn",
             )
+        # shared: ``rel_pos_bias.*`` as timm's Beit; per block: ``blocks.{i}.attn.rel_pos_bias.*``
+        self.rel_pos_bias = self._rel_pos_bias() if cfg.rel_pos_bias == "shared" else None
         # stochastic depth grows linearly with depth (plain floats: builds on the meta device)
         dpr = [cfg.drop_path_rate * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
         self.blocks = nn.ModuleList(
@@ -121,6 +166,7 @@ class ViT(nn.Module):
                 init_values=cfg.init_values,
                 drop_path=dpr[i],
                 norm_eps=cfg.norm_eps,
+                rel_pos_bias=self._rel_pos_bias() if cfg.rel_pos_bias == "per_block" else None,
             )
             for i in range(cfg.depth)
         )
@@ -130,6 +176,12 @@ class ViT(nn.Module):
             nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
         )
         self.init_weights()
+        # also load weights under timm Beit's names (``mimar export`` of a ViT with a relative
+        # position bias, or a timm BEiT checkpoint)
+        self.register_load_state_dict_pre_hook(_accept_beit_names)
+
+    def _rel_pos_bias(self) -> RelativePositionBias:
+        return RelativePositionBias(self.grid_size, self.cfg.num_heads, self.num_prefix_tokens)
 
     @torch.no_grad()
     def init_weights(self) -> None:
@@ -139,19 +191,29 @@ class ViT(nn.Module):
             init_linears(self, "xavier", conv=True, layer_norm=True)
         else:  # SimMIM/EVA: truncated normal, std 0.02 cut at +-1 std (METHODS.md §10.7-8)
             init_linears(self, "trunc_normal", std=0.02, cutoff=0.02, conv=True, layer_norm=True)
-        for token in (self.cls_token, self.mask_token):
-            if token is not None:
-                _trunc_normal(token)
+        if self.cls_token is not None and self.cfg.cls_token_init == "trunc_normal":
+            _trunc_normal(self.cls_token)  # else it stays at zero (D-iGPT)
+        if self.mask_token is not None:
+            _trunc_normal(self.mask_token)
         if self.pos_embed is not None:
             if self.cfg.pos_embed == "sincos":
                 table = sincos_pos_embed_2d(self.cfg.embed_dim, self.grid_size)
                 self.pos_embed[:, self.num_prefix_tokens :] = table  # class-token row stays 0
             else:
                 _trunc_normal(self.pos_embed)
+        for name, table in self.named_parameters():
+            if name.endswith("relative_position_bias_table"):
+                table.zero_()  # SimMIM's shared table starts at zero (METHODS.md §10.7)
         if self.cfg.fix_init:
             for layer, block in enumerate(self.blocks, start=1):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
                 block.mlp.fc2.weight.div_(math.sqrt(2.0 * layer))
+        # Drawn last, so that the switches below leave every other initial weight as it was.
+        if self.cfg.qkv_init == "split":
+            for block in self.blocks:
+                xavier_uniform_split_(block.attn.qkv.weight, 3)
+        if self.cfg.patch_bias_init == "default":
+            default_bias_(self.patch_embed.proj)
 
     def embed(
         self,
@@ -205,15 +267,18 @@ class ViT(nn.Module):
         return_layers: tuple[int, ...] = (),
     ) -> dict:
         x = self.embed(images, mask, keep_ids, order)  # (B, P + n, D)
+        pos_ids = patch_ids(keep_ids, order, x.shape[0], self.num_patches)  # (B, n) or None
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, N, N): broadcast over heads
+        if self.rel_pos_bias is not None:  # one bias for every block: (heads or B, heads, T, T)
+            attn_mask = additive_mask(attn_mask, self.rel_pos_bias(pos_ids))
         for i in return_layers:
             if not -self.num_layers <= i < self.num_layers:
                 raise ValueError(f"layer {i} out of range for a ViT of depth {self.num_layers}")
         wanted = {i % self.num_layers for i in return_layers}
         layers = {}
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask)
+            x = block(x, attn_mask, pos_ids)  # pos_ids: per-block relative position bias only
             if i in wanted:
                 layers[i] = x
         out = {"tokens": self.norm(x)}  # (B, P + n, D); norm is Identity without final_norm
@@ -230,8 +295,47 @@ class ViT(nn.Module):
         return self.num_layers + 1
 
     def no_weight_decay(self) -> set[str]:
-        return {"cls_token", "mask_token", "pos_embed"}
+        tables = {
+            n for n, _ in self.named_parameters() if n.endswith("relative_position_bias_table")
+        }
+        return {"cls_token", "mask_token", "pos_embed"} | tables
+
+
+def _accept_beit_names(module: ViT, state_dict: dict, prefix: str, *args) -> None:
+    from_beit(state_dict, prefix, module.cfg.proj_bias)
 
 
 def _trunc_normal(t: torch.Tensor, std: float = 0.02) -> None:
     trunc_normal_(t, std=std, a=-std, b=std)
+
+
+def expand_shared_rel_pos_bias(
+    state_dict: dict[str, torch.Tensor], prefix: str = ""
+) -> dict[str, torch.Tensor]:
+    """The state dict of a ``rel_pos_bias="shared"`` ViT -> that of the ``"per_block"`` ViT of
+    the same shape: the shared table is copied into every block, as SimMIM/BEiT fine-tuning
+    initialises its per-block tables (METHODS.md §2.6). Right after the copy both models give
+    the same tokens.
+
+    Args:
+        state_dict: the shared-table ViT's weights (other keys pass through unchanged).
+        prefix: the ViT's key prefix inside ``state_dict``, e.g. ``"backbone."`` for a
+            method checkpoint.
+
+    Example::
+
+        per_block = ViT(dataclasses.replace(shared.cfg, rel_pos_bias="per_block"))
+        per_block.load_state_dict(expand_shared_rel_pos_bias(shared.state_dict()))
+    """
+    key = f"{prefix}rel_pos_bias.relative_position_bias_table"
+    if key not in state_dict:
+        raise ValueError(f"no shared relative position bias table {key!r} in the state dict")
+    blocks = {
+        k[len(prefix) :].split(".")[1] for k in state_dict if k.startswith(f"{prefix}blocks.")
+    }
+    out = {k: v for k, v in state_dict.items() if k != key}
+    for i in sorted(blocks, key=int):
+        out[f"{prefix}blocks.{i}.attn.rel_pos_bias.relative_position_bias_table"] = state_dict[
+            key
+        ].clone()
+    return out

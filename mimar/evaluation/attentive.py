@@ -89,12 +89,12 @@ def probe_heads(backbone: nn.Module) -> int:
 
 
 def default_blocks(backbone: nn.Module, count: int = 3) -> tuple[int, ...]:
-    """The last ``min(count, depth)`` blocks (ml-aim "last" averages 6 of 24; our models are
-    tiny). Swin's taps are stages of different widths, so there only the last stage."""
-    if getattr(backbone, "stage_dims", None):
-        return (-1,)
-    depth = backbone.num_layers
-    return tuple(range(depth - min(count, depth), depth))
+    """The last ``count`` taps of the final width (ml-aim "last" averages 6 of 24; our models
+    are tiny): a ViT's or HiViT's last blocks; for Swin, whose taps are stages of different
+    widths, the last stage only."""
+    dims = backbone.layer_dims
+    last = [i for i, d in enumerate(dims) if d == dims[-1]][-count:]
+    return tuple(last)
 
 
 def attentive_probe(

@@ -71,13 +71,9 @@ def causal_mask(num_tokens: int, order: torch.Tensor | None = None) -> torch.Ten
 
 
 def tap_indices(backbone: nn.Module) -> tuple[int, ...]:
-    """Every index ``return_layers`` accepts: blocks for a ViT, stages for a Swin.
-
-    Swin's ``"layers"`` are its stages (see ``mimar.backbones.swin``), which it lists as
-    ``stage_dims``; every other backbone taps its ``num_layers`` blocks.
-    """
-    stage_dims = getattr(backbone, "stage_dims", None)
-    return tuple(range(len(stage_dims) if stage_dims else backbone.num_layers))
+    """Every index ``return_layers`` accepts (the contract's ``layer_dims``): blocks for a ViT
+    or HiViT, stages for a Swin."""
+    return tuple(range(len(backbone.layer_dims)))
 
 
 def extract_features(

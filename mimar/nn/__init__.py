@@ -2,10 +2,15 @@
 
 from mimar.nn.attention import Attention, CrossAttention, additive_mask
 from mimar.nn.block import Block
-from mimar.nn.init import init_linears
+from mimar.nn.init import default_bias_, init_linears, xavier_uniform_split_
 from mimar.nn.layers import LayerScale
 from mimar.nn.mlp import Mlp, MLPBlock
-from mimar.nn.pos_embed import sincos_pos_embed_1d, sincos_pos_embed_2d
+from mimar.nn.pos_embed import (
+    RelativePositionBias,
+    relative_position_index,
+    sincos_pos_embed_1d,
+    sincos_pos_embed_2d,
+)
 
 __all__ = [
     "Attention",
@@ -14,8 +19,12 @@ __all__ = [
     "LayerScale",
     "MLPBlock",
     "Mlp",
+    "RelativePositionBias",
     "additive_mask",
+    "default_bias_",
     "init_linears",
+    "relative_position_index",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
+    "xavier_uniform_split_",
 ]

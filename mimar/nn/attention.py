@@ -12,17 +12,36 @@ from torch import nn
 
 
 class Attention(nn.Module):
-    """Self-attention with a fused ``qkv`` projection (timm names ``qkv``, ``proj``)."""
+    """Self-attention with a fused ``qkv`` projection (timm names ``qkv``, ``proj``).
+
+    ``rel_pos_bias`` (optional): this layer's own relative position bias module, called as
+    ``rel_pos_bias(pos_ids)`` and added to the logits (BEiT's per-block table).
+    """
 
     def __init__(
-        self, dim: int, num_heads: int, qkv_bias: bool = True, proj_bias: bool = True
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_bias: bool = True,
+        rel_pos_bias: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
         self.proj = nn.Linear(dim, dim, bias=proj_bias)
+        self.rel_pos_bias = rel_pos_bias
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        pos_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """``x (B, N, D)``; ``pos_ids (B, n)``: the patch ids of the patch tokens, for the
+        relative position bias only (None: every patch, row-major)."""
+        if self.rel_pos_bias is not None:
+            attn_mask = additive_mask(attn_mask, self.rel_pos_bias(pos_ids))
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, D/heads)

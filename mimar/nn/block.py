@@ -26,6 +26,8 @@ class Block(nn.Module):
         init_values: LayerScale initial value; None or 0 = no LayerScale.
         drop_path: stochastic-depth rate of both residual branches.
         norm_eps: LayerNorm epsilon.
+        rel_pos_bias: this block's own relative position bias module (BEiT per-block
+            table, ``attn.rel_pos_bias.*``), or None.
     """
 
     def __init__(
@@ -39,10 +41,11 @@ class Block(nn.Module):
         init_values: float | None = None,
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
+        rel_pos_bias: nn.Module | None = None,
     ) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias)
+        self.attn = Attention(dim, num_heads, qkv_bias, proj_bias, rel_pos_bias)
         self.ls1 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path1 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
@@ -50,6 +53,11 @@ class Block(nn.Module):
         self.ls2 = LayerScale(dim, init_values) if init_values else nn.Identity()
         self.drop_path2 = DropPath(drop_path) if drop_path > 0 else nn.Identity()
 
-    def forward(self, x: torch.Tensor, attn_mask: torch.Tensor | None = None) -> torch.Tensor:
-        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask)))
+    def forward(
+        self,
+        x: torch.Tensor,
+        attn_mask: torch.Tensor | None = None,
+        pos_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        x = x + self.drop_path1(self.ls1(self.attn(self.norm1(x), attn_mask, pos_ids)))
         return x + self.drop_path2(self.ls2(self.mlp(self.norm2(x))))

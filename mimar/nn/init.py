@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 import torch
@@ -49,3 +50,22 @@ def init_linears(
         elif layer_norm and isinstance(m, nn.LayerNorm):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
+
+
+@torch.no_grad()
+def xavier_uniform_split_(weight: torch.Tensor, chunks: int) -> None:
+    """Xavier-uniform each of ``chunks`` equal row blocks of ``weight`` as its own matrix.
+
+    A fused ``qkv`` weight ``(3D, D)`` initialised as three ``(D, D)`` blocks gets the bound
+    ``sqrt(6 / 2D)`` of separate q, k, v projections instead of ``sqrt(6 / 4D)``.
+    """
+    for block in weight.chunk(chunks, dim=0):
+        nn.init.xavier_uniform_(block)
+
+
+@torch.no_grad()
+def default_bias_(layer: nn.Linear | nn.Conv2d) -> None:
+    """PyTorch's own bias init of a Linear / Conv: ``U(-1/sqrt(fan_in), 1/sqrt(fan_in))``."""
+    fan_in = layer.weight[0].numel()
+    bound = 1 / math.sqrt(fan_in) if fan_in > 0 else 0.0
+    nn.init.uniform_(layer.bias, -bound, bound)
