@@ -54,7 +54,7 @@ class OptimConfig:
     weight_decay: float = 0.05
     # Backbone parameters that DO get weight decay although the backbone exempts them (its
     # no_weight_decay(): class/mask tokens, position tables): fnmatch patterns on names
-    # relative to method.backbone. The official codes differ (METHODS.md §2.5, §4.5, §6.7):
+    # relative to method.backbone. The official codes differ (docs/METHODS.md §2.5, §4.5, §6.7):
     # SimMIM-ViT and EVA decay the mask token, SimMIM-Swin its relative-position tables,
     # iTPN-pixel its position table, D-iGPT its class token; each recipe says which.
     weight_decay_on: tuple[str, ...] = ()

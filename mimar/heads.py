@@ -9,7 +9,7 @@ from mimar.nn import Attention, Block, CrossAttention, Mlp, init_linears, sincos
 
 
 class PixelShuffleHead(nn.Module):
-    """SimMIM's one-layer linear decoder (METHODS.md §2.3).
+    """SimMIM's one-layer linear decoder (docs/METHODS.md §2.3).
 
     A 1x1 convolution maps every token of the ``(B, D, h, w)`` feature map to
     ``stride^2 * C`` values, and ``PixelShuffle(stride)`` lays them out as the
@@ -31,7 +31,7 @@ class AIMHeadBlock(nn.Module):
 
     ``residual_norm`` reproduces the released l3m config, which builds the head from
     transformer blocks with an identity in the attention slot, so each block also adds its
-    normalised input: ``h += LN_a(h)`` first (METHODS.md §5.3; the paper's text omits it).
+    normalised input: ``h += LN_a(h)`` first (docs/METHODS.md §5.3; the paper's text omits it).
     """
 
     def __init__(self, width: int, mlp_ratio: float, residual_norm: bool, eps: float) -> None:
@@ -50,7 +50,7 @@ class AIMHeadBlock(nn.Module):
 
 
 class AIMHead(nn.Module):
-    """AIM's heavy MLP head (METHODS.md §5.3): every token is decoded on its own.
+    """AIM's heavy MLP head (docs/METHODS.md §5.3): every token is decoded on its own.
 
     ``Linear(D -> W) + sincos positions -> depth x AIMHeadBlock(W) -> LN -> Linear(W -> T)``.
     All linears are xavier-uniform with zero biases (§10: the official scaled init of the last
@@ -87,7 +87,7 @@ class AIMHead(nn.Module):
 
 
 class PyramidEmbed(nn.Module):
-    """Each pyramid level -> one ``dim`` vector per main patch (iTPN, METHODS.md §4.3, §4.6).
+    """Each pyramid level -> one ``dim`` vector per main patch (iTPN, docs/METHODS.md §4.3, §4.6).
 
     Level l with s x s sub-tokens per patch is embedded per sub-token by
     ``LN -> Linear(F -> dim / s^2)`` and its sub-tokens are concatenated row-major: a learned
@@ -115,7 +115,7 @@ class PyramidEmbed(nn.Module):
 
 
 class PyramidPixelDecoder(nn.Module):
-    """iTPN's multi-level fusion decoder (METHODS.md §4.3): the pyramid of the kept patches
+    """iTPN's multi-level fusion decoder (docs/METHODS.md §4.3): the pyramid of the kept patches
     -> decoder tokens of all N patches, ``(B, N, dim)`` after the final LayerNorm.
 
     Each level is embedded by :class:`PyramidEmbed` (widths dim, dim/4, dim/16 per sub-token);
@@ -165,7 +165,7 @@ class PyramidPixelDecoder(nn.Module):
 
 
 class PyramidFusionHead(nn.Module):
-    """iTPN-CLIP's head (METHODS.md §4.6): the levels downsampled to the main-patch grid by
+    """iTPN-CLIP's head (docs/METHODS.md §4.6): the levels downsampled to the main-patch grid by
     :class:`PyramidEmbed` (widths D, D/4, D/16 per sub-token) and summed -- no mask tokens, no
     decoder transformer -- then ``LN -> Linear(D -> D_t)`` (the code's ``lm_head``)."""
 
@@ -182,7 +182,7 @@ class PyramidFusionHead(nn.Module):
 
 
 class DiGPTDecoderBlock(nn.Module):
-    """D-iGPT's decoder block (METHODS.md §6.5), pre-norm, one mask for both attentions:
+    """D-iGPT's decoder block (docs/METHODS.md §6.5), pre-norm, one mask for both attentions:
 
     ``q += SelfAttn(LN1(q)); q += CrossAttn(LN2a(q), LN2b(memory)); q += MLP(LN3(q))``.
     """
@@ -206,7 +206,7 @@ class DiGPTDecoderBlock(nn.Module):
 
 
 class DiGPTDecoder(nn.Module):
-    """One of D-iGPT's two decoders (METHODS.md §6.3, §6.5): position-only queries that read a
+    """One of D-iGPT's two decoders (docs/METHODS.md §6.3, §6.5): position-only queries that read a
     multi-depth memory of the encoder and predict teacher features.
 
     Memory: the raw outputs of ``num_layers`` encoder blocks, each through one shared

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor) -> torch.Tensor:
-    """SimMIM's loss (METHODS.md §2.4): mean |pred - target| over hidden pixel-channels.
+    """SimMIM's loss (docs/METHODS.md §2.4): mean |pred - target| over hidden pixel-channels.
 
     ``sum(|pred - target| * m) / (sum(m) + 1e-5) / C`` where ``m`` is the ``(B, 1, H, W)``
     pixel mask (1 = hidden) and ``C`` the channel count: ``sum(m)`` counts hidden pixel
@@ -20,7 +20,7 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, pixel_mask: torch.Tensor
 
 
 def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
-    """AIM's loss (METHODS.md §5.4): squared error averaged over the T values of a token,
+    """AIM's loss (docs/METHODS.md §5.4): squared error averaged over the T values of a token,
     then over the valid tokens of the whole batch.
 
     ``sum_{b,i} valid[b,i] * mean_t (pred - target)^2 / sum(valid)`` for ``(B, N, T)``
@@ -32,7 +32,7 @@ def masked_mse(pred: torch.Tensor, target: torch.Tensor, valid: torch.Tensor) ->
 
 
 def neg_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """EVA's loss (METHODS.md §3.4): minus the cosine similarity of each row of ``pred`` with
+    """EVA's loss (docs/METHODS.md §3.4): minus the cosine similarity of each row of ``pred`` with
     the same row of ``target``, averaged over the rows.
 
     ``-mean_i cos(pred_i, target_i)`` for ``(M, T)`` inputs (any leading shape works: every
@@ -44,7 +44,7 @@ def neg_cosine(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0) -> torch.Tensor:
-    """iTPN-CLIP's loss (METHODS.md §4.6): smooth L1 averaged over every value of every token.
+    """iTPN-CLIP's loss (docs/METHODS.md §4.6): smooth L1 averaged over every value of every token.
 
     ``mean over all B * N * T elements of (0.5 d^2 / beta if |d| < beta else |d| - beta / 2)``
     with ``d = pred - target`` (``nn.SmoothL1Loss()``'s default mean), computed in fp32. The
@@ -54,7 +54,7 @@ def smooth_l1(pred: torch.Tensor, target: torch.Tensor, beta: float = 1.0) -> to
 
 
 def cosine_distance(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """D-iGPT's loss (METHODS.md §6.6): ``2 - 2 cos`` per vector, averaged over the vectors.
+    """D-iGPT's loss (docs/METHODS.md §6.6): ``2 - 2 cos`` per vector, averaged over the vectors.
 
     ``mean_i (2 - 2 cos(pred_i, target_i))`` over every vector along the last dim (for
     ``(B, T, D)`` inputs: all B * T tokens count equally), computed in fp32. Equals the squared

@@ -16,7 +16,7 @@ import torch
 
 
 class SimMIMMasking:
-    """SimMIM's random mask of coarse square cells (METHODS.md §2.1).
+    """SimMIM's random mask of coarse square cells (docs/METHODS.md §2.1).
 
     The image is cut into ``mask_patch_size`` cells; exactly ``ceil(cells * mask_ratio)`` of
     them are hidden, chosen uniformly without replacement, and each cell is upsampled to the
@@ -52,7 +52,7 @@ class SimMIMMasking:
 
 
 class BlockMasking:
-    """BEiT's block-wise mask generator, as EVA uses it (METHODS.md §1.3, BEiT/EVA
+    """BEiT's block-wise mask generator, as EVA uses it (docs/METHODS.md §1.3, BEiT/EVA
     ``masking_generator.py``).
 
     Rectangles are added one at a time until ``num_masking_patches`` patches are hidden. Each
@@ -167,7 +167,7 @@ def avg_dist(mask: torch.Tensor) -> torch.Tensor:
     return torch.stack(results).mean()
 
 
-# --- Autoregressive orders and attention masks (AIM, METHODS.md §5.2) -----------------------
+# --- Autoregressive orders and attention masks (AIM, docs/METHODS.md §5.2) -----------------------
 
 ORDERS = ("raster", "spiral", "checkerboard", "random")
 
@@ -228,7 +228,7 @@ def prefix_causal_mask(prefix_len: torch.Tensor, num_tokens: int) -> torch.Tenso
     return causal[None] | in_prefix[:, None, :]  # (B, N, N)
 
 
-# --- Clusters and the cluster-causal mask (D-iGPT, METHODS.md §6.1-6.2) ----------------------
+# --- Clusters and the cluster-causal mask (D-iGPT, docs/METHODS.md §6.1-6.2) ----------------------
 
 
 def cluster_index(grid: int, clusters_per_side: int) -> torch.Tensor:
@@ -258,7 +258,7 @@ def random_cluster_orders(
 
 
 def cluster_causal_mask(num_slots: int, cluster_size: int) -> torch.Tensor:
-    """D-iGPT's attention mask over ``[CLS] + num_slots clusters`` (METHODS.md §6.2).
+    """D-iGPT's attention mask over ``[CLS] + num_slots clusters`` (docs/METHODS.md §6.2).
 
     Token layout: index 0 is the class token, then the clusters in the order they are read,
     ``cluster_size`` tokens each. A token of cluster slot i may attend to every token of slots
@@ -275,7 +275,7 @@ def cluster_causal_mask(num_slots: int, cluster_size: int) -> torch.Tensor:
     return allowed
 
 
-# --- MAE-style random keep (iTPN pixel, METHODS.md §4.1.2) -----------------------------------
+# --- MAE-style random keep (iTPN pixel, docs/METHODS.md §4.1.2) -----------------------------------
 
 
 def random_keep(

@@ -1,6 +1,6 @@
 """The official mask generators, transcribed for parity tests (tests/test_masking.py).
 
-Written from METHODS.md §1.3 and §2.1, which describe the official code:
+Written from docs/METHODS.md §1.3 and §2.1, which describe the official code:
 
 * BEiT's block-wise ``MaskingGenerator`` (microsoft/unilm ``beit/masking_generator.py``,
   copied unchanged into baaivision/EVA ``EVA-01/eva/masking_generator.py`` and used by iTPN's
@@ -25,7 +25,7 @@ import numpy as np
 
 
 class BEiTMaskingGenerator:
-    """BEiT / EVA ``MaskingGenerator`` (METHODS.md §1.3). ``__call__`` gives an int
+    """BEiT / EVA ``MaskingGenerator`` (docs/METHODS.md §1.3). ``__call__`` gives an int
     ``(height, width)`` mask, 1 = masked."""
 
     def __init__(
@@ -85,7 +85,7 @@ class BEiTMaskingGenerator:
 
 
 class SimMIMMaskGenerator:
-    """SimMIM ``MaskGenerator`` (METHODS.md §2.1). ``__call__`` gives an int
+    """SimMIM ``MaskGenerator`` (docs/METHODS.md §2.1). ``__call__`` gives an int
     ``(rand_size * scale, rand_size * scale)`` mask on the model-patch grid, 1 = masked.
 
     ``permutation(n)`` returns a uniform random permutation of ``range(n)``; the official

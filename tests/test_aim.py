@@ -170,7 +170,7 @@ def test_prefix_lengths_are_drawn_in_range_and_reproducibly():
     assert torch.equal(draw, again)
 
 
-# --- trunk init (METHODS.md §5.1, §10.3-4) --------------------------------------------------
+# --- trunk init (docs/METHODS.md §5.1, §10.3-4) --------------------------------------------------
 
 
 def test_recipe_trunk_inits_q_k_v_apart_keeps_the_conv_bias_and_uses_eps_1e5():

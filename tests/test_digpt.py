@@ -33,7 +33,7 @@ DIGPT_TINY = [o for o in TINY if not o.startswith("method.")] + [
 ]
 
 
-# --- clusters and the mask (METHODS.md §6.1-6.2) ---------------------------------------
+# --- clusters and the mask (docs/METHODS.md §6.1-6.2) ---------------------------------------
 
 
 def test_clusters_are_row_major_quadrants_with_row_major_patches():
@@ -168,7 +168,7 @@ def test_perturbing_slot_k_changes_nothing_at_earlier_slots(seed, slot, member):
     assert not torch.allclose(enc_a[-1][:, 0], enc_b[-1][:, 0])  # the class token sees all
 
 
-# --- loss (METHODS.md §6.6) ----------------------------------------------------------------
+# --- loss (docs/METHODS.md §6.6) ----------------------------------------------------------------
 
 
 def test_cosine_distance_hand_computed():
@@ -393,7 +393,7 @@ def test_paper_recipe_builds_the_paper_geometry():
 
 
 def test_recipe_encoder_init_zero_class_token_default_conv_bias_fused_qkv():
-    # METHODS.md §6.3: MAE-style xavier with one fused qkv; official class token at zero and
+    # docs/METHODS.md §6.3: MAE-style xavier with one fused qkv; official class token at zero and
     # PyTorch's default conv bias
     for recipe in ("vit_tiny_fmnist", "vit_base_clip_in1k"):
         c = mimar.load_config(ROOT / f"configs/digpt/{recipe}.yaml").backbone

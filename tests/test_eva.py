@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 EVA_TINY = [o for o in TINY if not o.startswith("method.")]  # TINY's method keys are SimMIM's
 
 
-# --- block masking (METHODS.md §1.3) --------------------------------------------------
+# --- block masking (docs/METHODS.md §1.3) --------------------------------------------------
 
 
 @settings(max_examples=60, deadline=None)

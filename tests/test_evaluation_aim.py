@@ -64,7 +64,7 @@ def test_attentive_parameter_count_is_the_formula(bias):
 
 
 def test_attentive_classifier_has_no_bias_by_default():
-    """ml-aim's AttentionPoolingClassifier now defaults to linear_bias=False (METHODS.md §5.6)."""
+    """ml-aim's AttentionPoolingClassifier defaults to linear_bias=False (docs/METHODS.md §5.6)."""
     model = AttentiveClassifier(D, num_classes=10, num_heads=4)
     assert model.linear.bias is None
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)

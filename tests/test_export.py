@@ -76,7 +76,7 @@ def test_vit_without_final_norm_exports_to_vision_transformer(tmp_path):
 
 
 def test_layer_norm_eps_other_than_timms_is_recorded_and_set(tmp_path):
-    # AIM's trunk (LayerNorm eps 1e-5, METHODS.md §10.4), activations large enough that the
+    # AIM's trunk (LayerNorm eps 1e-5, docs/METHODS.md §10.4), activations large enough that the
     # eps shows: timm's default 1e-6 would not reproduce the tokens
     vit = tiny_vit(
         class_token=False, pos_embed="sincos", patch_norm=True, norm_eps=1e-5, qkv_bias=False

@@ -70,7 +70,7 @@ def test_corruption_keeps_a_quarter_of_the_main_patches_reproducibly():
     again = model.sample_corruption(500, torch.Generator().manual_seed(0))["keep_ids"]
     assert torch.equal(keep, again)
     big = ITPN(ITPNConfig(mfm=False), HiViT(HiViTConfig(depth=1, mlp_depth=0)))
-    assert big.num_keep == 49  # int(196 * 0.25), METHODS.md §4.1
+    assert big.num_keep == 49  # int(196 * 0.25), docs/METHODS.md §4.1
 
 
 # --- the pixel loss --------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 """iTPN against the official code (issue 11): neck init, the switch for the extra LayerNorm
-before the neck, and the official position resampling's early return (METHODS.md §4, §10.10)."""
+before the neck, the official position resampling's early return, iTPN-CLIP's LayerScale and
+aux blocks (docs/METHODS.md §4, §10.10, §11.3-11.4)."""
 
 import pytest
 import torch

@@ -106,7 +106,7 @@ def test_bad_config_is_rejected():
         ViTConfig(**TINY, cls_token_init="ones")
 
 
-# --- relative position bias (SimMIM ViT, METHODS.md §2.2, §2.6) ------------------------------
+# --- relative position bias (SimMIM ViT, docs/METHODS.md §2.2, §2.6) ------------------------------
 
 
 def _rpb_vit(kind="shared", **kw):

@@ -1,5 +1,5 @@
 """Which special parameters (tokens, position tables) get weight decay: each recipe says what
-its official code does (METHODS.md §2.5, §4.5, §6.7; issue 11)."""
+its official code does (docs/METHODS.md §2.5, §4.5, §6.7; issue 11)."""
 
 import pytest
 from torch import nn

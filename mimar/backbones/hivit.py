@@ -4,7 +4,7 @@ Zhang, Tian, Wang, Huang, Ye, Xie, Huang, Tian, Ye. "HiViT: A Simpler and More E
 Design of Hierarchical Vision Transformer", ICLR 2023, and its use in Tian, Ye, et al.
 "Integrally Pre-Trained Transformer Pyramid Networks", CVPR 2023, arXiv:2211.12735.
 Checked against sunsmarterjie/iTPN (``itpn_pixel/models/models_itpn_mim.py``,
-``det/backbone/iTPN_pixel.py``) via METHODS.md §4.1 and §10.10-11.
+``det/backbone/iTPN_pixel.py``) via docs/METHODS.md §4.1 and §10.10-11.
 
 Idea: a 16-px *main* patch is embedded as a 4x4 grid of 4-px sub-tokens. Stages 1-2 are
 MLP-only blocks (a per-sub-token MLP never looks at another sub-token) with patch merging
@@ -19,7 +19,7 @@ D/4, D/2, D): stem ``(B, n, 4, 4, C1)`` -> stage 1 ``f4`` -> merge -> stage 2 ``
 Contract notes (``mimar.backbones.base``): no prefix tokens; ``keep_ids`` drops main patches
 (never computed, not even by the stem) and ``order`` permutes them, both at the stem (stages
 1-2 are per patch, so this equals re-ordering after the position embedding); ``mask`` puts a
-mask token at the entry of stage 3 (the CLIP variant, METHODS.md §4.6: stages 1-2 see every
+mask token at the entry of stage 3 (the CLIP variant, docs/METHODS.md §4.6: stages 1-2 see every
 patch); ``attn_mask`` acts in stage 3;
 ``return_layers`` indexes all ``num_layers = 2 * mlp_depth + depth`` blocks in order (stage-1
 and -2 outputs come back as ``(B, n * s * s, C)`` sub-token sequences); the result also holds
@@ -55,7 +55,7 @@ MERGE_ORDER = ((0, 0), (1, 0), (0, 1), (1, 1))
 class HiViTConfig:
     name: Literal["hivit"] = "hivit"
     img_size: int = 224
-    patch_size: int = 16  # main patch (METHODS.md §4.1); the stem works at patch_size / 4
+    patch_size: int = 16  # main patch (docs/METHODS.md §4.1); the stem works at patch_size / 4
     in_chans: int = 3
     embed_dim: int = 512  # D of stage 3; stages 1-2 have D/4 and D/2 (HiViT-B, §4.1)
     mlp_depth: int = 3  # MLP blocks in each of stages 1 and 2 (B: 3, L: 2)
@@ -98,13 +98,13 @@ class HiViTConfig:
 
 def merge_subtokens(x: torch.Tensor) -> torch.Tensor:
     """``(..., h, w, C)`` -> ``(..., h/2, w/2, 4C)``: channel chunk k of each output cell is its
-    child at offset ``MERGE_ORDER[k]`` (HiViT/Swin PatchMerge, METHODS.md §4.1.4)."""
+    child at offset ``MERGE_ORDER[k]`` (HiViT/Swin PatchMerge, docs/METHODS.md §4.1.4)."""
     return torch.cat([x[..., r::2, c::2, :] for r, c in MERGE_ORDER], dim=-1)
 
 
 def split_subtokens(x: torch.Tensor) -> torch.Tensor:
     """``(..., h, w, 4F)`` -> ``(..., 2h, 2w, F)``: chunk ``k = 2 r + c`` becomes child (r, c),
-    row-major (iTPN PatchSplit, METHODS.md §4.2). Not the inverse of :func:`merge_subtokens`,
+    row-major (iTPN PatchSplit, docs/METHODS.md §4.2). Not the inverse of :func:`merge_subtokens`,
     whose order is column-first; the learned linears on both sides make the order immaterial."""
     *lead, h, w, C = x.shape
     x = x.reshape(*lead, h, w, 2, 2, C // 4).transpose(-4, -3)  # (..., h, 2, w, 2, F)
@@ -221,7 +221,8 @@ class HiViT(nn.Module):
         table as stored, or bicubically resampled -- to another grid (downstream inputs of
         other sizes, as the official detection code), or by ``(g + 0.1) / g`` as the official
         pixel pretraining code does when tokens were dropped (``pos_embed_resample``,
-        METHODS.md §10.10; with every patch kept the official code returns the stored table)."""
+        docs/METHODS.md §10.10; with every patch kept the official code returns the stored
+        table)."""
         g, D = self.grid_size, self.embed_dim
         h, w = h or g, w or g
         resample = self.cfg.pos_embed_resample and not all_kept
@@ -326,5 +327,5 @@ class HiViT(nn.Module):
         return self.num_layers + 1
 
     def no_weight_decay(self) -> set[str]:
-        # As every mimar backbone (the official pixel pretraining decays both, METHODS.md §4.5)
+        # As every mimar backbone (the official pixel pretraining decays both, docs/METHODS.md §4.5)
         return {"pos_embed", "mask_token"}

@@ -2,7 +2,7 @@
 downstream use alike ("integral" pre-training: the neck is pretrained, not bolted on later).
 
 Tian, Ye, et al. "Integrally Pre-Trained Transformer Pyramid Networks", CVPR 2023,
-arXiv:2211.12735; official code sunsmarterjie/iTPN (``iTPN`` FPN part), METHODS.md §4.2.
+arXiv:2211.12735; official code sunsmarterjie/iTPN (``iTPN`` FPN part), docs/METHODS.md §4.2.
 
 The neck is MLP-only ("C-MLP" in the paper): every operation stays inside a main patch, so it
 runs on the kept patches of a masked image exactly as on a full one. Per main patch:
@@ -41,7 +41,7 @@ class PatchSplit(nn.Module):
 
 
 class PyramidNeck(nn.Module):
-    """P4, P8, P16 of every main patch it is given (METHODS.md §4.2), widths ``fpn_dim``."""
+    """P4, P8, P16 of every main patch it is given (docs/METHODS.md §4.2), widths ``fpn_dim``."""
 
     def __init__(
         self,
@@ -67,7 +67,7 @@ class PyramidNeck(nn.Module):
         self.blocks4 = mlp_blocks(fpn_depth)
         self.out_blocks = nn.ModuleList(mlp_blocks(1) for _ in range(3))  # P4, P8, P16
         # Official ``_init_weights``: every Linear trunc-normal std 0.02 with zero bias
-        # (LayerNorms at 1 / 0, PyTorch's default); METHODS.md §4.2.
+        # (LayerNorms at 1 / 0, PyTorch's default); docs/METHODS.md §4.2.
         for m in self.modules():
             if isinstance(m, nn.Linear):
                 nn.init.trunc_normal_(m.weight, std=0.02)

@@ -2,7 +2,7 @@
 
 Swin: Liu et al., "Swin Transformer: Hierarchical Vision Transformer using Shifted Windows",
 2021, arXiv:2103.14030. Mask token: Xie et al., "SimMIM: A Simple Framework for Masked Image
-Modeling", 2022, arXiv:2111.09886 (METHODS.md §2.2).
+Modeling", 2022, arXiv:2111.09886 (docs/METHODS.md §2.2).
 
 timm's ``SwinTransformer`` is the engine, held by composition as ``self.model`` (weight names
 ``model.patch_embed``, ``model.layers.{s}.blocks.{j}``, ``model.layers.{s}.downsample``,
@@ -38,7 +38,7 @@ _DOWNSAMPLE = re.compile(r"model\.layers\.(\d+)\.downsample\.")
 @dataclass(frozen=True, kw_only=True)
 class SwinConfig:
     name: Literal["swin"] = "swin"
-    img_size: int = 192  # SimMIM Swin-B pretraining input, METHODS.md §2.5
+    img_size: int = 192  # SimMIM Swin-B pretraining input, docs/METHODS.md §2.5
     patch_size: int = 4  # §2.5
     in_chans: int = 3
     embed_dim: int = 128  # Swin-B, §2.5
@@ -119,7 +119,7 @@ class Swin(nn.Module):
         self.grid_size = cfg.img_size // cfg.patch_size  # token grid side at the embedding
         self.num_patches = self.grid_size**2
 
-        # patch_norm and no absolute position embedding, as SimMIM's Swin (METHODS.md §2.2);
+        # patch_norm and no absolute position embedding, as SimMIM's Swin (docs/METHODS.md §2.2);
         # no classifier head and no pooling: tokens out.
         self.model = SwinTransformer(
             img_size=cfg.img_size,
@@ -139,7 +139,7 @@ class Swin(nn.Module):
         if cfg.use_mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))
             # timm's default cut at +-2 (absolute, i.e. +-100 std) as SimMIM's Swin; unlike
-            # SimMIM's ViT, which cuts at +-1 std (METHODS.md §10.7).
+            # SimMIM's ViT, which cuts at +-1 std (docs/METHODS.md §10.7).
             trunc_normal_(self.mask_token, std=0.02)
 
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:

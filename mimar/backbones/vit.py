@@ -60,18 +60,18 @@ class ViTConfig:
     # ``patch_embed.norm``, ``embed_norm_layer="layernorm"``)
     weight_init: Literal["trunc_normal", "xavier"] = "trunc_normal"  # AIM: xavier-uniform
     # With xavier: "split" initialises the q, k and v blocks of the fused qkv weight as three
-    # D x D matrices, as AIM's separate projections (METHODS.md §5.1, §10.3); "fused" treats
+    # D x D matrices, as AIM's separate projections (docs/METHODS.md §5.1, §10.3); "fused" treats
     # it as one 3D x D matrix (bound 0.71x smaller), as MAE / D-iGPT's fused qkv (§6.3).
     qkv_init: Literal["fused", "split"] = "fused"
     # "default": the patch conv bias keeps PyTorch's U(+-1/sqrt(C p p)) init, as the official
-    # AIM (METHODS.md §5.1: only the conv weight is re-initialised) and D-iGPT (MAE-style)
+    # AIM (docs/METHODS.md §5.1: only the conv weight is re-initialised) and D-iGPT (MAE-style)
     # code; "zeros": SimMIM/EVA (§10.7-8)
     patch_bias_init: Literal["zeros", "default"] = "zeros"
     # "zeros": the official D-iGPT class token starts at zero (§6.3 says only "learnable CLS")
     cls_token_init: Literal["trunc_normal", "zeros"] = "trunc_normal"
     final_norm: bool = True  # False: no final LayerNorm, tokens = raw last block output
     # BEiT-style learned relative position bias added to the attention logits: one table for
-    # all blocks ("shared": SimMIM ViT pretraining, METHODS.md §2.2) or one per block
+    # all blocks ("shared": SimMIM ViT pretraining, docs/METHODS.md §2.2) or one per block
     # ("per_block": SimMIM / BEiT fine-tuning, §2.6; see expand_shared_rel_pos_bias)
     rel_pos_bias: Literal["none", "shared", "per_block"] = "none"
 
@@ -170,7 +170,7 @@ class ViT(nn.Module):
             )
             for i in range(cfg.depth)
         )
-        # final_norm=False (D-iGPT's encoder, METHODS.md §6.3): tokens are the raw last block
+        # final_norm=False (D-iGPT's encoder, docs/METHODS.md §6.3): tokens are the raw last block
         # output and there are no norm.* weights
         self.norm = (
             nn.LayerNorm(cfg.embed_dim, eps=cfg.norm_eps) if cfg.final_norm else nn.Identity()
@@ -186,10 +186,10 @@ class ViT(nn.Module):
     @torch.no_grad()
     def init_weights(self) -> None:
         if self.cfg.weight_init == "xavier":
-            # AIM/MAE (METHODS.md §5.1): xavier-uniform linears, the patch conv like a linear
+            # AIM/MAE (docs/METHODS.md §5.1): xavier-uniform linears, the patch conv like a linear
             # layer on its flattened (D, C*p*p) weight
             init_linears(self, "xavier", conv=True, layer_norm=True)
-        else:  # SimMIM/EVA: truncated normal, std 0.02 cut at +-1 std (METHODS.md §10.7-8)
+        else:  # SimMIM/EVA: truncated normal, std 0.02 cut at +-1 std (docs/METHODS.md §10.7-8)
             init_linears(self, "trunc_normal", std=0.02, cutoff=0.02, conv=True, layer_norm=True)
         if self.cls_token is not None and self.cfg.cls_token_init == "trunc_normal":
             _trunc_normal(self.cls_token)  # else it stays at zero (D-iGPT)
@@ -203,7 +203,7 @@ class ViT(nn.Module):
                 _trunc_normal(self.pos_embed)
         for name, table in self.named_parameters():
             if name.endswith("relative_position_bias_table"):
-                table.zero_()  # SimMIM's shared table starts at zero (METHODS.md §10.7)
+                table.zero_()  # SimMIM's shared table starts at zero (docs/METHODS.md §10.7)
         if self.cfg.fix_init:
             for layer, block in enumerate(self.blocks, start=1):
                 block.attn.proj.weight.div_(math.sqrt(2.0 * layer))
@@ -314,7 +314,7 @@ def expand_shared_rel_pos_bias(
 ) -> dict[str, torch.Tensor]:
     """The state dict of a ``rel_pos_bias="shared"`` ViT -> that of the ``"per_block"`` ViT of
     the same shape: the shared table is copied into every block, as SimMIM/BEiT fine-tuning
-    initialises its per-block tables (METHODS.md §2.6). Right after the copy both models give
+    initialises its per-block tables (docs/METHODS.md §2.6). Right after the copy both models give
     the same tokens.
 
     Args:

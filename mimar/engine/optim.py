@@ -23,7 +23,7 @@ def param_groups(
     backbone lists in ``no_weight_decay()`` (position embeddings, class/mask tokens, relative
     position tables) unless a pattern of ``decay_on`` (fnmatch, on backbone-relative names)
     names it. With ``layer_decay < 1``, parameters of backbone layer ``j`` get
-    ``lr_scale = layer_decay ** (L + 1 - j)`` (METHODS.md §1.5); non-backbone parameters 1.
+    ``lr_scale = layer_decay ** (L + 1 - j)`` (docs/METHODS.md §1.5); non-backbone parameters 1.
     """
     backbone = getattr(model, "backbone", None)  # absent: a plain module, no backbone rules
     skip = backbone.no_weight_decay() if backbone is not None else set()

@@ -3,17 +3,17 @@
 El-Nouby et al., "Scalable Pre-training of Large Autoregressive Image Models", 2024,
 arXiv:2401.08541, §4 "attentive probing"; the head transcribes ml-aim's
 ``AttentionPoolingClassifier`` (``aim-v1/aim/v1/torch/layers.py`` at commit 37621213,
-METHODS.md §5.6).
+docs/METHODS.md §5.6).
 
 Glossary: ``query`` = the learnable ``cls_token`` of ml-aim (used as q directly, no q
 projection); ``k``/``v`` = its key/value projections (no bias); ``norm`` = its parameter-free
 BatchNorm over the channels of every token; ``linear`` = its classifier.
 
-The classifier has no bias (``linear_bias=False`` in ml-aim now, and METHODS.md §5.6). An earlier
-ml-aim (``aim/torch/layers.py`` at commit 1eaedecc) built it as
+The classifier has no bias (``linear_bias=False`` in ml-aim now, and docs/METHODS.md §5.6).
+An earlier ml-aim (``aim/torch/layers.py`` at commit 1eaedecc) built it as
 ``nn.Linear(dim, out_features)``, i.e. with a bias: ``classifier_bias=True`` gives that variant.
 
-The probe *training* recipe is not in the public code (METHODS.md §5.6 "UNVERIFIED"). Ours:
+The probe *training* recipe is not in the public code (docs/METHODS.md §5.6 "UNVERIFIED"). Ours:
 AdamW (lr 1e-3, betas (0.9, 0.999), weight decay 0.05 on the k/v/classifier weights, none on
 the query and the bias, if any), per-step cosine decay to 0 without warmup, minibatch cross-entropy,
 no augmentation (the features are pre-extracted once).

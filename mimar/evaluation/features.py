@@ -7,7 +7,7 @@ One pass over a dataset with the backbone in eval mode. Three shapes of output:
 * :func:`extract_layer_features`: the same for several taps at once (``--layer all``), from ONE
   forward pass per batch with ``return_layers`` listing every tap.
 * :func:`extract_block_tokens`: the mean of the raw outputs of a set of blocks, patch tokens
-  kept (prefix excluded), for the attentive probe (AIM, METHODS.md §5.6).
+  kept (prefix excluded), for the attentive probe (AIM, docs/METHODS.md §5.6).
 
 Every function takes an optional ``attn_mask`` (bool, True = allowed, over the whole token
 sequence, prefix included); :func:`causal_mask` builds the causal one (in raster or in the
@@ -170,7 +170,7 @@ def extract_block_tokens(
     """Mean of the raw outputs of ``blocks``, patch tokens only, for the attentive probe.
 
     As ml-aim v1's ``AverageLayers``: the blocks' outputs are averaged *before* any final norm
-    (METHODS.md §5.6); prefix tokens are dropped. The mean is taken in float32 and stored in
+    (docs/METHODS.md §5.6); prefix tokens are dropped. The mean is taken in float32 and stored in
     ``storage_dtype`` (bf16 by default: half the memory, float32's range).
 
     Returns:

@@ -5,7 +5,7 @@ frozen linear ``W x`` becomes ``W x + (alpha / r) · B A x`` with ``A (r, in)`` 
 ``B (out, r)``; ``B`` starts at zero so the adapted model starts equal to the base one, and
 after training ``W + (alpha / r) · B A`` folds back into a plain linear (:meth:`merge`).
 
-AIM (METHODS.md §5) reports LoRA with rank 8 on the attention; ml-aim v1's ``LoraAttention``
+AIM (docs/METHODS.md §5) reports LoRA with rank 8 on the attention; ml-aim v1's ``LoraAttention``
 (loralib) adapts q and v of ``qkv`` (not k) and ``proj``, with loralib's default alpha = 1.
 Ours adapts the whole ``qkv`` and ``proj`` by default, alpha 16 (the brief's choice; both are
 arguments). The training recipe is ours: AdamW lr 1e-3, weight decay 0.01 on matrices,

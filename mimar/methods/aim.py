@@ -14,7 +14,7 @@ Glossary (paper -> code): prefix length S -> ``prefix_len``; prefix-causal mask 
 (``order[t]`` = row-major id of the patch at sequence position t); normalised pixel target
 -> ``targets.normalize_patches``.
 
-Checked against apple/ml-aim (v1) and apple/ml-l3m via METHODS.md §5 and §10: prefix range
+Checked against apple/ml-aim (v1) and apple/ml-l3m via docs/METHODS.md §5 and §10: prefix range
 [1, N-1] per sample, loss on non-prefix targets only, head width 2048 x 12 blocks with the
 ``h += LN(h)`` quirk of the released config (``head_residual_norm``), LN eps 1e-5 in the head.
 """
@@ -41,7 +41,7 @@ class AIMConfig:
     order_seed: int = 0  # the fixed permutation of order=random
     prefix_min: int = 1  # S ~ U{prefix_min, ..., prefix_max}: l3m prefix_range [1, N-1]
     prefix_max: int = 0  # 0 -> N - 1
-    head_width: int = 2048  # METHODS.md §5.3 (l3m SimpleDecoder)
+    head_width: int = 2048  # docs/METHODS.md §5.3 (l3m SimpleDecoder)
     head_depth: int = 12  # AIM Tab. 3c: 12 MLP blocks
     head_mlp_ratio: float = 4.0
     head_residual_norm: bool = True  # released-code quirk h += LN(h); False = paper text

@@ -19,7 +19,7 @@ lower-triangular-plus-reflect-pad mask -> ``masking.cluster_causal_mask``; ``ar_
 decoder ([Gen]) -> ``gen_decoder``; ``kd_token`` decoder ([Dis]) -> ``dis_decoder``; memories
 after blocks 6/8/10/12 -> ``memory_layers``; ViT-H/14 CLIP tokens -> ``teacher(images)``.
 
-Checked against OliverRensu/D-iGPT (``DiGPT_torch``) via METHODS.md §6 and §10.5-6: 3 of 4
+Checked against OliverRensu/D-iGPT (``DiGPT_torch``) via docs/METHODS.md §6 and §10.5-6: 3 of 4
 clusters into the encoder, class token visible only to the last visible cluster, no final
 LayerNorm in pretraining, one shared LayerNorm + one Linear per decoder path for the memory,
 each decoder layer its own memory slice, queries = one token + next-/current-cluster sin-cos
@@ -91,7 +91,7 @@ class DiGPT(nn.Module):
             )
         if backbone.cfg.final_norm:  # no final LayerNorm in pretraining (§6.3)
             raise ValueError(
-                "D-iGPT pretrains its ViT without a final LayerNorm (METHODS.md §6.3): set "
+                "D-iGPT pretrains its ViT without a final LayerNorm (docs/METHODS.md §6.3): set "
                 "backbone.final_norm=false"
             )
         self.cfg, self.backbone, self.teacher = cfg, backbone, teacher

@@ -15,7 +15,7 @@ features (``ln_post`` and ``proj`` applied to every patch token) -> ``teacher(im
 (``mimar.teachers``); ``teacher_out_feat_dim`` -> ``teacher.dim``.
 
 Checked against baaivision/EVA @ 5623d08bb0 (``EVA-01/eva``: modeling_pretrain.py,
-masking_generator.py, engine_for_pretraining.py) via METHODS.md §3 and §10.8-9: block masking
+masking_generator.py, engine_for_pretraining.py) via docs/METHODS.md §3 and §10.8-9: block masking
 with min 16 patches and aspect 0.3-3.33, final LayerNorm then Linear(D, D_t) (trunc-normal
 0.02) on hidden tokens only, loss -cos averaged over the hidden tokens, computed in fp32.
 Deviations: the teacher sees the student's augmented crop resized to its input size (EVA
@@ -39,7 +39,7 @@ from mimar.masking import BlockMasking
 @dataclass(frozen=True, kw_only=True)
 class EVAConfig:
     name: Literal["eva"] = "eva"
-    mask_ratio: float = 0.4  # EVA README comment "0.4 * 256" (METHODS.md §3.2)
+    mask_ratio: float = 0.4  # EVA README comment "0.4 * 256" (docs/METHODS.md §3.2)
     # 0 -> round(mask_ratio * N). EVA-g/14 sets 105 of 256 explicitly (41 %), which its README
     # calls "0.4 * 256" although that is 102.4 (§3.2)
     num_mask_patches: int = 0

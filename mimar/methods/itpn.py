@@ -15,10 +15,10 @@ mask (1 = removed) -> ``hidden`` (True = dropped); feature pyramid -> ``pyramid`
 P16, finest first); decoder_pred -> ``pixel_head``; lambda -> ``mfm_weight``; teacher ->
 ``ema``; per-stage projection heads -> ``mfm_heads``.
 
-Checked against sunsmarterjie/iTPN @ 638eff4879 (``itpn_pixel``) via METHODS.md §4.1-4.5 and
+Checked against sunsmarterjie/iTPN @ 638eff4879 (``itpn_pixel``) via docs/METHODS.md §4.1-4.5 and
 §10.10-11: int(N * 0.25) kept main patches, the neck as the code's FPN part, level widths
 Dd, Dd/4, Dd/16 per sub-token sharing one mask token, norm-pixel MSE on dropped patches.
-MFM was never released (METHODS.md §4.7, §8.2): the paper's description is implemented and
+MFM was never released (docs/METHODS.md §4.7, §8.2): the paper's description is implemented and
 every concrete choice not in the paper is marked "ours" below.
 """
 
@@ -45,14 +45,14 @@ SUB_TOKENS = (4, 2, 1)  # sub-token grid side per main patch of P4, P8, P16
 class ITPNConfig:
     name: Literal["itpn"] = "itpn"
     mask_ratio: float = 0.75  # iTPN §4.1 (MAE random masking of main patches), code default
-    fpn_dim: int = 256  # METHODS.md §4.2
+    fpn_dim: int = 256  # docs/METHODS.md §4.2
     fpn_depth: int = 2  # §4.2: MLP blocks per fused level in the pixel model
     decoder_dim: int = 512  # §4.3
     decoder_depth: int = 8  # §4.3
     decoder_num_heads: int = 16  # §4.3
     norm_pix_eps: float = 1e-6  # §4.4
     mfm: bool = True  # paper §3.3; false = pixel MIM only (paper Tab. 6 ablation, public code)
-    mfm_weight: float = 0.3  # lambda, paper §3.3 (not in code, METHODS.md §4.7)
+    mfm_weight: float = 0.3  # lambda, paper §3.3 (not in code, docs/METHODS.md §4.7)
     ema_momentum: float = 0.996  # EMA teacher, paper §3.3 (not in code, §4.7)
 
     def __post_init__(self) -> None:
@@ -63,7 +63,7 @@ class ITPNConfig:
         if self.decoder_dim % 16:
             raise ValueError(
                 f"method.decoder_dim={self.decoder_dim} must be divisible by 16: P4 is embedded "
-                "as 16 sub-tokens of decoder_dim / 16 each (METHODS.md §4.3)"
+                "as 16 sub-tokens of decoder_dim / 16 each (docs/METHODS.md §4.3)"
             )
 
 

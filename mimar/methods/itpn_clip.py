@@ -15,7 +15,7 @@ Glossary (code -> here): ``bool_masked_pos`` -> ``mask`` (True = hidden); ``lm_h
 ``fusion.head``; ``lm_cls_head`` and its 2 extra blocks -> ``aux_head`` / ``aux_blocks``;
 CLIP features + LayerNorm without affine -> ``target``.
 
-Checked against sunsmarterjie/iTPN @ 638eff4879 (``itpn_clip``) via METHODS.md §4.6: block
+Checked against sunsmarterjie/iTPN @ 638eff4879 (``itpn_clip``) via docs/METHODS.md §4.6: block
 mask of 75 of 196 with >= 16 per block, fpn_depth 1, level widths D, D/4, D/16 per sub-token
 summed, aux branch after block int(0.75 depth) of stage 3, SmoothL1 on all tokens, main +
 aux. Deviations (ours): any mimar teacher (``teacher.kind``) can stand in for CLIP, and it is
@@ -42,7 +42,7 @@ from mimar.nn import Block, init_linears
 @dataclass(frozen=True, kw_only=True)
 class ITPNCLIPConfig:
     name: Literal["itpn_clip"] = "itpn_clip"
-    num_mask_patches: int = 75  # of 196 main patches (~38 %), METHODS.md §4.6
+    num_mask_patches: int = 75  # of 196 main patches (~38 %), docs/METHODS.md §4.6
     min_num_patches: int = 16  # smallest block, §4.6
     min_aspect: float = 0.3  # block aspect in [0.3, 1/0.3], §1.3
     fpn_dim: int = 256  # §4.2

@@ -12,7 +12,7 @@ Glossary (paper -> code): mask patch size -> ``mask_patch_size``; masking ratio 
 M (binary mask) -> ``mask`` (True = hidden).
 
 Checked against microsoft/SimMIM @ d3e29bcac9 (models/simmim.py, data/data_simmim.py), via
-METHODS.md §2: exact hidden-cell count ``ceil(cells * ratio)``, mask token replacing the
+docs/METHODS.md §2: exact hidden-cell count ``ceil(cells * ratio)``, mask token replacing the
 embedding before position information, targets = the normalised input image itself.
 """
 
@@ -33,8 +33,8 @@ from mimar.targets import upsample_mask
 @dataclass(frozen=True, kw_only=True)
 class SimMIMConfig:
     name: Literal["simmim"] = "simmim"
-    mask_patch_size: int = 32  # SimMIM §4.1 / METHODS.md §2.1: 32-px cells
-    mask_ratio: float = 0.6  # SimMIM Tab. 1 / METHODS.md §2.1
+    mask_patch_size: int = 32  # SimMIM §4.1 / docs/METHODS.md §2.1: 32-px cells
+    mask_ratio: float = 0.6  # SimMIM Tab. 1 / docs/METHODS.md §2.1
 
 
 class SimMIM(nn.Module):

@@ -26,7 +26,7 @@ def init_linears(
         module: the module whose linears are initialised.
         kind: ``"trunc_normal"``: normal with ``std`` truncated to ``[-cutoff, cutoff]``
             (absolute values; the default 2.0 is timm's and PyTorch's, i.e. in effect
-            untruncated at std 0.02; SimMIM/EVA cut at one std, ``cutoff=std``, METHODS.md
+            untruncated at std 0.02; SimMIM/EVA cut at one std, ``cutoff=std``, docs/METHODS.md
             §10.7-8). ``"xavier"``: xavier-uniform on the ``(out, fan_in)`` view of the weight
             (MAE/AIM/D-iGPT).
         std: standard deviation of ``"trunc_normal"``.

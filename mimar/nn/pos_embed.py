@@ -17,7 +17,7 @@ def sincos_pos_embed_2d(dim: int, grid: int | tuple[int, int]) -> torch.Tensor:
     """MAE's 2-D sin-cos table, ``(h*w, dim)`` in row-major token order.
 
     The first half of the channels encodes the column (w) and the second half the row, as
-    MAE's ``meshgrid(grid_w, grid_h)`` does (METHODS.md §1.1), so checkpoints stay compatible.
+    MAE's ``meshgrid(grid_w, grid_h)`` does (docs/METHODS.md §1.1), so checkpoints stay compatible.
     """
     h, w = (grid, grid) if isinstance(grid, int) else grid
     rows, cols = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")  # (h, w)
@@ -59,7 +59,7 @@ class RelativePositionBias(nn.Module):
     """BEiT's learned relative position bias, one value per head and relative offset.
 
     ``relative_position_bias_table`` ``((2g-1)^2 + 3, heads)`` starts at zero (SimMIM,
-    METHODS.md §10.7); timm's names and layout (``timm.models.beit.RelativePositionBias``).
+    docs/METHODS.md §10.7); timm's names and layout (``timm.models.beit.RelativePositionBias``).
     ``forward(ids)`` gives the additive attention bias ``(heads, T, T)`` for the full
     row-major sequence, or ``(B, heads, T, T)`` for a sequence whose patch tokens are the
     patch ids ``ids (B, n)`` (dropped or re-ordered tokens keep their own offsets).

@@ -1,5 +1,5 @@
 """Frozen teachers: pretrained encoders whose patch features a student learns to predict
-(EVA, D-iGPT, iTPN-CLIP). METHODS.md §1.4, §3.3, §6.4.
+(EVA, D-iGPT, iTPN-CLIP). docs/METHODS.md §1.4, §3.3, §6.4.
 
 ``build_teacher(cfg.teacher, ...)`` loads one of four kinds from local files, never the network
 (a fifth, ``pixels``, has no files: see below):

@@ -24,7 +24,7 @@ from mimar.teachers.config import TeacherConfig
 # ``kind: mimar``: path -> (backbone, mean, std), given by the caller (mimar.loading)
 MimarLoader = Callable[[Path], tuple[nn.Module, tuple, tuple]]
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (METHODS.md §1.4)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP (docs/METHODS.md §1.4)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
@@ -250,7 +250,7 @@ def mimar_source(cfg: TeacherConfig, load: MimarLoader) -> TeacherModel:
 
 
 def _check_activation(open_clip, cfg: TeacherConfig) -> None:
-    """OpenAI's CLIP towers use QuickGELU (METHODS.md §10.9); open_clip's plain names build
+    """OpenAI's CLIP towers use QuickGELU (docs/METHODS.md §10.9); open_clip's plain names build
     exact GELU and load OpenAI weights without complaint, silently changing every target.
     Refuse that pairing: an OpenAI checkpoint is recognised by its file name or by being a
     TorchScript archive (how OpenAI released them)."""
