@@ -359,3 +359,25 @@ def test_normalization_stats_match_the_loaded_images():
     ):
         images = load_images(cfg, "train")
         assert normalization_stats(cfg) == (images.mean, images.std)
+
+
+def test_an_openai_checkpoint_under_a_plain_gelu_name_is_refused(tmp_path):
+    """OpenAI's CLIP uses QuickGELU: open_clip's plain name would silently change the targets."""
+    import zipfile
+
+    from mimar.config import ConfigError
+
+    named = tmp_path / "ViT-B-16-openai.pt"
+    named.write_bytes(b"not really weights")
+    scripted = tmp_path / "weights.pt"  # OpenAI released TorchScript archives
+    with zipfile.ZipFile(scripted, "w") as archive:
+        archive.writestr("ViT-B-16/constants.pkl", b"")
+    for path in (named, scripted):
+        cfg = TeacherConfig(kind="open_clip", model="ViT-B-16", checkpoint=str(path))
+        with pytest.raises(
+            ConfigError, match="needs QuickGELU: use teacher.model=ViT-B-16-quickgelu"
+        ):
+            build_teacher(cfg, student_grid=4, **GRAY)
+    ok = TeacherConfig(kind="open_clip", model="ViT-B-16-quickgelu", checkpoint=str(named))
+    with pytest.raises(ConfigError, match="does not load as open_clip model"):  # passes the check
+        build_teacher(ok, student_grid=4, **GRAY)
