@@ -3,8 +3,9 @@
 Knows nothing about any method: a method is an ``nn.Module`` whose ``forward(images,
 **corruption)`` returns a dict with ``loss``; it may offer ``sample_corruption(batch, gen)``
 (per-image random draws, made here for the *global* batch from a generator seeded by the
-step and sliced per rank, so that resume and multi-process runs are exact), ``after_step()``
-(EMA teachers) and ``visualize(images)`` (pictures).
+step and sliced per rank, so that resume and multi-process runs are exact) and
+``after_step()`` (EMA teachers). The run's picture is drawn by ``mimar.viz`` at the end,
+imported only then.
 
 Exact resume: data order, augmentation and corruption are pure functions of (seed, step);
 the checkpoint carries model, optimizer, step and the global RNG (drop-path) state.
