@@ -33,17 +33,17 @@ from mimar.errors import ConfigError
 TIMM_NORM_EPS = 1e-6  # the eps of timm's LayerNorm, used by VisionTransformer and Beit
 
 
+def _shape_kwargs(c) -> dict:
+    """The kwargs timm's VisionTransformer and Beit share: the ViT's shape."""
+    keys = ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads", "mlp_ratio")
+    return {key: getattr(c, key) for key in keys}
+
+
 def timm_kwargs(backbone: ViT) -> dict:
     """kwargs for ``timm.create_model("vit_base_patch16_224", num_classes=0, **kwargs)``."""
     c = backbone.cfg
     return {
-        "img_size": c.img_size,
-        "patch_size": c.patch_size,
-        "in_chans": c.in_chans,
-        "embed_dim": c.embed_dim,
-        "depth": c.depth,
-        "num_heads": c.num_heads,
-        "mlp_ratio": c.mlp_ratio,
+        **_shape_kwargs(c),
         "qkv_bias": c.qkv_bias,
         "proj_bias": c.proj_bias,
         "init_values": c.init_values,
@@ -71,13 +71,7 @@ def beit_kwargs(backbone: ViT) -> dict:
             f"equivalent of backbone.{', backbone.'.join(bad)}"
         )
     return {
-        "img_size": c.img_size,
-        "patch_size": c.patch_size,
-        "in_chans": c.in_chans,
-        "embed_dim": c.embed_dim,
-        "depth": c.depth,
-        "num_heads": c.num_heads,
-        "mlp_ratio": c.mlp_ratio,
+        **_shape_kwargs(c),
         "qkv_bias": c.qkv_bias,  # q and v biases; the k bias is dropped (softmax-invariant)
         # 0, not None, for no LayerScale: create_model drops None kwargs, and
         # beit_base_patch16_224 defaults to 0.1

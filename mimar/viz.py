@@ -52,13 +52,9 @@ def simmim_rows(method: SimMIM, images: torch.Tensor, generator=None) -> dict:
     }
 
 
-@torch.no_grad()
-def eva_rows(method: EVA, images: torch.Tensor, generator=None) -> dict:
-    """Input, input with the hidden patches blanked, and the per-patch cosine similarity of the
-    student's prediction to the teacher feature (black -1, white +1)."""
-    mask = method.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
-    pred, target = method.predict(images, mask).float(), method.teacher(images)["tokens"]
-    cos = F.cosine_similarity(pred, target, dim=-1)  # (B, N)
+def _cosine_rows(method, images: torch.Tensor, mask: torch.Tensor, cos: torch.Tensor) -> dict:
+    """Input, input with the hidden patches blanked, and a per-patch cosine map ``cos (B, N)``
+    as brightness (black -1, white +1), encoded like normalised images."""
     g, p = method.backbone.grid_size, method.backbone.patch_size
     pixel_mask = upsample_mask(mask, g, p)  # (B, 1, H, W)
     brightness = upsample_mask((cos + 1) / 2, g, p)  # (B, 1, H, W) in [0, 1]
@@ -66,6 +62,18 @@ def eva_rows(method: EVA, images: torch.Tensor, generator=None) -> dict:
         "original": images,
         "masked": _blank(images, pixel_mask),
         "cosine to teacher": _normalised(brightness, method.teacher),
+    }
+
+
+@torch.no_grad()
+def eva_rows(method: EVA, images: torch.Tensor, generator=None) -> dict:
+    """Input, input with the hidden patches blanked, and the per-patch cosine similarity of the
+    student's prediction to the teacher feature (black -1, white +1)."""
+    mask = method.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
+    pred, target = method.predict(images, mask).float(), method.teacher(images)["tokens"]
+    cos = F.cosine_similarity(pred, target, dim=-1)  # (B, N)
+    g = method.backbone.grid_size
+    return _cosine_rows(method, images, mask, cos) | {
         "caption": f"EVA: cosine(student, teacher) per patch, black -1 / white +1; "
         f"{mask.sum(1).float().mean():.0f} of {g * g} patches hidden, "
         f"mean cosine on hidden patches {cos[mask].mean().item():.2f}",
@@ -102,13 +110,7 @@ def itpn_clip_rows(method: ITPNCLIP, images: torch.Tensor, generator=None) -> di
     mask = method.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
     pred = method.predict(images, mask)[0].float()  # (B, N, D_t), main branch
     cos = F.cosine_similarity(pred, method.target(method.teacher(images)["tokens"]), dim=-1)
-    g, p = method.backbone.grid_size, method.backbone.patch_size
-    pixel_mask = upsample_mask(mask, g, p)  # (B, 1, H, W)
-    brightness = upsample_mask((cos + 1) / 2, g, p)  # (B, 1, H, W) in [0, 1]
-    return {
-        "original": images,
-        "masked": _blank(images, pixel_mask),
-        "cosine to teacher": _normalised(brightness, method.teacher),
+    return _cosine_rows(method, images, mask, cos) | {
         "caption": f"iTPN-CLIP: cosine(prediction, teacher) per patch, black -1 / white +1; "
         f"mean on hidden patches {cos[mask].mean():.2f}, on visible {cos[~mask].mean():.2f}",
     }
