@@ -34,7 +34,8 @@ def main(argv: list[str] | None = None) -> int:
 def cmd_pretrain(args) -> int:
     from mimar import runs
     from mimar.config import load_config
-    from mimar.engine.loop import NonFiniteLoss, train
+    from mimar.engine.loop import NonFiniteLoss
+    from mimar.pretrain import pretrain
 
     cfg = load_config(args.config, args.overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -45,7 +46,7 @@ def cmd_pretrain(args) -> int:
             "or choose another --run-dir"
         )
     try:
-        result = train(cfg, run_dir, resume=args.resume)
+        result = pretrain(cfg, run_dir, resume=args.resume)
     except NonFiniteLoss as err:
         print(f"mimar pretrain: {err}", file=sys.stderr)
         return 3

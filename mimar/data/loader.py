@@ -99,6 +99,10 @@ class StepLoader:
             images = images.to(device, non_blocking=True)
         return self.augment.apply(images, params.select(self._rows))
 
+    def inputs(self, step: int, device: torch.device | str | None = None) -> dict:
+        """What the engine feeds the model at ``step``: ``{"images": batch(step)}``."""
+        return {"images": self.batch(step, device)}
+
     def generator_for(self, step: int) -> torch.Generator:
         """A CPU generator for the method's random draws (masks, orders) at ``step``."""
         return torch.Generator().manual_seed(derive_seed(self.seed, step, _METHOD_STREAM))

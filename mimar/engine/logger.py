@@ -47,7 +47,7 @@ class MetricsLog:
 class ProgressBar:
     """Step, loss, lr, images/s and ETA; plain log lines when stdout is not a terminal."""
 
-    def __init__(self, total: int, start: int, enabled: bool) -> None:
+    def __init__(self, total: int, start: int, enabled: bool, name: str = "pretrain") -> None:
         self.console = Console(stderr=True)
         self.interactive = enabled and self.console.is_terminal
         self.total, self.last_print = total, time.monotonic()
@@ -55,7 +55,7 @@ class ProgressBar:
         self.progress = None
         if self.interactive:
             self.progress = Progress(
-                TextColumn("[bold]pretrain"),
+                TextColumn(f"[bold]{name}"),
                 BarColumn(),
                 MofNCompleteColumn(),
                 TextColumn("{task.fields[stats]}"),
@@ -64,7 +64,7 @@ class ProgressBar:
                 TimeRemainingColumn(),
                 console=self.console,
             )
-            self.task = self.progress.add_task("pretrain", total=total, completed=start, stats="")
+            self.task = self.progress.add_task(name, total=total, completed=start, stats="")
             self.progress.start()
 
     def update(self, row: dict) -> None:

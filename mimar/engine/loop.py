@@ -1,11 +1,13 @@
 """The training loop: the same code on a laptop CPU and on many GPUs under torchrun.
 
-Knows nothing about any method: a method is an ``nn.Module`` whose ``forward(images,
-**corruption)`` returns a dict with ``loss``; it may offer ``sample_corruption(batch, gen)``
+Knows nothing about any method or task. It is handed a built ``nn.Module`` whose
+``forward(**inputs, **corruption)`` returns a dict with ``loss`` (and scalars to log), and a
+step loader whose ``inputs(step)`` are this rank's rows of the global batch (``images``, and
+``targets`` for supervised steps). The module may offer ``sample_corruption(batch, gen)``
 (per-image random draws, made here for the *global* batch from a generator seeded by the
 step and sliced per rank, so that resume and multi-process runs are exact) and
-``after_step()`` (EMA teachers). The run's picture is drawn by ``mimar.viz`` at the end,
-imported only then.
+``after_step()`` (EMA teachers or EMA weights). Pretraining (``mimar.pretrain``) and
+fine-tuning (``mimar.evaluation.finetune``) both run through :func:`fit`.
 
 Exact resume: data order, augmentation and corruption are pure functions of (seed, step);
 the checkpoint carries model, optimizer, step and the global RNG (drop-path) state.
@@ -17,21 +19,20 @@ import logging
 import math
 import signal
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mimar import runs
-from mimar.config import PretrainConfig, save_config, to_dict
-from mimar.data import build_step_loader, load_images
 from mimar.engine import checkpoint, dist
 from mimar.engine.logger import MetricsLog, ProgressBar
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
-from mimar.factory import build_method
 
 log = logging.getLogger("mimar")
 
@@ -55,78 +56,103 @@ def pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> RunResult:
-    run_dir, t = Path(run_dir), cfg.train
-    if t.threads:
-        torch.set_num_threads(t.threads)
-    owns_group = not dist.initialized()  # torchrun workers: we join, so we also leave
-    use_cuda = "cuda" in t.device or (t.device == "auto" and torch.cuda.is_available())
-    rank, world, local_rank = dist.init("cuda" if use_cuda else "cpu")
-    device = pick_device(t.device, local_rank)
-    ckpt_path = runs.last_checkpoint(run_dir)
-    state = checkpoint.load(ckpt_path) if resume else None
+class Session:
+    """The process's place in the run: threads, process group (torchrun or one process) and
+    device. Enter it before building the model and the loader, which need rank and world."""
+
+    def __init__(self, train_cfg) -> None:
+        self.cfg = train_cfg
+
+    def __enter__(self) -> Session:
+        t = self.cfg
+        if t.threads:
+            torch.set_num_threads(t.threads)
+        self.owns_group = not dist.initialized()  # torchrun workers: we join, so we leave
+        use_cuda = "cuda" in t.device or (t.device == "auto" and torch.cuda.is_available())
+        self.rank, self.world, local_rank = dist.init("cuda" if use_cuda else "cpu")
+        self.device = pick_device(t.device, local_rank)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.owns_group:  # a live gloo group at interpreter exit can abort the process
+            dist.shutdown()
+
+
+def fit(
+    session: Session,
+    model: nn.Module,
+    loader,
+    *,
+    optim,
+    train,
+    run_dir: str | Path,
+    config: dict,
+    resume: bool = False,
+    evaluate: Callable[[nn.Module, int], dict] | None = None,
+    evaluate_every: int = 0,
+    name: str = "pretrain",
+) -> RunResult:
+    """Train ``model`` for ``train.steps`` optimizer steps with AdamW (``optim``: lr or base_lr
+    scaled by the global batch, weight decay rules, layer decay, clipping) and the warm-up +
+    cosine schedule; write ``config`` (a plain dict) as ``config.yaml``, metrics and
+    checkpoints into ``run_dir``. ``evaluate(model, step)`` (rank 0) returns scalars logged
+    every ``evaluate_every`` steps and after the last one."""
+    run_dir, t, device, rank = Path(run_dir), train, session.device, session.rank
+    state = checkpoint.load(runs.last_checkpoint(run_dir)) if resume else None
     if resume and rank == 0:
         log.info("resuming %s from step %d", run_dir, state["step"])
-
-    torch.manual_seed(t.seed)
-    method = build_method(cfg).to(device)
-    images = load_images(cfg.data, "train")
-    loader = build_step_loader(cfg.data, images, seed=t.seed, rank=rank, world_size=world)
-    peak_lr = scaled_lr(cfg.optim, cfg.data.batch_size * t.accum_steps)
-    optimizer = build_optimizer(method, cfg.optim, peak_lr)
+    model = model.to(device)
+    peak_lr = scaled_lr(optim, loader.batch_size * t.accum_steps)
+    optimizer = build_optimizer(model, optim, peak_lr)
     start = 0
     if state is not None:
-        method.load_state_dict(state["model"])
+        model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         start = state["step"]
-    model = DistributedDataParallel(method) if world > 1 else method
+    wrapped = DistributedDataParallel(model) if session.world > 1 else model
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
-        save_config(cfg, run_dir / runs.CONFIG)
-        _describe(method, optimizer, images, peak_lr, world)
+        (run_dir / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+        _describe(model, optimizer, loader, peak_lr, session.world)
 
     stop = _StopFlag()
     metrics = MetricsLog(run_dir / runs.METRICS, start if resume else 0) if rank == 0 else None
-    bar = ProgressBar(t.steps, start, t.progress and rank == 0)
-    warmup = warmup_steps(cfg.optim, t.steps)
-    step, save = start, _saver(cfg, method, optimizer, run_dir, rank)
+    bar = ProgressBar(t.steps, start, t.progress and rank == 0, name)
+    warmup = warmup_steps(optim, t.steps)
+    step, save = start, _saver(config, model, optimizer, run_dir, rank)
     try:
         while step < t.steps:
-            lr = lr_at(step, peak_lr, t.steps, warmup, cfg.optim.min_lr_ratio)
+            lr = lr_at(step, peak_lr, t.steps, warmup, optim.min_lr_ratio)
             tic = time.perf_counter()
-            out = train_step(model, method, optimizer, loader, cfg, step, lr, device)
+            out = train_step(
+                wrapped, model, optimizer, loader, t, optim.clip_grad, step, lr, device
+            )
             step += 1
             row = {
                 "step": step,
                 "epoch": loader.epoch_of(step * t.accum_steps),
                 "lr": lr,
                 **out,
-                "images_per_s": cfg.data.batch_size * t.accum_steps / (time.perf_counter() - tic),
+                "images_per_s": loader.batch_size * t.accum_steps / (time.perf_counter() - tic),
             }
             if metrics is not None and (step % t.log_every == 0 or step == t.steps):
                 metrics.write(row)
             bar.update(row)
+            every = evaluate_every and step % evaluate_every == 0
+            if evaluate is not None and (every or step == t.steps):
+                scores = evaluate(model, step) if rank == 0 else {}
+                if metrics is not None:
+                    metrics.write({"step": step, "epoch": row["epoch"], **scores})
+                dist.barrier()
             if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
                 save(step, periodic=True)
             if dist.any_rank(stop.signal is not None, device):
                 save(step)
                 return RunResult(step, stop.signal or "signal on another rank")
         save(step)
-        if rank == 0:
-            from mimar import viz  # here, not at the top: the engine itself draws nothing
-
-            if viz.has_picture(method):
-                viz.save_reconstruction(
-                    method,
-                    loader.batch(0)[:8].to(device),
-                    run_dir / runs.PICTURE,
-                    mean=images.mean,
-                    std=images.std,
-                    generator=loader.generator_for(0),
-                )
         dist.barrier()  # every rank finished before any leaves the group
         return RunResult(step, None)
     finally:
@@ -134,8 +160,6 @@ def train(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> Run
         stop.restore()
         if metrics is not None:
             metrics.close()
-        if owns_group:  # a live gloo group at interpreter exit can abort the process
-            dist.shutdown()
 
 
 def train_step(
@@ -143,13 +167,15 @@ def train_step(
     method: nn.Module,
     optimizer,
     loader,
-    cfg: PretrainConfig,
+    t,
+    clip_grad: float | None,
     step: int,
     lr: float,
     device: torch.device,
 ) -> dict:
-    """One optimizer step over ``accum_steps`` micro-batches; returns scalars to log."""
-    t, rank, world = cfg.train, loader.rank, loader.world_size
+    """One optimizer step over ``accum_steps`` micro-batches; returns scalars to log.
+    ``model`` is ``method`` or its DDP wrapper."""
+    rank, world = loader.rank, loader.world_size
     for group in optimizer.param_groups:
         group["lr"] = lr * group["lr_scale"]
     autocast = (
@@ -161,16 +187,16 @@ def train_step(
     totals: dict[str, torch.Tensor] = {}
     for micro in range(t.accum_steps):
         index = step * t.accum_steps + micro  # data position: a pure function of the step
-        images = loader.batch(index).to(device, non_blocking=True)
+        inputs = {k: v.to(device, non_blocking=True) for k, v in loader.inputs(index).items()}
         corruption = {}
         if hasattr(method, "sample_corruption"):
-            drawn = method.sample_corruption(cfg.data.batch_size, loader.generator_for(index))
-            b = images.shape[0]
+            drawn = method.sample_corruption(loader.batch_size, loader.generator_for(index))
+            b = inputs["images"].shape[0]
             corruption = {k: v[rank * b : (rank + 1) * b].to(device) for k, v in drawn.items()}
         last = micro == t.accum_steps - 1
         sync = nullcontext() if last or world == 1 else model.no_sync()
         with sync, autocast:
-            out = model(images, **corruption)
+            out = model(**inputs, **corruption)
         with sync:
             (out["loss"] / t.accum_steps).backward()
         for k, v in out.items():
@@ -184,8 +210,8 @@ def train_step(
             "(try a lower optim.lr, train.precision=fp32 or optim.clip_grad)"
         )
     grad_norm = None
-    if cfg.optim.clip_grad:
-        grad_norm = nn.utils.clip_grad_norm_(method.parameters(), cfg.optim.clip_grad).item()
+    if clip_grad:
+        grad_norm = nn.utils.clip_grad_norm_(method.parameters(), clip_grad).item()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if hasattr(method, "after_step"):
@@ -196,7 +222,7 @@ def train_step(
     return row
 
 
-def _saver(cfg, method, optimizer, run_dir: Path, rank: int):
+def _saver(config: dict, method, optimizer, run_dir: Path, rank: int):
     def save(step: int, periodic: bool = False) -> None:
         if rank != 0:
             return
@@ -208,7 +234,7 @@ def _saver(cfg, method, optimizer, run_dir: Path, rank: int):
                 "torch": torch.get_rng_state(),
                 "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
             },
-            "config": to_dict(cfg),
+            "config": config,
             "git_sha": checkpoint.git_sha(),
         }
         checkpoint.save_atomic(state, runs.last_checkpoint(run_dir))
@@ -235,9 +261,9 @@ class _StopFlag:
             signal.signal(s, handler)
 
 
-def _describe(method, optimizer, images, peak_lr: float, world: int) -> None:
+def _describe(method, optimizer, loader, peak_lr: float, world: int) -> None:
     trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
-    log.info("data: %s", images.source)
+    log.info("data: %s", loader.images.source)
     log.info(
         "model: %s, %.2fM trainable parameters, %d process(es)",
         type(method).__name__,
