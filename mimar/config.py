@@ -62,6 +62,7 @@ class OptimConfig:
     warmup_fraction: float = 0.05
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     clip_grad: float | None = 5.0  # SimMIM §2.5; None or 0 disables clipping
+    layer_decay: float = 1.0  # fine-tuning: lr scale decay^(L + 1 - layer_id) (METHODS §1.5)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -103,13 +104,35 @@ class PretrainConfig:
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
     """Read a YAML recipe, apply ``dotted.key=value`` overrides, return the typed config."""
-    raw = _read_recipe(Path(path))
+    raw = read_recipe(path)
+    apply_overrides(raw, overrides)
+    return from_dict(raw)
+
+
+def read_recipe(path: str | Path) -> dict:
+    """A YAML recipe as a plain mapping, its one ``base:`` level merged in."""
+    return _read_recipe(Path(path))
+
+
+def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
+    """Set every ``dotted.key=value`` of ``overrides`` in ``raw`` (values parsed as YAML)."""
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
         _set_dotted(raw, key.strip().split("."), yaml.safe_load(text) if text else "")
-    return from_dict(raw)
+    return raw
+
+
+def build_section(cls: type, raw: dict, path: str) -> Any:
+    """The dataclass ``cls`` of a mapping, with the same checks and messages as recipes
+    (unknown keys with close matches, types); ``path`` prefixes the keys in errors."""
+    try:
+        return _build(cls, raw, path)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(str(err)) from None
 
 
 def from_dict(raw: dict) -> PretrainConfig:

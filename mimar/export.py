@@ -57,13 +57,15 @@ def timm_kwargs(backbone: ViT) -> dict:
     }
 
 
-def beit_kwargs(backbone: ViT) -> dict:
-    """kwargs for ``timm.create_model("beit_base_patch16_224", num_classes=0, **kwargs)``."""
+def beit_kwargs(backbone: ViT, pooled: bool = False) -> dict:
+    """kwargs for ``timm.create_model("beit_base_patch16_224", num_classes=0, **kwargs)``;
+    ``pooled``: a fine-tuned classifier that averages its tokens into ``fc_norm``."""
     c = backbone.cfg
     unsupported = {
         "class_token=false": not c.class_token,  # Beit always has a class token
         "patch_norm=true": c.patch_norm,  # and no norm after the patch projection
-        "final_norm=false": not c.final_norm,  # its norm is either final or fc_norm
+        # its norm is either final or fc_norm (the pooled classifier's case)
+        "final_norm=false": not c.final_norm and not pooled,
     }
     if bad := [name for name, hit in unsupported.items() if hit]:
         raise ConfigError(
@@ -84,7 +86,11 @@ def beit_kwargs(backbone: ViT) -> dict:
     }
 
 
-def export_timm(backbone: ViT, out: str | Path) -> tuple[Path, Path]:
+def export_timm(model: nn.Module, out: str | Path) -> tuple[Path, Path]:
+    """Write ``model`` (a ViT backbone, or a fine-tuned ``mimar.finetune`` classifier on one,
+    whose pooling, ``fc_norm`` and head go along) as timm weights + kwargs."""
+    classifier = model if hasattr(model, "head") and hasattr(model, "backbone") else None
+    backbone = model.backbone if classifier is not None else model
     if not isinstance(backbone, ViT):
         raise ConfigError(
             f"--format timm exports mimar's ViT; this run's backbone is {type(backbone).__name__}"
@@ -93,7 +99,8 @@ def export_timm(backbone: ViT, out: str | Path) -> tuple[Path, Path]:
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must end with .safetensors, got {out}")
     beit = backbone.cfg.rel_pos_bias != "none"
-    kwargs = beit_kwargs(backbone) if beit else timm_kwargs(backbone)
+    pooled = classifier is not None and classifier.pool == "avg"
+    kwargs = beit_kwargs(backbone, pooled) if beit else timm_kwargs(backbone)
     out.parent.mkdir(parents=True, exist_ok=True)
     weights = {
         k: v.detach().contiguous().cpu()
@@ -102,6 +109,12 @@ def export_timm(backbone: ViT, out: str | Path) -> tuple[Path, Path]:
     }
     if beit:
         weights = {k: v.contiguous() for k, v in to_beit(weights, backbone.embed_dim).items()}
+    if classifier is not None:
+        kwargs.pop("final_norm", None)  # timm's fc_norm stands in for the removed final norm
+        kwargs |= _head_kwargs(classifier, beit)
+        for name in ("fc_norm", "head"):
+            for key, value in getattr(classifier, name).state_dict().items():
+                weights[f"{name}.{key}"] = value.detach().contiguous().cpu()
     save_file(weights, str(out))
     meta = {
         "timm_model": "beit_base_patch16_224" if beit else "vit_base_patch16_224",
@@ -119,6 +132,17 @@ def export_timm(backbone: ViT, out: str | Path) -> tuple[Path, Path]:
     return out, meta_path
 
 
+def _head_kwargs(classifier: nn.Module, beit: bool) -> dict:
+    """timm's pooling / head kwargs of a fine-tuned classifier: mean of the patch tokens into
+    ``fc_norm`` (the backbone's final norm removed), or the class token after the norm."""
+    avg = classifier.pool == "avg"
+    kwargs = {"num_classes": classifier.num_classes, "global_pool": "avg" if avg else "token"}
+    if beit:
+        return kwargs | {"use_fc_norm": avg}
+    kwargs["fc_norm"] = avg  # timm: fc_norm replaces the final norm; no final_norm key then
+    return kwargs
+
+
 def create_timm_model(path: str | Path) -> nn.Module:
     """The timm model of an exported file, weights loaded strictly, eval mode, with the
     exported LayerNorm eps (which the kwargs alone cannot set)."""
@@ -126,7 +150,8 @@ def create_timm_model(path: str | Path) -> nn.Module:
 
     path = Path(path)
     meta = json.loads(path.with_suffix(".json").read_text())
-    model = timm.create_model(meta["timm_model"], pretrained=False, num_classes=0, **meta["kwargs"])
+    kwargs = {"num_classes": 0, **meta["kwargs"]}  # a fine-tuned classifier keeps its head
+    model = timm.create_model(meta["timm_model"], pretrained=False, **kwargs)
     eps = meta.get("norm_eps", TIMM_NORM_EPS)
     for m in model.modules():
         if isinstance(m, nn.LayerNorm):

@@ -12,7 +12,7 @@ from mimar.cli import main
 from mimar.engine.optim import scaled_lr
 
 ROOT = Path(__file__).resolve().parents[1]
-RECIPES = sorted((ROOT / "configs").rglob("*.yaml"))
+RECIPES = sorted(p for p in (ROOT / "configs").rglob("*.yaml") if p.parent.name != "finetune")
 # the keys every recipe must honour, each with an override value no recipe uses
 CONTRACT = {
     "train.steps": 3,

@@ -58,7 +58,9 @@ def param_groups(
 
 
 def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
-    groups = param_groups(model, cfg.weight_decay, decay_on=cfg.weight_decay_on)
+    groups = param_groups(
+        model, cfg.weight_decay, layer_decay=cfg.layer_decay, decay_on=cfg.weight_decay_on
+    )
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
