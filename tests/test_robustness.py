@@ -143,6 +143,21 @@ def test_contrast_is_the_mean_plus_scaled_deviation():
     assert (corrupt(x, "contrast", 5).float() - expected).abs().max() <= 1
 
 
+def test_glass_blur_copies_a_neighbour_as_the_released_datasets_do():
+    """ImageNet-C's numpy "swap" of (H, W, 3) pixels assigns through views: a copy, read from
+    a pixel not yet visited. Severity 1 blurs with sigma 0.05 px (no effect), so the interior
+    pixel (i, j) holds one of (i, j), (i-1, j), (i, j-1), (i-1, j-1), all channels together."""
+    x = torch.randint(0, 256, (3, 3, 28, 28), generator=torch.Generator().manual_seed(0))
+    x = x.to(torch.uint8)
+    out = corrupt(x, "glass_blur", 1)
+    assert torch.equal(out[..., :2, :], x[..., :2, :]) and torch.equal(out[..., :2], x[..., :2])
+    inner = out[..., 2:, 2:]  # (3, 3, 26, 26)
+    sources = [x[..., 2 - di : 28 - di, 2 - dj : 28 - dj] for di in (0, 1) for dj in (0, 1)]
+    match = torch.stack([(inner == src).all(dim=1) for src in sources])  # (4, 3, 26, 26)
+    assert match.any(dim=0).all()
+    assert match[0].float().mean() < 0.5  # most pixels did take a neighbour's value
+
+
 def test_rotation_turns_by_the_severity_angle():
     blob = _blob()
     for severity, degrees in zip(range(1, 6), (6, 12, 18, 24, 30)):

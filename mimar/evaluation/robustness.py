@@ -91,6 +91,8 @@ _JPEG_QUALITY = (80, 65, 58, 50, 40)  # libjpeg quality; the 8-px block is fixed
 _ROTATION_DEG = (6.0, 12.0, 18.0, 24.0, 30.0)  # ours: up to Engstrom et al.'s 30 degrees
 _TRANSLATION = (0.03, 0.06, 0.09, 0.12, 0.15)  # ours: shift length / side, random direction
 
+# float (N, C, H, W) in [0, 1], severity 1-5, one generator per image -> float (N, C, H, W);
+# ``corrupt`` converts from and to uint8, clamping and rounding.
 Corruption = Callable[[torch.Tensor, int, list[torch.Generator]], torch.Tensor]
 
 
@@ -98,11 +100,13 @@ Corruption = Callable[[torch.Tensor, int, list[torch.Generator]], torch.Tensor]
 
 
 def gaussian_noise(x: torch.Tensor, severity: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """Add zero-mean Gaussian noise to every value."""
     noise = _draw(gens, lambda g: torch.randn(x.shape[1:], generator=g))  # (N, C, H, W)
     return x + _GAUSSIAN_SIGMA[severity - 1] * noise
 
 
 def shot_noise(x: torch.Tensor, severity: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """Photon counts: Poisson at the severity's rate times the pixel, rescaled."""
     photons = _SHOT_PHOTONS[severity - 1]
     counts = torch.stack([torch.poisson(xi * photons, generator=g) for xi, g in zip(x, gens)])
     return counts / photons
@@ -119,6 +123,7 @@ def impulse_noise(x: torch.Tensor, severity: int, gens: list[torch.Generator]) -
 
 
 def defocus_blur(x: torch.Tensor, severity: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """Convolve with a lens-like disk (see ``_disk_kernel``)."""
     radius, alias = _DEFOCUS[severity - 1]
     scale = _scale(x)
     return _filter(x, _disk_kernel(radius * scale, alias * scale))
@@ -184,6 +189,7 @@ def brightness(x: torch.Tensor, severity: int, gens: list[torch.Generator]) -> t
 
 
 def contrast(x: torch.Tensor, severity: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """Shrink each channel's deviation from its mean."""
     mean = x.mean(dim=(2, 3), keepdim=True)  # (N, C, 1, 1)
     return (x - mean) * _CONTRAST[severity - 1] + mean
 
@@ -211,6 +217,7 @@ def elastic_transform(x: torch.Tensor, severity: int, gens: list[torch.Generator
 
 
 def pixelate(x: torch.Tensor, severity: int, gens: list[torch.Generator]) -> torch.Tensor:
+    """Average down to a coarser grid and back up (area resampling both ways)."""
     h, w = x.shape[-2:]
     small_h, small_w = int(h * _PIXELATE[severity - 1]), int(w * _PIXELATE[severity - 1])
     small = _box_matrix(h, small_h) @ x @ _box_matrix(w, small_w).T  # (N, C, h', w')
