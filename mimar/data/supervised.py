@@ -542,24 +542,37 @@ def _warp(x, coeffs, fill, cubic):
     inside = (x_in >= 0) & (x_in < w) & (y_in >= 0) & (y_in < h)
     x0, y0 = (x_in - 0.5).floor(), (y_in - 0.5).floor()
     dx, dy = x_in - 0.5 - x0, y_in - 0.5 - y0
-    flat = x.double().flatten(2)  # (n, C, HW)
-    taps = range(-1, 3) if cubic else range(2)
-
-    def tap(yy, xx):
-        index = (yy.clamp(0, h - 1) * w + xx.clamp(0, w - 1)).long().view(n, 1, h * w)
-        return flat.gather(2, index.expand(n, c, h * w)).view(n, c, h, w)
-
-    lines = [_interpolate([tap(y0 + j, x0 + i) for i in taps], dx) for j in taps]
-    value = _interpolate(lines, dy).clamp(0, 255).trunc()  # PIL: clip, then (UINT8) cast
+    # An axis the op leaves alone (shear / translate along the other one) has d = 0 at every
+    # pixel, where PIL's filter returns its centre tap exactly: read that tap only.
+    moves_x = bool((coeffs[:, :3] != coeffs.new_tensor([1.0, 0.0, 0.0])).any())
+    moves_y = bool((coeffs[:, 3:] != coeffs.new_tensor([0.0, 1.0, 0.0])).any())
+    num_taps = 4 if cubic else 2
+    cols = _taps(x0, w, num_taps if moves_x else 1)  # (n, Tx, H, W)
+    rows = _taps(y0, h, num_taps if moves_y else 1) * w  # (n, Ty, H, W)
+    index = (rows.unsqueeze(2) + cols.unsqueeze(1)).long()  # (n, Ty, Tx, H, W)
+    v = x.double().flatten(2).gather(2, index.view(n, 1, -1).expand(n, c, -1))
+    v = v.view(n, c, rows.shape[1], cols.shape[1], h, w)  # (n, C, Ty, Tx, H, W)
+    v = _interpolate(v.unbind(3), dx.view(n, 1, 1, h, w))  # along x: (n, C, Ty, H, W)
+    value = _interpolate(v.unbind(2), dy.view(n, 1, h, w)).clamp(0, 255).trunc()  # PIL: clip, cast
     fill_t = torch.tensor(fill, dtype=torch.float64, device=x.device).view(1, -1, 1, 1)
     return torch.where(inside.unsqueeze(1), value, fill_t).float()
 
 
+def _taps(start, size, num):
+    """Edge-clamped positions (n, T, H, W) of T = 4 (cubic), 2 (linear) or 1 taps at floor."""
+    first = -1 if num == 4 else 0
+    offsets = torch.arange(first, first + num, dtype=start.dtype, device=start.device)
+    return (start.unsqueeze(1) + offsets.view(1, num, 1, 1)).clamp(0, size - 1)
+
+
 def _interpolate(v, d):
     """Geometry.c's BILINEAR, or its BICUBIC (a = -1 cubic convolution), along one axis."""
-    d = d.unsqueeze(1)
+    if len(v) == 1:
+        return v[0]
     if len(v) == 2:
         return v[0] + (v[1] - v[0]) * d
-    p2, p3 = -v[0] + v[2], 2 * (v[0] - v[1]) + v[2] - v[3]
-    p4 = -v[0] + v[1] - v[2] + v[3]
-    return v[1] + d * (p2 + d * (p3 + d * p4))
+    # PIL: p2 = -v0 + v2, p3 = 2 (v0 - v1) + v2 - v3, p4 = -v0 + v1 - v2 + v3, then Horner;
+    # b - a is b + (-a) in IEEE arithmetic, so these in-place forms give the same bits
+    p2, p3 = v[2] - v[0], (v[0] - v[1]).mul_(2).add_(v[2]).sub_(v[3])
+    p4 = (v[1] - v[0]).sub_(v[2]).add_(v[3])
+    return p4.mul_(d).add_(p3).mul_(d).add_(p2).mul_(d).add_(v[1])
