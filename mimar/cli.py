@@ -20,7 +20,18 @@ from mimar.errors import ConfigError, MimarError
 
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
-    args = parser.parse_args(argv)
+    # key=value overrides may follow options (``eval finetune --checkpoint R finetune.epochs=1``)
+    args, extra = parser.parse_known_args(argv)
+    stray = [word for word in extra if "=" not in word or word.startswith("-")]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if extra:
+        if args.command == "pretrain":
+            args.overrides = [*args.overrides, *extra]
+        elif args.command == "eval":
+            args.protocols = [*args.protocols, *extra]
+        else:
+            parser.error(f"unrecognized arguments: {' '.join(extra)}")
     _setup_logging()
     try:
         return args.func(args)
@@ -66,15 +77,21 @@ def cmd_eval(args) -> int:
     from mimar.evaluation import EvalConfig, evaluate
 
     names = {f.name for f in dataclasses.fields(EvalConfig)}
-    evaluate(EvalConfig(**{k: v for k, v in vars(args).items() if k in names}))
+    given = {k: v for k, v in vars(args).items() if k in names}
+    words = given.pop("protocols")  # protocols, then any key=value overrides (finetune)
+    given["protocols"] = [w for w in words if "=" not in w]
+    given["overrides"] = [w for w in words if "=" in w]
+    if given["overrides"] and "finetune" not in given["protocols"]:
+        raise ConfigError(f"overrides {given['overrides']} apply to the finetune protocol only")
+    evaluate(EvalConfig(**given))
     return 0
 
 
 def cmd_export(args) -> int:
     from mimar.export import export_timm
-    from mimar.loading import load_backbone
+    from mimar.finetune.run import load_for_export
 
-    out, meta = export_timm(load_backbone(args.checkpoint), args.out)
+    out, meta = export_timm(load_for_export(args.checkpoint), args.out)
     print(f"wrote {out} and {meta}")
     return 0
 
@@ -144,10 +161,12 @@ def _add_eval_parser(sub) -> None:
     ev.add_argument(
         "protocols",
         nargs="+",
-        choices=list(PROTOCOL_TABLE),
         metavar="PROTOCOL",
-        help="; ".join(f"{name}: {spec.help}" for name, spec in PROTOCOL_TABLE.items()),
+        help="; ".join(f"{name}: {spec.help}" for name, spec in PROTOCOL_TABLE.items())
+        + ". Words with '=' are finetune.*/data.* overrides of the fine-tune recipe",
     )
+    ev.add_argument("--recipe", default=None, help="finetune: recipe YAML (default: CPU recipe)")
+    ev.add_argument("--resume", action="store_true", help="finetune: continue an interrupted one")
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     ev.add_argument(
         "--layer",

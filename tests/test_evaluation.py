@@ -455,7 +455,9 @@ def test_eval_config_normalises_and_rejects_bad_values():
 
 
 def test_protocol_table_drives_names_epochs_and_pixel_rows():
-    assert PROTOCOLS == tuple(PROTOCOL_TABLE) == ("knn", "linear", "attentive", "lora")
-    assert [PROTOCOL_TABLE[p].epochs(None) for p in PROTOCOLS] == [None, 30, 10, 3]
-    assert [PROTOCOL_TABLE[p].epochs(2) for p in PROTOCOLS] == [None, 2, 2, 2]  # kNN: untrained
-    assert [PROTOCOL_TABLE[p].pixel_row for p in PROTOCOLS] == [True, True, False, False]
+    names = ("knn", "linear", "attentive", "lora", "finetune", "robustness")
+    assert PROTOCOLS == tuple(PROTOCOL_TABLE) == names
+    # finetune's epochs come from its recipe (finetune.epochs), robustness trains nothing
+    assert [PROTOCOL_TABLE[p].epochs(None) for p in PROTOCOLS] == [None, 30, 10, 3, None, None]
+    assert [PROTOCOL_TABLE[p].epochs(2) for p in PROTOCOLS] == [None, 2, 2, 2, None, None]
+    assert [PROTOCOL_TABLE[p].pixel_row for p in PROTOCOLS] == [True, True] + [False] * 4

@@ -118,8 +118,11 @@ class BatchAugment:
             src_hw=(height, width),
         )
 
-    def apply(self, images: torch.Tensor, params: CropParams) -> torch.Tensor:
-        """Crop, resize, flip and normalise uint8 ``(B, C, H, W)`` with the given params."""
+    def apply(
+        self, images: torch.Tensor, params: CropParams, normalise: bool = True
+    ) -> torch.Tensor:
+        """Crop, resize, flip and normalise uint8 ``(B, C, H, W)`` with the given params
+        (``normalise=False``: float pixels in [0, 1], for fine-tuning's pixel ops)."""
         batch, chans, height, width = images.shape
         if (height, width) != tuple(params.src_hw) or batch != len(params):
             raise ValueError(
@@ -143,7 +146,7 @@ class BatchAugment:
         x = F.grid_sample(x, grid, mode="bilinear", padding_mode="border", align_corners=False)
         flip = params.flip.to(images.device).view(batch, 1, 1, 1)
         x = torch.where(flip, x.flip(-1), x)  # (B, C, S, S)
-        return normalize(x, self.mean, self.std)
+        return normalize(x, self.mean, self.std) if normalise else x
 
     def _fallback_box(self, height: int, width: int) -> tuple[int, int]:
         """torchvision's fallback: the whole image, clamped to the allowed aspect range."""

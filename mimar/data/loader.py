@@ -13,12 +13,13 @@ from collections.abc import Iterator
 
 import torch
 
-from mimar.data.augment import BatchAugment, eval_transform
+from mimar.data.augment import BatchAugment, CropParams, eval_transform
 from mimar.data.config import DataConfig
 from mimar.data.image_set import ImageSet
 
 _AUGMENT_STREAM = 1  # seeds (seed, step, 1): crop boxes and flips
 _METHOD_STREAM = 2  # seeds (seed, step, 2): handed to the method for masks / corruption
+_SUPERVISED_STREAM = 3  # seeds (seed, step, 3): fine-tuning's RandAugment, erasing, Mixup
 
 
 def derive_seed(*values: int) -> int:
@@ -69,7 +70,7 @@ class StepLoader:
         self.rank, self.world_size = rank, world_size
         self.steps_per_epoch = len(images) // batch_size  # drop last
         per_rank = batch_size // world_size
-        self._rows = slice(rank * per_rank, (rank + 1) * per_rank)
+        self.rows = slice(rank * per_rank, (rank + 1) * per_rank)  # this rank's global rows
         self._order_epoch, self._order = -1, torch.empty(0, dtype=torch.long)
 
     def indices(self, step: int) -> torch.Tensor:
@@ -90,14 +91,18 @@ class StepLoader:
         float, and the crops run on the accelerator); the draws stay on the CPU, so the
         chosen boxes do not depend on the device.
         """
-        rows = self.indices(step)[self._rows]
-        gen = torch.Generator().manual_seed(derive_seed(self.seed, step, _AUGMENT_STREAM))
-        src_hw = tuple(self.images.images.shape[-2:])
-        params = self.augment.sample_params(self.batch_size, src_hw, gen)  # global batch
+        rows = self.indices(step)[self.rows]
+        params = self.crop_params(step)  # global batch
         images = self.images.images[rows]  # (B / W, C, H, W) uint8
         if device is not None:
             images = images.to(device, non_blocking=True)
-        return self.augment.apply(images, params.select(self._rows))
+        return self.augment.apply(images, params.select(self.rows))
+
+    def crop_params(self, step: int) -> CropParams:
+        """Crop boxes and flips of the whole global batch of ``step``."""
+        gen = torch.Generator().manual_seed(derive_seed(self.seed, step, _AUGMENT_STREAM))
+        src_hw = tuple(self.images.images.shape[-2:])
+        return self.augment.sample_params(self.batch_size, src_hw, gen)
 
     def inputs(self, step: int, device: torch.device | str | None = None) -> dict:
         """What the engine feeds the model at ``step``: ``{"images": batch(step)}``."""

@@ -39,9 +39,13 @@ class EvalConfig:
     lora_rank: int = 8  # LoRA: rank of the adapters (alpha 16)
     classifier_bias: bool = False  # attentive: a classifier bias (as an earlier ml-aim)
     device: str = "auto"  # auto: cuda when available, else cpu
+    recipe: str | None = None  # finetune: the recipe (None: the CPU recipe of the run's data)
+    overrides: tuple[str, ...] = ()  # finetune: finetune.* / data.* key=value overrides
+    resume: bool = False  # finetune: continue an interrupted fine-tune exactly
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(self.protocols))
+        object.__setattr__(self, "overrides", tuple(self.overrides))
         if self.blocks is not None:
             object.__setattr__(self, "blocks", tuple(self.blocks))
         unknown = [p for p in self.protocols if p not in PROTOCOLS]

@@ -20,11 +20,13 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
+from mimar import runs
 from mimar.data import ImageSet, iterate_eval_batches
 from mimar.evaluation.attentive import attentive_probe, default_blocks, probe_heads
 from mimar.evaluation.features import (
@@ -171,11 +173,86 @@ def _lora(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dic
     return {"rows": rows, "lora_rank": cfg.lora_rank}
 
 
+def _finetune(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs) -> dict:
+    """End-to-end fine-tuning with layer decay (``mimar.finetune``): its own run folder per
+    row; with ``--baselines`` the same recipe from random initialisation first."""
+    from mimar.finetune.run import finetune  # the fine-tune engine, only when asked for
+
+    rows = []
+    for scratch in (True, False) if cfg.baselines else (False,):
+        tic = time.perf_counter()
+        res = finetune(
+            cfg.checkpoint,
+            recipe=cfg.recipe,
+            overrides=cfg.overrides,
+            max_train=cfg.max_train,
+            max_test=cfg.max_test,
+            scratch=scratch,
+            resume=cfg.resume,
+        )
+        res["seconds"] = round(time.perf_counter() - tic, 1)
+        notes = f"final epoch of {res.get('epochs')}"
+        if res.get("best_top1") is not None:
+            notes += f"; best {res['best_top1']:.2f} at epoch {res['best_epoch']:g}"
+        notes += f"; {res.get('n_train')} train; {res['seconds'] / 60:.1f} min"
+        name = "random init" if scratch else "pretrained"
+        rows.append(_row(name, "finetune", "all blocks", res, notes))
+    return {"rows": rows}
+
+
+def _robustness(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs) -> dict:
+    """The fine-tuned classifier (and with ``--baselines`` the from-scratch one) on
+    ImageNet-C-style corrupted copies of the test set; writes robustness.png and
+    corruptions.png beside the JSON."""
+    from mimar.evaluation import robustness as rob
+    from mimar.finetune.run import load_finetuned
+
+    run_dir = _run_folder(cfg.checkpoint)
+    rows, curves = [], []
+    for scratch in (True, False) if cfg.baselines else (False,):
+        classifier, ft_cfg = load_finetuned(run_dir, scratch)
+        classifier.to(setup.device)
+        res = rob.evaluate_robustness(
+            classifier.logits,
+            setup.test,
+            img_size=ft_cfg["data"]["img_size"],
+            batch_size=setup.batch_size,
+            device=setup.device,
+        )
+        name = "random init" if scratch else "pretrained"
+        notes = f"{setup.notes}; clean {res['clean_top1']:.2f}; {len(rob.CORRUPTIONS)} x 5"
+        rows.append(
+            _row(
+                name,
+                "robustness",
+                "mean corruption",
+                res | {"top1": res["mean_corruption_top1"]},
+                notes,
+            )
+        )
+        curves.append((f"{name} fine-tune", res))
+    out = run_dir / runs.EVAL
+    rob.plot_robustness(curves, out / "robustness.png")
+    rob.plot_corruptions(setup.test.images[0], out / "corruptions.png")
+    return {"rows": rows}
+
+
+def _run_folder(checkpoint) -> Path:
+    path = Path(checkpoint)
+    return path if path.is_dir() else runs.run_of_checkpoint(path)
+
+
 PROTOCOL_TABLE: dict[str, EvalProtocol] = {
     "knn": EvalProtocol(None, "weighted kNN (k=--k, cosine, T=0.07)", probe=_knn),
     "linear": EvalProtocol(30, "linear probe, a grid of lrs", probe=_linear),
     "attentive": EvalProtocol(10, "AIM's attentive probe on --blocks", run=_attentive),
     "lora": EvalProtocol(3, "LoRA on attn.qkv/attn.proj + a linear head", run=_lora),
+    "finetune": EvalProtocol(
+        None, "end-to-end fine-tuning with layer decay (--recipe, finetune.* keys)", run=_finetune
+    ),
+    "robustness": EvalProtocol(
+        None, "the fine-tuned classifier on corrupted test sets", run=_robustness
+    ),
 }
 PROTOCOLS: tuple[str, ...] = tuple(PROTOCOL_TABLE)
 

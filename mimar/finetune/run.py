@@ -1,0 +1,204 @@
+"""``mimar eval finetune``: end-to-end fine-tuning of a pretrained backbone on the same engine.
+
+The papers' headline protocol (SimMIM, EVA, iTPN, D-iGPT): the whole network trains with
+layer-wise lr decay, Mixup/CutMix, RandAugment, random erasing and label smoothing
+(docs/METHODS.md §2.6, §4.5, §6.7). The fine-tune is a run of its own in
+``RUN_DIR/eval/finetune/`` (``config.yaml``, ``metrics.jsonl`` with per-step loss / lr /
+images_per_s and per-epoch ``test_top1``, ``checkpoints/last.pt``), with pretraining's
+guarantees (exact resume, signals, NaN stop, bf16, accumulation, DDP under torchrun), since it
+runs through the same ``mimar.engine.loop.fit``. ``scratch=True`` trains the same recipe from
+random initialisation into ``RUN_DIR/eval/finetune-scratch/``: the papers' comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+
+from mimar import runs
+from mimar.config import to_dict
+from mimar.data import ImageSet, iterate_eval_batches, load_images
+from mimar.engine import checkpoint
+from mimar.engine.loop import RunResult, Session, fit
+from mimar.errors import DataError, MissingFileError
+from mimar.evaluation.precision import autocast
+from mimar.finetune.classifier import Classifier, build_classifier, finetune_backbone_config
+from mimar.finetune.config import FinetuneConfig, load_finetune_config
+from mimar.finetune.loader import SupervisedStepLoader
+from mimar.loading import load_run, resolve_checkpoint
+from mimar.runs import run_of_checkpoint
+
+log = logging.getLogger("mimar")
+
+FOLDERS = {False: "finetune", True: "finetune-scratch"}
+
+
+def finetune_dir(run_dir: str | Path, scratch: bool = False) -> Path:
+    """``RUN_DIR/eval/finetune`` (or ``finetune-scratch``): a fine-tune's own run folder."""
+    return Path(run_dir) / runs.EVAL / FOLDERS[scratch]
+
+
+def finetune(
+    source: str | Path,
+    *,
+    recipe: str | Path | None = None,
+    overrides: tuple[str, ...] = (),
+    max_train: int = 0,
+    max_test: int = 0,
+    scratch: bool = False,
+    resume: bool = False,
+) -> dict:
+    """Fine-tune the backbone of the run (folder or checkpoint) ``source``; returns the summary
+    ``{"top1": final-epoch test top-1, "best_top1", "best_epoch", "curve", ...}``."""
+    run_cfg, state = load_run(source)
+    run_dir = (
+        Path(source) if Path(source).is_dir() else run_of_checkpoint(resolve_checkpoint(source))
+    )
+    out = finetune_dir(run_dir, scratch)
+    if not resume and runs.last_checkpoint(out).exists():
+        raise MissingFileError(
+            f"{out} already holds a fine-tune: pass --resume to continue it, or remove it"
+        )
+    ft, data = load_finetune_config(run_cfg, recipe, overrides)
+    train_set = load_images(replace(data, max_images=max_train), "train")
+    test_set = load_images(replace(data, max_images=max_test), "test")
+    if train_set.labels is None or test_set.labels is None:
+        raise DataError(f"{data.root} has no labels (class sub-folders) to fine-tune with")
+    num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
+    backbone_cfg = finetune_backbone_config(
+        run_cfg.backbone, drop_path=ft.drop_path, pool=ft.pool, img_size=ft.img_size
+    )
+    config = {
+        "finetune": to_dict(ft),
+        "data": to_dict(data),
+        "backbone": to_dict(backbone_cfg),
+        "num_classes": num_classes,
+        "pretrained": None if scratch else str(source),
+        "method": run_cfg.method.name,
+    }
+    train0, _ = ft.schedule(1, 1.0)  # threads / device for the session
+    with Session(train0) as session:
+        torch.manual_seed(ft.seed)
+        model = build_classifier(
+            backbone_cfg,
+            num_classes,
+            pool=ft.pool,
+            state=None if scratch else state["model"],
+            source_cfg=run_cfg.backbone,
+        )
+        loader = SupervisedStepLoader(
+            train_set,
+            data,
+            ft.augment(),
+            num_classes,
+            seed=ft.seed,
+            rank=session.rank,
+            world_size=session.world,
+        )
+        train, optim = ft.schedule(loader.steps_per_epoch, ft.peak_lr())
+        every = max(1, ft.eval_every_epochs) * loader.steps_per_epoch
+
+        def evaluate(classifier: torch.nn.Module, step: int) -> dict:
+            top1 = accuracy(classifier, test_set, data.img_size, ft, session.device)
+            log.info("epoch %.2f: test top-1 %.2f", loader.epoch_of(step), top1)
+            return {"test_top1": top1}
+
+        result = fit(
+            session,
+            model,
+            loader,
+            optim=optim,
+            train=train,
+            run_dir=out,
+            config=config,
+            resume=resume,
+            evaluate=evaluate,
+            evaluate_every=every if ft.eval_every_epochs else 0,
+            name="finetune",
+        )
+    return summarize(out, result, ft, len(train_set), len(test_set))
+
+
+@torch.no_grad()
+def accuracy(
+    classifier: torch.nn.Module, images: ImageSet, img_size: int, ft: FinetuneConfig, device
+) -> float:
+    """Test top-1 (%) of ``classifier`` on the eval view of ``images``."""
+    was_training = classifier.training
+    classifier.eval()
+    dtype = torch.bfloat16 if ft.precision == "bf16" else None
+    correct = 0
+    for batch, labels in iterate_eval_batches(images, img_size, 256):
+        with autocast(device, dtype):
+            logits = classifier.logits(batch.to(device))
+        correct += (logits.argmax(-1).cpu() == labels).sum().item()
+    classifier.train(was_training)
+    return 100.0 * correct / len(images)
+
+
+def summarize(out: Path, result: RunResult, ft, n_train: int, n_test: int) -> dict:
+    """The fine-tune's per-epoch test top-1 read back from its metrics: final and best."""
+    curve = []
+    for line in (out / runs.METRICS).read_text().splitlines():
+        row = json.loads(line)
+        if "test_top1" in row:
+            curve.append({"epoch": round(row["epoch"], 4), "top1": row["test_top1"]})
+    if not curve:
+        return {"top1": None, "curve": [], "stopped_by": result.stopped_by}
+    best = max(curve, key=lambda r: r["top1"])
+    return {
+        "top1": curve[-1]["top1"],  # the headline: the final epoch, never the best one
+        "best_top1": best["top1"],
+        "best_epoch": best["epoch"],
+        "curve": curve,
+        "epochs": ft.epochs,
+        "n_train": n_train,
+        "n_test": n_test,
+        "run_dir": str(out),
+        "stopped_by": result.stopped_by,
+    }
+
+
+def load_finetuned(run_dir: str | Path, scratch: bool = False) -> tuple[Classifier, dict]:
+    """The fine-tuned classifier of ``RUN_DIR/eval/finetune`` (eval mode) and its config."""
+    out = finetune_dir(run_dir, scratch)
+    ckpt = runs.last_checkpoint(out)
+    if not ckpt.is_file():
+        what = "from-scratch fine-tune" if scratch else "fine-tuned model"
+        flag = " --baselines" if scratch else ""
+        raise MissingFileError(
+            f"{run_dir} has no {what} ({ckpt} is missing): run "
+            f"`mimar eval finetune --checkpoint {run_dir}{flag}` first"
+        )
+    state = checkpoint.load(ckpt)
+    return classifier_from_state(state), state["config"]
+
+
+def load_for_export(source: str | Path) -> torch.nn.Module:
+    """What ``mimar export`` writes from ``source`` (read once): a fine-tune run's classifier,
+    else the pretrained backbone of a run folder, checkpoint or exported file."""
+    from mimar.config import from_dict
+    from mimar.loading import backbone_from_state, load_backbone
+
+    if Path(source).suffix == ".safetensors":
+        return load_backbone(source)
+    state = checkpoint.load(resolve_checkpoint(source))
+    if "finetune" in state["config"]:
+        return classifier_from_state(state)
+    return backbone_from_state(from_dict(state["config"]), state)
+
+
+def classifier_from_state(state: dict) -> Classifier:
+    """A fine-tune checkpoint's classifier with its trained weights, eval mode."""
+    from mimar.config import section_from_dict
+
+    cfg = state["config"]
+    backbone_cfg = section_from_dict("backbone", cfg["backbone"])
+    pool = cfg["finetune"]["pool"]
+    model = build_classifier(backbone_cfg, cfg["num_classes"], pool=pool, state=None)
+    model.load_state_dict(state["model"])
+    return model.eval()
