@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
-from timm.data import auto_augment
+from timm.data import auto_augment, random_erasing
+from torchvision.transforms import functional as TF
 
 from mimar.data.augment import normalize
 from mimar.data.supervised import (
@@ -202,6 +203,24 @@ def test_each_pixel_part_changes_pixels_only_when_on(part):
     assert changed.sum() >= 4  # jitter/RandAugment may leave a few images as they were
 
 
+@pytest.mark.parametrize("chans", [1, 3])
+def test_color_jitter_is_torchvisions_on_pil_in_the_drawn_order(chans):
+    aug = _augment(chans=chans, color_jitter=0.4)
+    images, labels = _images(6, chans=chans, size=10), torch.zeros(6, dtype=torch.long)
+    draws = _draws(aug, 6, seed=4)
+    x = aug.apply(images, labels, draws, slice(0, 6))[0]
+    adjust = (TF.adjust_brightness, TF.adjust_contrast, TF.adjust_saturation)  # fn ids 0, 1, 2
+    for i in range(6):
+        array = images[i].permute(1, 2, 0).numpy()
+        pil = Image.fromarray(array[..., 0] if chans == 1 else array)
+        for k in draws["rows"]["jitter_order"][i].tolist():
+            factor = float(draws["rows"]["jitter_factor"][i, k])
+            assert 0.6 <= factor <= 1.4
+            pil = adjust[k](pil, factor)
+        pixels = torch.from_numpy(np.array(pil).reshape(array.shape)).permute(2, 0, 1).float()
+        assert torch.equal(x[i], normalize(pixels[None] / 255, aug.mean, aug.std)[0]), i
+
+
 def test_erasing_writes_one_box_of_noise_per_erased_image():
     aug = _augment(reprob=1.0)
     images = torch.full((8, 1, 32, 32), 128, dtype=torch.uint8)
@@ -211,6 +230,28 @@ def test_erasing_writes_one_box_of_noise_per_erased_image():
         assert len(rows) and img[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
         area = len(rows) * len(cols) / 32**2  # timm: target area in [0.02, 1/3] of the image
         assert 0.015 < area < 0.36
+
+
+@pytest.mark.parametrize("size", [6, 16])
+def test_erasing_boxes_are_timms_for_the_same_uniforms(size):
+    """timm's RandomErasing run with ``random`` replaced by our draws erases the same boxes."""
+    aug = _augment(reprob=1.0)
+    images, labels = torch.full((8, 1, size, size), 128, dtype=torch.uint8), torch.zeros(8).long()
+    draws = _draws(aug, 8, seed=5)
+    ours = aug.apply(images, labels, draws, slice(0, 8))[0] != _plain(images)
+    rows = draws["rows"]
+    for i in range(8):
+        tries = torch.stack([rows["erase_area"][i], rows["erase_log_aspect"][i]], 1).flatten()
+        offsets = iter(rows["erase_offset"][i].tolist())
+        randint = lambda lo, hi, u=offsets: lo + math.floor(next(u) * (hi - lo + 1))
+        img = torch.zeros(1, size, size)
+        with (
+            mock.patch.object(random_erasing.random, "random", lambda: 0.0),
+            mock.patch.object(random_erasing.random, "uniform", side_effect=tries.tolist()),
+            mock.patch.object(random_erasing.random, "randint", side_effect=randint),
+        ):
+            random_erasing.RandomErasing(1.0, mode="pixel", device="cpu")(img)
+        assert torch.equal(ours[i], img != 0), i
 
 
 def test_float_crops_are_rounded_to_the_uint8_grid_for_pixel_ops():
