@@ -3,6 +3,7 @@ the global batch, RandAugment op by op against timm's PIL ops, and the draws tha
 the same on any number of ranks."""
 
 import math
+import random
 from unittest import mock
 
 import numpy as np
@@ -142,6 +143,17 @@ def test_ranks_reproduce_the_rows_of_one_process(seed, per_rank, world, chans):
         parts.append(aug.apply(images[rows], labels[rows], draws, rows, *extra))
     assert torch.equal(whole[0], torch.cat([p[0] for p in parts]))
     assert torch.equal(whole[1], torch.cat([p[1] for p in parts]))
+
+
+def test_no_global_random_state_is_touched():
+    aug = _augment(chans=3, color_jitter=0.4, reprob=1.0, mixup=0.8, cutmix=1.0)
+    ra_aug = _augment(chans=3, **FULL)
+    before = random.getstate(), np.random.get_state()[1].copy(), torch.get_rng_state()
+    for a in (aug, ra_aug):
+        a.apply(_images(8, chans=3), torch.arange(8) % 5, _draws(a, 8, 0), slice(0, 8))
+    after = random.getstate(), np.random.get_state()[1], torch.get_rng_state()
+    assert before[0] == after[0] and np.array_equal(before[1], after[1])
+    assert torch.equal(before[2], after[2])
 
 
 def test_partner_rows_outside_rows_need_partner_images():
