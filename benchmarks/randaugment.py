@@ -2,6 +2,7 @@
 
     python benchmarks/randaugment.py                      # 256 images, 28x28 gray and 32x32 RGB
     python benchmarks/randaugment.py --spec rand-m9-mstd0.5-inc1 --batch 256 --repeats 15
+    python benchmarks/randaugment.py --shapes 3x224 --batch 64 --repeats 5
 
 (a) "per image": timm's ``rand_augment_transform`` on one PIL image at a time, with Python's
 ``random`` and numpy's global state seeded per image from a torch draw (timm draws its op
@@ -75,10 +76,12 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--shapes", default="1x28,3x32", help="CxS pairs, e.g. 3x224")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"{args.spec}, batch {args.batch}, {args.threads} thread(s), median of {args.repeats}")
-    for chans, size in ((1, 28), (3, 32)):
+    for shape in args.shapes.split(","):
+        chans, size = (int(v) for v in shape.split("x"))
         images = torch.randint(0, 256, (args.batch, chans, size, size), dtype=torch.uint8)
         fill = (128,) * chans
         variants = {"per image (timm PIL)": PerImageTimm(args.spec, fill)}

@@ -12,15 +12,17 @@ this module adds the rest, in timm's order, for whole batches:
 fixed number of draws; ``apply`` runs any subset of its rows. An image's result depends only
 on its pixels and its own draws, so resuming, or splitting a batch over ranks, changes nothing.
 
-RandAugment is a batched tensor version of timm's op set (each op is tested against timm's PIL
-op), not timm's PIL transform run image by image with ``random`` / ``np.random`` reseeded per
-image. ``python benchmarks/randaugment.py`` (one thread, 256 images, rand-m9-mstd0.5-inc1)
-measured the per-image PIL route at 4.7k images/s (28x28 gray) and 2.8k (32x32 RGB), the
-batched one at 35k and 15k. Besides speed, the batched route runs on the accelerator and
-keeps every op and magnitude in ``draws``; and the PIL route cannot run as is here: Pillow 13
-refuses the 0-bit posterize timm asks for whenever the magnitude noise reaches 10 (old Pillow
-made the image black, as we do). Random erasing keeps timm's box rules, drawn here; its noise
-comes from a per-image seed.
+RandAugment is a batched tensor version of timm's op set, bit-exact to timm's PIL ops (tested
+op by op), rather than timm's PIL transform run image by image with ``random`` and ``np.random``
+reseeded per image. ``python benchmarks/randaugment.py`` (one thread, 256 images,
+rand-m9-mstd0.5-inc1, shared 2-core machine): 28x28 gray, per-image PIL 9.2k images/s vs
+batched 16.8k; 32x32 RGB 3.6k vs 7.3k (1.5-2x across runs). At 224x224 RGB on the CPU the PIL
+route is faster (670 vs 190 images/s: PIL-exact bicubic gathers 16 float64 taps per pixel), but
+there the batched route is meant to run on the accelerator with the crops. It also keeps every
+op and magnitude in ``draws``, and the PIL route cannot run as is: Pillow 13 refuses the 0-bit
+posterize that timm asks for whenever the magnitude noise reaches 10 (~2 % of
+PosterizeIncreasing ops; old Pillow made the image black, as we do). Random erasing keeps
+timm's box rules, drawn here; its noise comes from a per-image seed.
 
 Where we differ from timm: RandAugment resamples with PIL's bicubic (the official recipes'
 ``interpolation='bicubic'``), never timm's random bilinear/bicubic; weighted op choice and the
@@ -343,7 +345,10 @@ class BatchRandAugment:
         self.fill, self.cubic = tuple(float(v) for v in fill), interpolation == "bicubic"
 
     def sample(self, batch_size: int, generator: torch.Generator) -> dict:
-        """Per image and layer: op id, applied or not, magnitude, sign; (B, num_layers) each."""
+        """Per image and layer: op id, applied or not, magnitude, sign; (B, num_layers) each.
+
+        The op id is uniform with replacement (timm's ``np.random.choice``).
+        """
         draw = {"generator": generator, "device": generator.device, "dtype": torch.float64}
         u = torch.rand((batch_size, self.num_layers, 4), **draw)
         z = torch.randn((batch_size, self.num_layers), **draw)
@@ -352,7 +357,7 @@ class BatchRandAugment:
         else:  # timm: random.gauss(M, mstd); mstd 0 gives M
             magnitude = self.magnitude + self.magnitude_std * z
         return {
-            "ra_op": (u[..., 0] * len(self.names)).long(),  # np.random.choice, with replacement
+            "ra_op": (u[..., 0] * len(self.names)).long().clamp(max=len(self.names) - 1),
             "ra_apply": u[..., 1] <= self.prob,  # timm skips an op when random() > prob
             "ra_magnitude": magnitude.clamp(0, self.magnitude_max),
             "ra_sign": torch.where(u[..., 2] > 0.5, -1.0, 1.0).double(),  # _randomly_negate
