@@ -19,7 +19,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -95,16 +95,19 @@ Run = Callable[[Models, EvalSetup, "EvalConfig", "int | None"], dict]
 
 @dataclass(frozen=True)
 class EvalProtocol:
-    """How one protocol runs: exactly one of ``probe`` (pooled features) and ``run``."""
+    """How one protocol runs: exactly one of ``probe`` (pooled features), ``run`` (the loaded
+    backbones) and ``alone`` (needs neither the run's data nor its backbones: fine-tuning
+    builds its own from the checkpoint, robustness reads the fine-tuned classifier)."""
 
-    default_epochs: int | None  # None: the protocol trains nothing
+    default_epochs: int | None  # None: the protocol trains nothing (or its recipe says)
     help: str
     probe: Probe | None = None  # (train feats, test feats, setup, cfg, epochs) -> result
     run: Run | None = None  # (models, setup, cfg, epochs) -> {"rows": [...], ...}
+    alone: Callable[[EvalConfig], dict] | None = None  # cfg -> {"rows": [...], ...}
 
     def __post_init__(self) -> None:
-        if (self.probe is None) == (self.run is None):
-            raise ValueError("an EvalProtocol has exactly one of probe and run")
+        if sum(f is not None for f in (self.probe, self.run, self.alone)) != 1:
+            raise ValueError("an EvalProtocol has exactly one of probe, run and alone")
 
     @property
     def pixel_row(self) -> bool:
@@ -173,7 +176,7 @@ def _lora(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dic
     return {"rows": rows, "lora_rank": cfg.lora_rank}
 
 
-def _finetune(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs) -> dict:
+def _finetune(cfg: EvalConfig) -> dict:
     """End-to-end fine-tuning with layer decay (``mimar.finetune``): its own run folder per
     row; with ``--baselines`` the same recipe from random initialisation first."""
     from mimar.finetune.run import finetune  # the fine-tune engine, only when asked for
@@ -200,41 +203,40 @@ def _finetune(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs) -> dict
     return {"rows": rows}
 
 
-def _robustness(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs) -> dict:
+def _robustness(cfg: EvalConfig) -> dict:
     """The fine-tuned classifier (and with ``--baselines`` the from-scratch one) on
-    ImageNet-C-style corrupted copies of the test set; writes robustness.png and
+    ImageNet-C-style corrupted copies of its test set; writes robustness.png and
     corruptions.png beside the JSON."""
+    from mimar.config import build_section
+    from mimar.data import DataConfig, load_images
     from mimar.evaluation import robustness as rob
+    from mimar.evaluation.precision import resolve_device
     from mimar.finetune.run import load_finetuned
 
-    run_dir = _run_folder(cfg.checkpoint)
-    rows, curves = [], []
+    run_dir, device = _run_folder(cfg.checkpoint), resolve_device(cfg.device)
+    rows, curves, test = [], [], None
     for scratch in (True, False) if cfg.baselines else (False,):
-        classifier, ft_cfg = load_finetuned(run_dir, scratch)
-        classifier.to(setup.device)
+        classifier, ft_cfg = load_finetuned(run_dir, scratch)  # one clear line if missing
+        data = build_section(DataConfig, ft_cfg["data"], "data")
+        if test is None:  # the fine-tune's own test split
+            test = load_images(replace(data, max_images=cfg.max_test), "test")
         res = rob.evaluate_robustness(
-            classifier.logits,
-            setup.test,
-            img_size=ft_cfg["data"]["img_size"],
-            batch_size=setup.batch_size,
-            device=setup.device,
+            classifier.to(device).logits,
+            test,
+            img_size=data.img_size,
+            batch_size=cfg.batch_size,
+            device=device,
         )
         name = "random init" if scratch else "pretrained"
-        notes = f"{setup.notes}; clean {res['clean_top1']:.2f}; {len(rob.CORRUPTIONS)} x 5"
-        rows.append(
-            _row(
-                name,
-                "robustness",
-                "mean corruption",
-                res | {"top1": res["mean_corruption_top1"]},
-                notes,
-            )
-        )
+        notes = f"{len(test)} test images; clean {res['clean_top1']:.2f}; "
+        notes += f"{len(rob.CORRUPTIONS)} corruptions x 5 severities"
+        res_row = res | {"top1": res["mean_corruption_top1"]}
+        rows.append(_row(name, "robustness", "mean corruption", res_row, notes))
         curves.append((f"{name} fine-tune", res))
     out = run_dir / runs.EVAL
     rob.plot_robustness(curves, out / "robustness.png")
-    rob.plot_corruptions(setup.test.images[0], out / "corruptions.png")
-    return {"rows": rows}
+    rob.plot_corruptions(test.images[0], out / "corruptions.png")
+    return {"rows": rows, "n_test": len(test)}
 
 
 def _run_folder(checkpoint) -> Path:
@@ -248,10 +250,10 @@ PROTOCOL_TABLE: dict[str, EvalProtocol] = {
     "attentive": EvalProtocol(10, "AIM's attentive probe on --blocks", run=_attentive),
     "lora": EvalProtocol(3, "LoRA on attn.qkv/attn.proj + a linear head", run=_lora),
     "finetune": EvalProtocol(
-        None, "end-to-end fine-tuning with layer decay (--recipe, finetune.* keys)", run=_finetune
+        None, "end-to-end fine-tuning with layer decay (--recipe, finetune.* keys)", alone=_finetune
     ),
     "robustness": EvalProtocol(
-        None, "the fine-tuned classifier on corrupted test sets", run=_robustness
+        None, "the fine-tuned classifier on corrupted test sets", alone=_robustness
     ),
 }
 PROTOCOLS: tuple[str, ...] = tuple(PROTOCOL_TABLE)

@@ -41,21 +41,26 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
     Returns the rows per protocol.
     """
     run_cfg, pretrained = load_run_backbone(cfg.checkpoint)  # the checkpoint is read once
-    setup = build_setup(run_cfg, cfg)
-    models = [("pretrained", pretrained)]
-    if cfg.baselines:
-        models.insert(0, ("random init", random_init_backbone(run_cfg)))
-    models = [(name, backbone.to(setup.device)) for name, backbone in models]
-
     specs = {p: PROTOCOL_TABLE[p] for p in cfg.protocols}
-    pooled = [p for p, spec in specs.items() if spec.probe is not None]
-    results = pooled_probes(pooled, models, setup, cfg) if pooled else {}
-    for p, spec in specs.items():
-        if spec.run is not None:
-            results[p] = spec.run(models, setup, cfg, spec.epochs(cfg.epochs))
-
+    results: dict[str, dict] = {}
     header = {"checkpoint": str(cfg.checkpoint), "pool": cfg.pool, "layer": cfg.layer}
-    header |= {"attention": cfg.attention, "n_train": len(setup.train), "n_test": len(setup.test)}
+    header["attention"] = cfg.attention
+    if any(spec.alone is None for spec in specs.values()):  # frozen-backbone protocols
+        setup = build_setup(run_cfg, cfg)
+        models = [("pretrained", pretrained)]
+        if cfg.baselines:
+            models.insert(0, ("random init", random_init_backbone(run_cfg)))
+        models = [(name, backbone.to(setup.device)) for name, backbone in models]
+        pooled = [p for p, spec in specs.items() if spec.probe is not None]
+        results |= pooled_probes(pooled, models, setup, cfg) if pooled else {}
+        for p, spec in specs.items():
+            if spec.run is not None:
+                results[p] = spec.run(models, setup, cfg, spec.epochs(cfg.epochs))
+        header |= {"n_train": len(setup.train), "n_test": len(setup.test)}
+    for p, spec in specs.items():
+        if spec.alone is not None:  # fine-tuning and robustness load what they need
+            results[p] = spec.alone(cfg)
+
     for p, spec in specs.items():
         payload = {"protocol": p, **header, "epochs": spec.epochs(cfg.epochs)}
         write_json(run_folder(cfg.checkpoint) / runs.EVAL / f"{p}.json", payload | results[p])

@@ -52,7 +52,7 @@ class FinetuneConfig:
     mixup_prob: float = 1.0  # probability of mixing a batch at all
     rand_augment: str = "rand-m9-mstd0.5-inc1"  # timm spec; "" = off
     reprob: float = 0.25  # random erasing (pixel mode)
-    color_jitter: float = 0.4
+    color_jitter: float = 0.0  # the official 0.4 never ran: timm drops it under RandAugment
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale (timm's default)
     pool: Literal["avg", "cls"] = "avg"  # avg: mean of patch tokens + fc_norm (papers' ViT)
     img_size: int = 0  # 0 = the pretraining size; ViT: the position table is resampled

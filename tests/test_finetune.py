@@ -1,0 +1,188 @@
+"""``mimar eval finetune`` end to end on tiny runs: the run folder, exact resume, 2 processes =
+1 process, learning on a separable set, the loss of a mixed batch by hand, the recipes."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from helpers import DEMO, TINY
+
+from mimar.cli import main
+from mimar.config import load_config, to_dict
+from mimar.data.supervised import SupervisedAugment, SupervisedAugmentConfig
+from mimar.engine import checkpoint
+from mimar.engine.logger import MetricsLog
+from mimar.finetune.classifier import Classifier
+from mimar.loading import method_backbone
+
+ROOT = Path(__file__).resolve().parents[1]
+FMNIST = "configs/finetune/fmnist.yaml"
+# synthetic labelled data (4 classes) for the fine-tune, small and quick
+FT = [
+    "--recipe", FMNIST,
+    "finetune.batch_size=16", "finetune.progress=false", "finetune.precision=fp32",
+    "finetune.threads=1", "finetune.log_every=1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ft") / "run"
+    argv = ["pretrain", DEMO, *TINY, "data.synthetic_size=128", "train.steps=3"]
+    assert main([*argv, "--run-dir", str(path)]) == 0
+    return path
+
+
+def _ft(run_dir: Path, *extra: str, resume: bool = False) -> int:
+    argv = ["eval", "finetune", "--checkpoint", str(run_dir), *FT, *extra]
+    return main(argv + (["--resume"] if resume else []))
+
+
+def _curve(folder: Path) -> dict:
+    rows = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    return {(r["step"], "loss" in r): r.get("loss", r.get("test_top1")) for r in rows}
+
+
+def _fresh(run: Path, tmp_path: Path) -> Path:
+    """A copy of the pretraining run without any fine-tune of its own."""
+    copy = tmp_path / "run"
+    (copy / "checkpoints").mkdir(parents=True)
+    (copy / "checkpoints" / "last.pt").write_bytes((run / "checkpoints" / "last.pt").read_bytes())
+    return copy
+
+
+def test_finetune_leaves_its_run_folder_and_the_json(run, tmp_path):
+    copy = _fresh(run, tmp_path)
+    assert _ft(copy, "finetune.epochs=2", "--baselines") == 0
+    for scratch in ("finetune", "finetune-scratch"):
+        folder = copy / "eval" / scratch
+        for name in ("config.yaml", "metrics.jsonl", "checkpoints/last.pt"):
+            assert (folder / name).exists(), f"{scratch}/{name}"
+        rows = [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+        assert {"loss", "lr", "images_per_s"} <= set(rows[0])
+        assert [r["epoch"] for r in rows if "test_top1" in r] == [1.0, 2.0]  # per epoch
+    result = json.loads((copy / "eval" / "finetune.json").read_text())
+    names = [r["model"] for r in result["rows"]]
+    assert names == ["random init", "pretrained"]
+    final = result["rows"][1]["details"]
+    assert final["top1"] == final["curve"][-1]["top1"]  # the headline is the final epoch
+    # a finished fine-tune is not overwritten without --resume
+    assert _ft(copy, "finetune.epochs=2") == 2
+
+
+def test_resume_continues_a_finetune_exactly(run, tmp_path, monkeypatch):
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    for folder in (full, cut):
+        (folder / "checkpoints").mkdir(parents=True)
+        (folder / "checkpoints" / "last.pt").write_bytes((run / "checkpoints/last.pt").read_bytes())
+    extra = ("finetune.epochs=2", "finetune.mixup=0.8", "finetune.cutmix=1.0",
+             "finetune.reprob=0.25", "finetune.rand_augment=rand-m9-mstd0.5-inc1")  # fmt: skip
+    assert _ft(full, *extra) == 0
+    write = MetricsLog.write
+
+    def write_then_signal(self, row):
+        write(self, row)
+        if row.get("step") == 5 and "loss" in row:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
+    assert _ft(cut, *extra) == 0
+    assert checkpoint.load(cut / "eval/finetune/checkpoints/last.pt")["step"] == 5
+    monkeypatch.setattr(MetricsLog, "write", write)
+    assert _ft(cut, *extra, resume=True) == 0
+    assert _curve(cut / "eval/finetune") == _curve(full / "eval/finetune")  # exact on CPU
+
+
+def test_two_process_finetune_equals_one_process(run, tmp_path):
+    one, two = _fresh(run, tmp_path / "a"), _fresh(run, tmp_path / "b")
+    # drop path masks come from each process's own RNG (exact on resume, not across world
+    # sizes), so this equality is checked without it
+    extra = [
+        "finetune.epochs=1",
+        "finetune.mixup=0.8",
+        "finetune.cutmix=1.0",
+        "finetune.drop_path=0",
+    ]
+    assert _ft(one, *extra) == 0
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--standalone", "-m", "mimar.cli", "eval", "finetune", "--checkpoint", str(two),
+           *FT, *extra]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+    a, b = _curve(one / "eval/finetune"), _curve(two / "eval/finetune")
+    assert sorted(a) == sorted(b) and len(a) > 4
+    for key in a:  # same rows, partners and draws; only the all-reduce's float order differs
+        assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-5), key
+
+
+def test_finetune_learns_a_separable_synthetic_set(run, tmp_path):
+    copy = _fresh(run, tmp_path)
+    extra = ("finetune.epochs=50", "finetune.lr=5e-3", "finetune.warmup_epochs=2",
+             "finetune.layer_decay=1.0", "finetune.drop_path=0")  # fmt: skip
+    assert _ft(copy, *extra) == 0
+    result = json.loads((copy / "eval" / "finetune.json").read_text())
+    assert result["rows"][0]["top1"] >= 95.0  # 4 well-separated classes (chance 25); 100 seen
+
+
+def test_classifier_loss_of_a_mixed_batch_is_the_hand_computed_soft_cross_entropy():
+    torch.manual_seed(0)
+    from helpers import images, tiny_vit
+
+    model = Classifier(tiny_vit(final_norm=False), num_classes=4).eval()
+    aug = SupervisedAugment(
+        SupervisedAugmentConfig(mixup=0.8, label_smoothing=0.1), 4, (0.5,), (0.25,)
+    )
+    draws = aug.sample(4, torch.Generator().manual_seed(3))
+    assert draws["mix"] and not draws["cutmix"] and 0 < draws["lam"] < 1
+    pixels = (images(4, size=16) * 0.1 + 0.5).clamp(0, 1)
+    labels = torch.tensor([0, 1, 2, 3])
+    x, targets = aug.apply(pixels, labels, draws, slice(0, 4))
+    lam, off = draws["lam"], 0.1 / 4
+    smooth = torch.full((4, 4), off) + torch.eye(4) * (1 - 0.1)
+    want_t = lam * smooth + (1 - lam) * smooth.flip(0)  # row i mixes with row 3 - i
+    torch.testing.assert_close(targets, want_t)
+    logits = model.logits(x).float()
+    want = -(want_t * torch.log_softmax(logits, -1)).sum(-1).mean()
+    torch.testing.assert_close(model(x, targets)["loss"], want)
+
+
+def test_robustness_without_a_finetune_is_one_clear_line(run, tmp_path, capsys):
+    copy = _fresh(run, tmp_path)
+    assert main(["eval", "robustness", "--checkpoint", str(copy)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "mimar eval finetune --checkpoint" in err[0]
+
+
+PAPER = {
+    "simmim_vit_base_in1k": "configs/simmim/vit_base_in1k.yaml",
+    "simmim_swin_base_in1k": "configs/simmim/swin_base_in1k.yaml",
+    "eva_vit_base_in1k": "configs/eva/vit_base_clip_l14_in1k.yaml",
+    "itpn_base_in1k": "configs/itpn/hivit_base_in1k.yaml",
+    "digpt_vit_base_in1k": "configs/digpt/vit_base_clip_in1k.yaml",
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("recipe", sorted(PAPER))
+def test_paper_recipe_builds_and_runs_a_step_at_paper_resolution(recipe, tmp_path):
+    """A pretraining run of the paper backbone (weights only: no teacher files needed) is
+    fine-tuned for one step at batch 2 on synthetic images at the recipe's resolution."""
+    cfg = load_config(ROOT / PAPER[recipe])
+    torch.manual_seed(0)
+    backbone = method_backbone(cfg)
+    state = {"model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}
+    state |= {"config": to_dict(cfg), "step": 0}
+    checkpoint.save_atomic(state, tmp_path / "run" / "checkpoints" / "last.pt")
+    argv = ["eval", "finetune", "--checkpoint", str(tmp_path / "run"),
+            "--recipe", f"configs/finetune/{recipe}.yaml", "data.name=synthetic",
+            "data.synthetic_size=2", "data.synthetic_classes=2", "finetune.batch_size=2",
+            "finetune.epochs=1", "finetune.progress=false", "finetune.threads=2"]  # fmt: skip
+    assert main(argv) == 0
+    rows = (tmp_path / "run/eval/finetune/metrics.jsonl").read_text().splitlines()
+    assert torch.isfinite(torch.tensor(json.loads(rows[0])["loss"]))
