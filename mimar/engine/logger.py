@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import time
 from pathlib import Path
@@ -16,6 +17,8 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+log = logging.getLogger("mimar")
 
 
 class MetricsLog:
@@ -80,3 +83,24 @@ class ProgressBar:
     def close(self) -> None:
         if self.progress is not None:
             self.progress.stop()
+
+
+def describe_run(method, optimizer, loader, peak_lr: float, world: int) -> None:
+    """Log the data, the model size and every optimizer group with its lr scale, once."""
+    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
+    log.info("data: %s", loader.images.source)
+    log.info(
+        "model: %s, %.2fM trainable parameters, %d process(es)",
+        type(method).__name__,
+        trainable / 1e6,
+        world,
+    )
+    log.info("peak lr %.3g; optimizer groups:", peak_lr)
+    for g in optimizer.param_groups:
+        log.info(
+            "  weight_decay=%g lr_scale=%.3g: %d tensors (%s ...)",
+            g["weight_decay"],
+            g["lr_scale"],
+            len(g["params"]),
+            ", ".join(g["names"][:3]),
+        )

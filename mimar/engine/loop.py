@@ -31,7 +31,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mimar import runs
 from mimar.engine import checkpoint, dist
-from mimar.engine.logger import MetricsLog, ProgressBar
+from mimar.engine.logger import MetricsLog, ProgressBar, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
 
 log = logging.getLogger("mimar")
@@ -116,7 +116,7 @@ def fit(
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-        _describe(model, optimizer, loader, peak_lr, session.world)
+        describe_run(model, optimizer, loader, peak_lr, session.world)
 
     stop = _StopFlag()
     metrics = MetricsLog(run_dir / runs.METRICS, start if resume else 0) if rank == 0 else None
@@ -259,23 +259,3 @@ class _StopFlag:
     def restore(self) -> None:
         for s, handler in self.previous.items():
             signal.signal(s, handler)
-
-
-def _describe(method, optimizer, loader, peak_lr: float, world: int) -> None:
-    trainable = sum(p.numel() for p in method.parameters() if p.requires_grad)
-    log.info("data: %s", loader.images.source)
-    log.info(
-        "model: %s, %.2fM trainable parameters, %d process(es)",
-        type(method).__name__,
-        trainable / 1e6,
-        world,
-    )
-    log.info("peak lr %.3g; optimizer groups:", peak_lr)
-    for g in optimizer.param_groups:
-        log.info(
-            "  weight_decay=%g lr_scale=%.3g: %d tensors (%s ...)",
-            g["weight_decay"],
-            g["lr_scale"],
-            len(g["params"]),
-            ", ".join(g["names"][:3]),
-        )
