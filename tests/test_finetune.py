@@ -186,3 +186,14 @@ def test_paper_recipe_builds_and_runs_a_step_at_paper_resolution(recipe, tmp_pat
     assert main(argv) == 0
     rows = (tmp_path / "run/eval/finetune/metrics.jsonl").read_text().splitlines()
     assert torch.isfinite(torch.tensor(json.loads(rows[0])["loss"]))
+
+
+def test_an_exported_backbone_fine_tunes_too(run, tmp_path):
+    exported = tmp_path / "vit.safetensors"
+    assert main(["export", "--checkpoint", str(run), "--out", str(exported)]) == 0
+    argv = ["eval", "finetune", "--checkpoint", str(exported), *FT, "finetune.epochs=1",
+            "data.name=synthetic", "data.synthetic_size=64"]  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((tmp_path / "eval" / "finetune.json").read_text())  # beside the file
+    assert result["rows"][0]["details"]["curve"]  # one epoch scored
+    assert (tmp_path / "eval" / "finetune" / "checkpoints" / "last.pt").exists()

@@ -40,12 +40,14 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
 
     Returns the rows per protocol.
     """
-    run_cfg, pretrained = load_run_backbone(cfg.checkpoint)  # the checkpoint is read once
     specs = {p: PROTOCOL_TABLE[p] for p in cfg.protocols}
+    title = f"{Path(cfg.checkpoint).name}: test top-1 (%)"
     results: dict[str, dict] = {}
     header = {"checkpoint": str(cfg.checkpoint), "pool": cfg.pool, "layer": cfg.layer}
     header["attention"] = cfg.attention
     if any(spec.alone is None for spec in specs.values()):  # frozen-backbone protocols
+        run_cfg, pretrained = load_run_backbone(cfg.checkpoint)  # the checkpoint is read once
+        title = f"{run_cfg.method.name} {run_cfg.backbone.name}: {run_cfg.data.name} test top-1 (%)"
         setup = build_setup(run_cfg, cfg)
         models = [("pretrained", pretrained)]
         if cfg.baselines:
@@ -64,8 +66,6 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
     for p, spec in specs.items():
         payload = {"protocol": p, **header, "epochs": spec.epochs(cfg.epochs)}
         write_json(run_folder(cfg.checkpoint) / runs.EVAL / f"{p}.json", payload | results[p])
-    data_name = run_cfg.data.name
-    title = f"{run_cfg.method.name} {run_cfg.backbone.name}: {data_name} test top-1 (%)"
     print_results([r for p in cfg.protocols for r in results[p]["rows"]], title)
     return {p: results[p]["rows"] for p in cfg.protocols}
 

@@ -15,7 +15,6 @@ from typing import Literal
 
 from mimar.config import (
     OptimConfig,
-    PretrainConfig,
     TrainConfig,
     apply_overrides,
     build_section,
@@ -120,17 +119,17 @@ class FinetuneConfig:
 
 
 def load_finetune_config(
-    run: PretrainConfig, recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+    run_data: DataConfig, recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
 ) -> tuple[FinetuneConfig, DataConfig]:
     """The fine-tune recipe (default: the CPU recipe of the run's data set) with ``overrides``
     (``finetune.*`` and ``data.*`` keys) applied; ``data`` starts from the run's own."""
     if recipe is None:
-        if run.data.name not in DEFAULT_RECIPES:
+        if run_data.name not in DEFAULT_RECIPES:
             raise ConfigError(
-                f"no default fine-tune recipe for data.name={run.data.name}: pass --recipe "
+                f"no default fine-tune recipe for data.name={run_data.name}: pass --recipe "
                 f"(e.g. {RECIPES / 'simmim_vit_base_in1k.yaml'})"
             )
-        recipe = RECIPES / DEFAULT_RECIPES[run.data.name]
+        recipe = RECIPES / DEFAULT_RECIPES[run_data.name]
     raw = read_recipe(recipe)
     unknown = sorted(set(raw) - {"finetune", "data"})
     if unknown:
@@ -142,7 +141,7 @@ def load_finetune_config(
     if unknown:
         raise ConfigError(f"overrides name unknown section(s) {unknown}: use finetune.* or data.*")
     ft = build_section(FinetuneConfig, raw.get("finetune") or {}, "finetune")
-    data = build_section(DataConfig, {**to_dict(run.data), **(raw.get("data") or {})}, "data")
+    data = build_section(DataConfig, {**to_dict(run_data), **(raw.get("data") or {})}, "data")
     data = replace(data, batch_size=ft.batch_size, scale=ft.scale)
     if ft.img_size:
         data = replace(data, img_size=ft.img_size)

@@ -52,25 +52,24 @@ def finetune(
     scratch: bool = False,
     resume: bool = False,
 ) -> dict:
-    """Fine-tune the backbone of the run (folder or checkpoint) ``source``; returns the summary
+    """Fine-tune the backbone of ``source`` (a run folder, a checkpoint, or an exported
+    ``.safetensors`` backbone, whose fine-tune goes to ``eval/`` beside it); returns the summary
     ``{"top1": final-epoch test top-1, "best_top1", "best_epoch", "curve", ...}``."""
-    run_cfg, state = load_run(source)
-    run_dir = (
-        Path(source) if Path(source).is_dir() else run_of_checkpoint(resolve_checkpoint(source))
-    )
+    source_backbone, source_data, method, state = _source(source)
+    run_dir = Path(source) if Path(source).is_dir() else run_of_checkpoint(Path(source))
     out = finetune_dir(run_dir, scratch)
     if not resume and runs.last_checkpoint(out).exists():
         raise MissingFileError(
             f"{out} already holds a fine-tune: pass --resume to continue it, or remove it"
         )
-    ft, data = load_finetune_config(run_cfg, recipe, overrides)
+    ft, data = load_finetune_config(source_data, recipe, overrides)
     train_set = load_images(replace(data, max_images=max_train), "train")
     test_set = load_images(replace(data, max_images=max_test), "test")
     if train_set.labels is None or test_set.labels is None:
         raise DataError(f"{data.root} has no labels (class sub-folders) to fine-tune with")
     num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
     backbone_cfg = finetune_backbone_config(
-        run_cfg.backbone, drop_path=ft.drop_path, pool=ft.pool, img_size=ft.img_size
+        source_backbone, drop_path=ft.drop_path, pool=ft.pool, img_size=ft.img_size
     )
     config = {
         "finetune": to_dict(ft),
@@ -78,7 +77,7 @@ def finetune(
         "backbone": to_dict(backbone_cfg),
         "num_classes": num_classes,
         "pretrained": None if scratch else str(source),
-        "method": run_cfg.method.name,
+        "method": method,
     }
     train0, _ = ft.schedule(1, 1.0)  # threads / device for the session
     with Session(train0) as session:
@@ -88,7 +87,7 @@ def finetune(
             num_classes,
             pool=ft.pool,
             state=None if scratch else state["model"],
-            source_cfg=run_cfg.backbone,
+            source_cfg=source_backbone,
         )
         loader = SupervisedStepLoader(
             train_set,
@@ -121,6 +120,22 @@ def finetune(
             name="finetune",
         )
     return summarize(out, result, ft, len(train_set), len(test_set))
+
+
+def _source(source: str | Path) -> tuple:
+    """(backbone config, data config, method name, checkpoint state) of what is fine-tuned.
+    An exported file has no data section: the data defaults to Fashion-MNIST at the
+    backbone's size (a recipe's ``data`` section or ``data.*`` overrides say otherwise)."""
+    from mimar.data import DataConfig
+    from mimar.loading import load_backbone
+
+    if Path(source).suffix != ".safetensors":
+        run_cfg, state = load_run(source)
+        return run_cfg.backbone, run_cfg.data, run_cfg.method.name, state
+    backbone = load_backbone(source)  # also reads timm Beit names
+    state = {"model": {f"backbone.{k}": v for k, v in backbone.state_dict().items()}}
+    c = backbone.cfg
+    return c, DataConfig(img_size=c.img_size, in_chans=c.in_chans), "exported", state
 
 
 @torch.no_grad()
