@@ -72,6 +72,8 @@ class TrainConfig:
     checkpoint_every: int = 500  # periodic checkpoints/step_XXXXXXX.pt; last.pt is always kept
     accum_steps: int = 1  # gradient accumulation: micro-batches of data.batch_size per step
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast (also on CPU)
+    # auto: matmul attention for CPU bf16 training, SDPA elsewhere (mimar/nn/attention.py)
+    attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"
     seed: int = 0
     device: str = "auto"  # auto -> cuda when available (the local rank's GPU), else cpu
     threads: int = 0  # torch CPU threads; 0 leaves PyTorch's default

@@ -15,6 +15,7 @@ from helpers import TINY, images, tiny_teacher_run
 from torch import nn
 
 import mimar
+from mimar.nn import set_attention_kernel
 
 DATA = [o for o in TINY if not o.startswith(("method.", "backbone."))]  # synthetic, 16 px, fp32
 VIT = [o for o in TINY if o.startswith("backbone.")]  # 16 px, width 32, depth 2, 2 heads
@@ -176,3 +177,31 @@ def test_a_few_steps_on_one_batch_lower_the_loss(case, request):
             method.after_step(step)
     assert all(math.isfinite(v) for v in curve), curve
     assert curve[-1] < curve[0] - 0.04 * abs(curve[0]), curve
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_the_matmul_attention_kernel_gives_the_sdpa_loss_and_gradients(case, request):
+    """fp32: loss and every gradient equal to 1e-5 (relative to the largest); bf16 autocast
+    (where ``auto`` picks the matmul path on CPU): the loss within 2 %."""
+    method, x, corruption = _build(case, request)
+    results = {}
+    for kernel in ("sdpa", "matmul"):
+        previous = set_attention_kernel(kernel)
+        try:
+            method.zero_grad(set_to_none=True)
+            torch.manual_seed(0)  # drop path draws from the global generator
+            loss = method(x, **corruption)["loss"]
+            loss.backward()
+            grads = [p.grad.clone() for p in method.parameters() if p.grad is not None]
+            torch.manual_seed(0)
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                low = method(x, **corruption)["loss"].item()
+        finally:
+            set_attention_kernel(previous)
+        results[kernel] = (loss.item(), grads, low)
+    (loss_a, grads_a, low_a), (loss_b, grads_b, low_b) = results["sdpa"], results["matmul"]
+    assert loss_b == pytest.approx(loss_a, rel=1e-5)
+    assert len(grads_a) == len(grads_b)
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-5 * a.abs().max().item() + 1e-8)
+    assert math.isfinite(low_b) and low_b == pytest.approx(low_a, rel=0.02)

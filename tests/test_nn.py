@@ -8,7 +8,16 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block as TimmBlock
 from torch import nn
 
-from mimar.nn import Block, CrossAttention, MLPBlock, additive_mask, init_linears
+from mimar.nn import (
+    Block,
+    CrossAttention,
+    MLPBlock,
+    additive_mask,
+    attend,
+    init_linears,
+    set_attention_kernel,
+)
+from mimar.nn.attention import kernel_for
 
 
 def test_block_has_timm_weight_names_and_gives_timm_numbers():
@@ -79,3 +88,35 @@ def test_init_linears_trunc_normal_cutoff_xavier_bound_and_layer_norms():
     assert model[1].weight.eq(1.0).all()
     with pytest.raises(ValueError, match="xavier"):
         init_linears(model, "kaiming")
+
+
+@pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])
+def test_matmul_attention_equals_sdpa_for_every_mask_form(mask_kind):
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    mask = {
+        "none": None,
+        "bool": (torch.rand(5, 5, generator=g) > 0.3) | torch.eye(5, dtype=torch.bool),
+        "float": torch.randn(2, 1, 5, 5, generator=g),  # e.g. a relative position bias
+    }[mask_kind]
+    expected = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    previous = set_attention_kernel("matmul")
+    try:
+        torch.testing.assert_close(attend(q, k, v, mask), expected, rtol=1e-5, atol=1e-6)
+    finally:
+        set_attention_kernel(previous)
+
+
+def test_auto_kernel_is_matmul_only_for_low_precision_cpu_training():
+    q32 = torch.randn(1, 1, 2, 4, requires_grad=True)
+    q16 = q32.detach().bfloat16().requires_grad_()
+    assert set_attention_kernel("auto") == "auto"  # the default
+    assert kernel_for(q16) == "matmul" and kernel_for(q32) == "sdpa"
+    with torch.no_grad():
+        assert kernel_for(q16) == "sdpa"  # inference: SDPA's flash forward is faster
+    assert kernel_for(q16.detach()) == "sdpa"  # a frozen network's forward
+    set_attention_kernel("sdpa")
+    assert kernel_for(q16) == "sdpa"
+    set_attention_kernel("auto")
+    with pytest.raises(ValueError, match="auto, sdpa or matmul"):
+        set_attention_kernel("flash")

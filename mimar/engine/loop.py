@@ -7,7 +7,7 @@ step loader whose ``inputs(step)`` are this rank's rows of the global batch (``i
 (per-image random draws, made here for the *global* batch from a generator seeded by the
 step and sliced per rank, so that resume and multi-process runs are exact) and
 ``after_step()`` (EMA teachers or EMA weights). Pretraining (``mimar.pretrain``) and
-fine-tuning (``mimar.evaluation.finetune``) both run through :func:`fit`.
+fine-tuning (``mimar.finetune``) both run through :func:`fit`.
 
 Exact resume: data order, augmentation and corruption are pure functions of (seed, step);
 the checkpoint carries model, optimizer, step and the global RNG (drop-path) state.
@@ -33,6 +33,7 @@ from mimar import runs
 from mimar.engine import checkpoint, dist
 from mimar.engine.logger import MetricsLog, ProgressBar, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
+from mimar.nn.attention import set_attention_kernel
 
 log = logging.getLogger("mimar")
 
@@ -57,8 +58,9 @@ def pick_device(name: str, local_rank: int) -> torch.device:
 
 
 class Session:
-    """The process's place in the run: threads, process group (torchrun or one process) and
-    device. Enter it before building the model and the loader, which need rank and world."""
+    """The process's place in the run: threads, process group (torchrun or one process),
+    device and attention kernel. Enter it before building the model and the loader, which
+    need rank and world."""
 
     def __init__(self, train_cfg) -> None:
         self.cfg = train_cfg
@@ -71,9 +73,11 @@ class Session:
         use_cuda = "cuda" in t.device or (t.device == "auto" and torch.cuda.is_available())
         self.rank, self.world, local_rank = dist.init("cuda" if use_cuda else "cpu")
         self.device = pick_device(t.device, local_rank)
+        self.previous_kernel = set_attention_kernel(t.attention_kernel)
         return self
 
     def __exit__(self, *exc) -> None:
+        set_attention_kernel(self.previous_kernel)
         if self.owns_group:  # a live gloo group at interpreter exit can abort the process
             dist.shutdown()
 

@@ -56,6 +56,7 @@ class FinetuneConfig:
     pool: Literal["avg", "cls"] = "avg"  # avg: mean of patch tokens + fc_norm (papers' ViT)
     img_size: int = 0  # 0 = the pretraining size; ViT: the position table is resampled
     precision: Literal["fp32", "bf16"] = "bf16"
+    attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"  # as train.attention_kernel
     accum_steps: int = 1
     seed: int = 0
     log_every: int = 10
@@ -94,6 +95,7 @@ class FinetuneConfig:
             checkpoint_every=self.checkpoint_every_epochs * steps_per_epoch,
             accum_steps=self.accum_steps,
             precision=self.precision,
+            attention_kernel=self.attention_kernel,
             seed=self.seed,
             device=self.device,
             threads=self.threads,

@@ -1,6 +1,12 @@
 """Generic layers shared by backbones and heads (imports only torch and timm.layers)."""
 
-from mimar.nn.attention import Attention, CrossAttention, additive_mask
+from mimar.nn.attention import (
+    Attention,
+    CrossAttention,
+    additive_mask,
+    attend,
+    set_attention_kernel,
+)
 from mimar.nn.block import Block
 from mimar.nn.init import default_bias_, init_linears, xavier_uniform_split_
 from mimar.nn.layers import LayerScale
@@ -21,9 +27,11 @@ __all__ = [
     "Mlp",
     "RelativePositionBias",
     "additive_mask",
+    "attend",
     "default_bias_",
     "init_linears",
     "relative_position_index",
+    "set_attention_kernel",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
     "xavier_uniform_split_",

@@ -2,9 +2,21 @@
 
 Masks follow SDPA: boolean (True = *allowed*) or additive float (0 / -inf, or any bias),
 broadcastable to ``(B, heads, Nq, Nk)``: ``(Nq, Nk)``, ``(B, 1, Nq, Nk)``, ``(heads, Nq, Nk)``.
+
+Both layers call :func:`attend`, which picks the kernel (:func:`set_attention_kernel`,
+``train.attention_kernel``): ``auto`` runs the plain matmul-softmax-matmul for bf16/fp16
+training on CPU and ``F.scaled_dot_product_attention`` everywhere else; ``sdpa`` / ``matmul``
+force one. Measured on the 2-core Sapphire Rapids CPU (tiny ViT classification step, batch 128,
+one thread, steps interleaved; ``python -m benchmarks.attention_kernel``): bf16 with SDPA
+974 ms, with SDPA's math backend 598 ms, with the matmul path 421 ms (SDPA's CPU flash
+backward in bf16 is several times its fp32 time); fp32 905 ms matmul vs 935 ms SDPA, a tie,
+so fp32 and inference keep SDPA. Rows that a mask hides entirely give NaN on the matmul path
+(SDPA gives zeros); no method here builds such a mask (tests/test_attention_kernel.py).
 """
 
 from __future__ import annotations
+
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +57,7 @@ class Attention(nn.Module):
         B, N, D = x.shape
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, D // self.num_heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # 3 x (B, heads, N, D/heads)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=_match_dtype(attn_mask, q))
+        x = attend(q, k, v, attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, N, D))
 
 
@@ -67,8 +79,46 @@ class CrossAttention(nn.Module):
         q = self.q(x).reshape(B, Nq, h, D // h).transpose(1, 2)  # (B, h, Nq, D/h)
         kv = self.kv(memory).reshape(B, memory.shape[1], 2, h, D // h)
         k, v = kv.permute(2, 0, 3, 1, 4).unbind(0)  # 2 x (B, h, Nk, D/h)
-        x = F.scaled_dot_product_attention(q, k, v, attn_mask=_match_dtype(attn_mask, q))
+        x = attend(q, k, v, attn_mask)
         return self.proj(x.transpose(1, 2).reshape(B, Nq, D))
+
+
+Kernel = Literal["auto", "sdpa", "matmul"]
+_kernel: Kernel = "auto"
+
+
+def set_attention_kernel(kernel: Kernel) -> Kernel:
+    """Choose the attention kernel of every :func:`attend` call; returns the previous choice."""
+    global _kernel
+    if kernel not in ("auto", "sdpa", "matmul"):
+        raise ValueError(f"attention kernel must be auto, sdpa or matmul, got {kernel!r}")
+    previous, _kernel = _kernel, kernel
+    return previous
+
+
+def attend(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, attn_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d) + mask) v`` for ``q (B, h, Nq, d)``, ``k, v (B, h, Nk, d)``."""
+    attn_mask = _match_dtype(attn_mask, q)
+    if kernel_for(q) == "sdpa":
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+    logits = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)  # (B, h, Nq, Nk)
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        logits = logits.masked_fill(~attn_mask, float("-inf"))
+    elif attn_mask is not None:
+        logits = logits + attn_mask
+    # the CPU softmax accumulates bf16 inputs in fp32, as SDPA's kernels do
+    return logits.softmax(-1) @ v
+
+
+def kernel_for(q: torch.Tensor) -> Literal["sdpa", "matmul"]:
+    """The kernel :func:`attend` runs for queries ``q`` under the current choice."""
+    if _kernel != "auto":
+        return _kernel
+    low_precision = q.dtype in (torch.bfloat16, torch.float16)
+    training = torch.is_grad_enabled() and q.requires_grad
+    return "matmul" if q.device.type == "cpu" and low_precision and training else "sdpa"
 
 
 def additive_mask(attn_mask: torch.Tensor | None, bias: torch.Tensor) -> torch.Tensor:
