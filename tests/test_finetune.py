@@ -81,7 +81,8 @@ def test_resume_continues_a_finetune_exactly(run, tmp_path, monkeypatch):
         (folder / "checkpoints").mkdir(parents=True)
         (folder / "checkpoints" / "last.pt").write_bytes((run / "checkpoints/last.pt").read_bytes())
     extra = ("finetune.epochs=2", "finetune.mixup=0.8", "finetune.cutmix=1.0",
-             "finetune.reprob=0.25", "finetune.rand_augment=rand-m9-mstd0.5-inc1")  # fmt: skip
+             "finetune.reprob=0.25", "finetune.rand_augment=rand-m9-mstd0.5-inc1",
+             "finetune.model_ema=true", "finetune.model_ema_decay=0.9")  # fmt: skip
     assert _ft(full, *extra) == 0
     write = MetricsLog.write
 
@@ -96,17 +97,19 @@ def test_resume_continues_a_finetune_exactly(run, tmp_path, monkeypatch):
     monkeypatch.setattr(MetricsLog, "write", write)
     assert _ft(cut, *extra, resume=True) == 0
     assert _curve(cut / "eval/finetune") == _curve(full / "eval/finetune")  # exact on CPU
+    a, b = (checkpoint.load(f / "eval/finetune/checkpoints/last.pt")["model"] for f in (full, cut))
+    assert any(k.startswith("ema.module.") for k in a)  # the weight average is carried too
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_two_process_finetune_equals_one_process(run, tmp_path):
     one, two = _fresh(run, tmp_path / "a"), _fresh(run, tmp_path / "b")
-    # drop path masks come from each process's own RNG (exact on resume, not across world
-    # sizes), so this equality is checked without it
+    # Mixup/CutMix partners and lambdas, drop-path masks: drawn for the global batch per step
     extra = [
         "finetune.epochs=1",
         "finetune.mixup=0.8",
         "finetune.cutmix=1.0",
-        "finetune.drop_path=0",
+        "finetune.drop_path=0.3",
     ]
     assert _ft(one, *extra) == 0
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
@@ -150,6 +153,30 @@ def test_classifier_loss_of_a_mixed_batch_is_the_hand_computed_soft_cross_entrop
     logits = model.logits(x).float()
     want = -(want_t * torch.log_softmax(logits, -1)).sum(-1).mean()
     torch.testing.assert_close(model(x, targets)["loss"], want)
+
+
+def test_weight_average_is_timm_model_ema_by_hand_and_is_the_result():
+    from helpers import tiny_vit
+
+    from mimar.finetune.run import classifier_from_state
+
+    torch.manual_seed(0)
+    model = Classifier(tiny_vit(final_norm=False), num_classes=4)
+    model.attach_ema(0.9)
+    assert not any(p.requires_grad for p in model.ema.parameters())
+    head = model.head.weight
+    with torch.no_grad():
+        head.fill_(1.0)
+        model.after_step(1)  # the first update copies
+        torch.testing.assert_close(model.final().head.weight, head)
+        head.fill_(3.0)
+        model.after_step(2)  # then ema = 0.9 * ema + 0.1 * weights
+        torch.testing.assert_close(model.final().head.weight, torch.full_like(head, 1.2))
+    assert model.final() is model.ema.module and model.final().ema is None
+    cfg = {"backbone": to_dict(model.backbone.cfg), "num_classes": 4,
+           "finetune": {"pool": "avg", "model_ema": True, "model_ema_decay": 0.9}}  # fmt: skip
+    loaded = classifier_from_state({"model": model.state_dict(), "config": cfg})
+    torch.testing.assert_close(loaded.head.weight, torch.full_like(head, 1.2))  # the average
 
 
 def test_robustness_without_a_finetune_is_one_clear_line(run, tmp_path, capsys):

@@ -11,11 +11,13 @@ from torch import nn
 from mimar.nn import (
     Block,
     CrossAttention,
+    DropPath,
     MLPBlock,
     additive_mask,
     attend,
     init_linears,
     set_attention_kernel,
+    step_draws,
 )
 from mimar.nn.attention import kernel_for
 
@@ -120,3 +122,33 @@ def test_auto_kernel_is_matmul_only_for_low_precision_cpu_training():
     set_attention_kernel("auto")
     with pytest.raises(ValueError, match="auto, sdpa or matmul"):
         set_attention_kernel("flash")
+
+
+def test_drop_path_masks_follow_the_step_generator_for_any_number_of_processes():
+    layer = DropPath(0.5).train()
+    x = torch.randn(8, 3, 4) + 5  # no row is zero by chance
+    with step_draws(torch.Generator().manual_seed(7)):
+        whole = layer(x)  # one process, global batch of 8
+    halves = []
+    for rank in (0, 1):  # two processes, 4 rows each, same step generator
+        with step_draws(torch.Generator().manual_seed(7), rank=rank, world_size=2):
+            halves.append(layer(x[rank * 4 : (rank + 1) * 4]))
+    torch.testing.assert_close(torch.cat(halves), whole)
+    u = torch.rand(8, generator=torch.Generator().manual_seed(7))
+    want = x * ((u < 0.5).float() / 0.5)[:, None, None]  # timm's x * bernoulli(keep) / keep
+    torch.testing.assert_close(whole, want)
+    assert 0 < (whole == 0).all(-1).all(-1).sum() < 8  # some samples dropped, not all
+    assert torch.equal(layer.eval()(x), x)
+
+
+def test_swin_uses_the_step_drop_path():
+    from timm.layers import DropPath as TimmDropPath
+
+    from mimar.backbones.swin import Swin, SwinConfig
+
+    swin = Swin(
+        SwinConfig(img_size=16, patch_size=2, in_chans=1, embed_dim=16, depths=(2, 1, 1),
+                   num_heads=(2, 2, 4), window_size=4, drop_path_rate=0.2)
+    )  # fmt: skip
+    kinds = {type(m) for m in swin.modules()}
+    assert DropPath in kinds and TimmDropPath not in kinds

@@ -30,6 +30,8 @@ from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+from mimar.nn.layers import replace_drop_paths
+
 _EMBED = ("mask_token", "model.patch_embed.", "model.absolute_pos_embed")
 _BLOCK = re.compile(r"model\.layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"model\.layers\.(\d+)\.downsample\.")
@@ -135,6 +137,7 @@ class Swin(nn.Module):
             qkv_bias=cfg.qkv_bias,
             drop_path_rate=cfg.drop_path_rate,
         )
+        replace_drop_paths(self.model)  # masks drawn per step, as every mimar block's
         self.mask_token = None
         if cfg.use_mask_token:
             self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.embed_dim))

@@ -20,6 +20,8 @@ from mimar.data.image_set import ImageSet
 _AUGMENT_STREAM = 1  # seeds (seed, step, 1): crop boxes and flips
 _METHOD_STREAM = 2  # seeds (seed, step, 2): handed to the method for masks / corruption
 _SUPERVISED_STREAM = 3  # seeds (seed, step, 3): fine-tuning's RandAugment, erasing, Mixup
+_NETWORK_STREAM = 4  # seeds (seed, step, 4): the network's own draws (drop path)
+STREAMS = {"method": _METHOD_STREAM, "network": _NETWORK_STREAM}
 
 
 def derive_seed(*values: int) -> int:
@@ -108,9 +110,10 @@ class StepLoader:
         """What the engine feeds the model at ``step``: ``{"images": batch(step)}``."""
         return {"images": self.batch(step, device)}
 
-    def generator_for(self, step: int) -> torch.Generator:
-        """A CPU generator for the method's random draws (masks, orders) at ``step``."""
-        return torch.Generator().manual_seed(derive_seed(self.seed, step, _METHOD_STREAM))
+    def generator_for(self, step: int, stream: str = "method") -> torch.Generator:
+        """A CPU generator for the random draws of ``step``: ``"method"`` for the method's
+        (masks, orders), ``"network"`` for the network's own (drop path)."""
+        return torch.Generator().manual_seed(derive_seed(self.seed, step, STREAMS[stream]))
 
     def epoch_of(self, step: int) -> float:
         """Fractional epoch reached at ``step``: the x-axis that compares batch sizes."""

@@ -3,14 +3,16 @@
 Knows nothing about any method or task. It is handed a built ``nn.Module`` whose
 ``forward(**inputs, **corruption)`` returns a dict with ``loss`` (and scalars to log), and a
 step loader whose ``inputs(step)`` are this rank's rows of the global batch (``images``, and
-``targets`` for supervised steps). The module may offer ``sample_corruption(batch, gen)``
+``targets`` for supervised steps) and whose ``generator_for(step, stream)`` seeds the step's
+draws. The module may offer ``sample_corruption(batch, gen)``
 (per-image random draws, made here for the *global* batch from a generator seeded by the
 step and sliced per rank, so that resume and multi-process runs are exact) and
 ``after_step()`` (EMA teachers or EMA weights). Pretraining (``mimar.pretrain``) and
 fine-tuning (``mimar.finetune``) both run through :func:`fit`.
 
-Exact resume: data order, augmentation and corruption are pure functions of (seed, step);
-the checkpoint carries model, optimizer, step and the global RNG (drop-path) state.
+Exact resume: data order, augmentation, corruption and drop-path masks are pure functions of
+(seed, step), the same for any number of processes; the checkpoint carries model, optimizer,
+step and the global RNG state (for whatever else a module draws from it).
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from mimar.engine import checkpoint, dist
 from mimar.engine.logger import MetricsLog, ProgressBar, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
 from mimar.nn.attention import set_attention_kernel
+from mimar.nn.layers import step_draws
 
 log = logging.getLogger("mimar")
 
@@ -199,7 +202,8 @@ def train_step(
             corruption = {k: v[rank * b : (rank + 1) * b].to(device) for k, v in drawn.items()}
         last = micro == t.accum_steps - 1
         sync = nullcontext() if last or world == 1 else model.no_sync()
-        with sync, autocast:
+        draws = step_draws(loader.generator_for(index, "network"), rank, world)  # drop path
+        with sync, autocast, draws:
             out = model(**inputs, **corruption)
         with sync:
             (out["loss"] / t.accum_steps).backward()

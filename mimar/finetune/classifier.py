@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from timm.loss import SoftTargetCrossEntropy
+from timm.utils import ModelEmaV3
 from torch import nn
 
 from mimar.backbones import build_backbone
@@ -27,7 +28,11 @@ from mimar.errors import ConfigError
 
 class Classifier(nn.Module):
     """``backbone -> pool -> fc_norm -> head``; ``forward(images, targets)`` returns the
-    soft-target cross-entropy (targets: ``(B, K)`` mixed / smoothed label distributions)."""
+    soft-target cross-entropy (targets: ``(B, K)`` mixed / smoothed label distributions).
+
+    With :meth:`attach_ema` it also keeps an exponential moving average of its weights
+    (``finetune.model_ema``), which is then the fine-tune's result (:meth:`final`).
+    """
 
     def __init__(self, backbone: nn.Module, num_classes: int, pool: str = "avg") -> None:
         super().__init__()
@@ -42,6 +47,26 @@ class Classifier(nn.Module):
         nn.init.trunc_normal_(self.head.weight, std=2e-5)
         nn.init.zeros_(self.head.bias)
         self.criterion = SoftTargetCrossEntropy()
+        self.ema: ModelEmaV3 | None = None
+
+    def attach_ema(self, decay: float) -> None:
+        """Average the weights after every optimizer step (timm ``ModelEmaV3``: the first
+        update copies, then ``ema = decay * ema + (1 - decay) * weights``). The average is a
+        frozen submodule, so checkpoints and exact resume carry it."""
+        ema = ModelEmaV3(self, decay=decay)  # a deep copy, taken before it is registered
+        ema.requires_grad_(False)
+        self.ema = ema  # registered last: our own state_dict entries come first, in its order
+
+    def after_step(self, step: int) -> None:
+        """Called by the engine after optimizer step ``step`` (1-based)."""
+        if self.ema is not None:
+            # ModelEmaV3 zips our state_dict with its copy's; the copy has no ``ema.`` entries
+            # and ours come last, so the pairs line up
+            self.ema.update(self, step=step)
+
+    def final(self) -> Classifier:
+        """The network the fine-tune delivers: the weight average when one is kept."""
+        return self.ema.module if self.ema is not None else self
 
     def logits(self, images: torch.Tensor) -> torch.Tensor:
         tokens = self.backbone(images)["tokens"]  # (B, P + N, D)
@@ -102,11 +127,18 @@ def pretrained_weights(state: dict, source_cfg, target: nn.Module) -> dict:
 
 
 def build_classifier(
-    backbone_cfg, num_classes: int, *, pool: str, state: dict | None, source_cfg=None
+    backbone_cfg,
+    num_classes: int,
+    *,
+    pool: str,
+    state: dict | None,
+    source_cfg=None,
+    ema_decay: float | None = None,
 ) -> Classifier:
     """A classifier on ``backbone_cfg`` (already the fine-tuning config); with ``state``
     (a pretraining checkpoint's ``model``) its backbone starts from the pretrained weights,
-    else from the random initialisation drawn by building it."""
+    else from the random initialisation drawn by building it; ``ema_decay`` attaches a
+    weight average that starts from those weights."""
     backbone = build_backbone(backbone_cfg)
     if state is not None:
         weights = pretrained_weights(state, source_cfg, backbone)
@@ -117,7 +149,10 @@ def build_classifier(
                 f"the pretrained backbone does not fit the fine-tuning one: missing {fresh}, "
                 f"unexpected {unexpected}"
             )
-    return Classifier(backbone, num_classes, pool)
+    model = Classifier(backbone, num_classes, pool)
+    if ema_decay is not None:
+        model.attach_ema(ema_decay)
+    return model
 
 
 def _fresh_ok(name: str) -> bool:

@@ -53,6 +53,8 @@ class FinetuneConfig:
     reprob: float = 0.25  # random erasing (pixel mode)
     color_jitter: float = 0.0  # the official 0.4 never ran: timm drops it under RandAugment
     scale: tuple[float, float] = (0.08, 1.0)  # RandomResizedCrop scale (timm's default)
+    model_ema: bool = False  # timm ModelEmaV3 of the weights; when on, it is the result
+    model_ema_decay: float = 0.9999  # timm / BEiT default
     pool: Literal["avg", "cls"] = "avg"  # avg: mean of patch tokens + fc_norm (papers' ViT)
     img_size: int = 0  # 0 = the pretraining size; ViT: the position table is resampled
     precision: Literal["fp32", "bf16"] = "bf16"
@@ -79,6 +81,10 @@ class FinetuneConfig:
             raise ValueError("finetune.drop_path and finetune.label_smoothing must be in [0, 1)")
         if self.warmup_epochs < 0 or self.min_lr < 0:
             raise ValueError("finetune.warmup_epochs and finetune.min_lr must be >= 0")
+        if not 0 <= self.model_ema_decay < 1:
+            raise ValueError(
+                f"finetune.model_ema_decay must be in [0, 1), got {self.model_ema_decay}"
+            )
         if self.pool not in ("avg", "cls"):
             raise ValueError(f"finetune.pool must be avg or cls, got {self.pool!r}")
 

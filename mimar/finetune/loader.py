@@ -67,8 +67,8 @@ class SupervisedStepLoader:
             images = images.to(device, non_blocking=True)
         return self.steps.augment.apply(images, params, normalise=False)  # [0, 1] floats
 
-    def generator_for(self, step: int) -> torch.Generator:
-        return self.steps.generator_for(step)
+    def generator_for(self, step: int, stream: str = "method") -> torch.Generator:
+        return self.steps.generator_for(step, stream)
 
     def epoch_of(self, step: int) -> float:
         return self.steps.epoch_of(step)

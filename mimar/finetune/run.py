@@ -88,6 +88,7 @@ def finetune(
             pool=ft.pool,
             state=None if scratch else state["model"],
             source_cfg=source_backbone,
+            ema_decay=ft.model_ema_decay if ft.model_ema else None,
         )
         loader = SupervisedStepLoader(
             train_set,
@@ -101,10 +102,14 @@ def finetune(
         train, optim = ft.schedule(loader.steps_per_epoch, ft.peak_lr())
         every = max(1, ft.eval_every_epochs) * loader.steps_per_epoch
 
-        def evaluate(classifier: torch.nn.Module, step: int) -> dict:
-            top1 = accuracy(classifier, test_set, data.img_size, ft, session.device)
+        def evaluate(classifier: Classifier, step: int) -> dict:
+            top1 = accuracy(classifier.final(), test_set, data.img_size, ft, session.device)
             log.info("epoch %.2f: test top-1 %.2f", loader.epoch_of(step), top1)
-            return {"test_top1": top1}
+            if classifier.ema is None:
+                return {"test_top1": top1}
+            raw = accuracy(classifier, test_set, data.img_size, ft, session.device)
+            log.info("  without the weight average: %.2f", raw)
+            return {"test_top1": top1, "test_top1_raw": raw}
 
         result = fit(
             session,
@@ -213,7 +218,10 @@ def classifier_from_state(state: dict) -> Classifier:
 
     cfg = state["config"]
     backbone_cfg = section_from_dict("backbone", cfg["backbone"])
-    pool = cfg["finetune"]["pool"]
-    model = build_classifier(backbone_cfg, cfg["num_classes"], pool=pool, state=None)
+    ft = cfg["finetune"]
+    ema_decay = ft["model_ema_decay"] if ft.get("model_ema") else None
+    model = build_classifier(
+        backbone_cfg, cfg["num_classes"], pool=ft["pool"], state=None, ema_decay=ema_decay
+    )
     model.load_state_dict(state["model"])
-    return model.eval()
+    return model.final().eval()

@@ -9,7 +9,7 @@ from mimar.nn.attention import (
 )
 from mimar.nn.block import Block
 from mimar.nn.init import default_bias_, init_linears, xavier_uniform_split_
-from mimar.nn.layers import LayerScale
+from mimar.nn.layers import DropPath, LayerScale, step_draws
 from mimar.nn.mlp import Mlp, MLPBlock
 from mimar.nn.pos_embed import (
     RelativePositionBias,
@@ -22,6 +22,7 @@ __all__ = [
     "Attention",
     "Block",
     "CrossAttention",
+    "DropPath",
     "LayerScale",
     "MLPBlock",
     "Mlp",
@@ -34,5 +35,6 @@ __all__ = [
     "set_attention_kernel",
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
+    "step_draws",
     "xavier_uniform_split_",
 ]

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
 from mimar.nn.attention import Attention
-from mimar.nn.layers import LayerScale
+from mimar.nn.layers import DropPath, LayerScale
 from mimar.nn.mlp import Mlp
 
 

@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import torch
-from timm.layers import DropPath
 from torch import nn
 
-from mimar.nn.layers import LayerScale
+from mimar.nn.layers import DropPath, LayerScale
 
 
 class Mlp(nn.Module):

@@ -1,0 +1,48 @@
+"""The README's per-method fine-tuning table from the runs of scripts/finetune_all.sh.
+
+python3 scripts/finetune_table.py runs/finetune-all
+"""
+
+import json
+import sys
+from pathlib import Path
+
+METHODS = {
+    "simmim-vit": "SimMIM ViT",
+    "simmim-swin": "SimMIM Swin",
+    "eva": "EVA (SimMIM-run teacher)",
+    "aim": "AIM",
+    "itpn": "iTPN (HiViT)",
+    "digpt": "D-iGPT (SimMIM-run teacher)",
+}
+
+
+def rows(path: Path) -> dict:
+    return {r["model"]: r for r in json.loads(path.read_text())["rows"]}
+
+
+def main(out: Path) -> None:
+    print(
+        "| method | pretrain min | fine-tune top-1: pretrained / scratch "
+        "| mean corruption top-1: pretrained / scratch | fine-tune min: pretrained / scratch |"
+    )
+    print("|---|---|---|---|---|")
+    for name, label in METHODS.items():
+        run = out / name
+        if not (run / "eval" / "robustness.json").is_file():
+            print(f"| {label} | not run yet | | | |")
+            continue
+        minutes = (run / "checkpoints" / "last.pt").stat().st_mtime
+        minutes = (minutes - (run / "config.yaml").stat().st_mtime) / 60
+        ft, rob = rows(run / "eval" / "finetune.json"), rows(run / "eval" / "robustness.json")
+        p, s = ft["pretrained"], ft["random init"]
+        rp, rs = rob["pretrained"], rob["random init"]
+        print(
+            f"| {label} | {minutes:.1f} | **{p['top1']:.2f}** / {s['top1']:.2f} "
+            f"| **{rp['top1']:.2f}** / {rs['top1']:.2f} "
+            f"| {p['details']['seconds'] / 60:.1f} / {s['details']['seconds'] / 60:.1f} |"
+        )
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1] if len(sys.argv) > 1 else "runs/finetune-all"))
