@@ -18,7 +18,6 @@ step and the global RNG state (for whatever else a module draws from it).
 from __future__ import annotations
 
 import logging
-import math
 import signal
 import time
 from collections.abc import Callable
@@ -131,34 +130,45 @@ def fit(
     warmup = warmup_steps(optim, t.steps)
     step, save = start, _saver(config, model, optimizer, run_dir, rank)
     try:
+        window: list[dict] = []  # this rank's step outputs (device tensors) since the last read
+        tic = time.perf_counter()
         while step < t.steps:
             lr = lr_at(step, peak_lr, t.steps, warmup, optim.min_lr_ratio)
-            tic = time.perf_counter()
             out = train_step(
                 wrapped, model, optimizer, loader, t, optim.clip_grad, step, lr, device
             )
             step += 1
+            window.append(out)
+            every = evaluate_every and step % evaluate_every == 0
+            periodic = t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps
+            # The host reads the device only here: every log_every steps, before an evaluation
+            # or a checkpoint, and at the end (GPUs run ahead in between).
+            if not (step % t.log_every == 0 or step == t.steps or every or periodic):
+                continue
+            values = _read(window, step)  # raises NonFiniteLoss before anything is saved
+            seconds, tic = time.perf_counter() - tic, time.perf_counter()
             row = {
                 "step": step,
                 "epoch": loader.epoch_of(step * t.accum_steps),
                 "lr": lr,
-                **out,
-                "images_per_s": loader.batch_size * t.accum_steps / (time.perf_counter() - tic),
+                **values,
+                "images_per_s": len(window) * loader.batch_size * t.accum_steps / seconds,
             }
-            if metrics is not None and (step % t.log_every == 0 or step == t.steps):
+            window = []
+            if metrics is not None:
                 metrics.write(row)
             bar.update(row)
-            every = evaluate_every and step % evaluate_every == 0
             if evaluate is not None and (every or step == t.steps):
                 scores = evaluate(model, step) if rank == 0 else {}
                 if metrics is not None:
                     metrics.write({"step": step, "epoch": row["epoch"], **scores})
                 dist.barrier()
-            if t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps:
+            if periodic:
                 save(step, periodic=True)
             if dist.any_rank(stop.signal is not None, device):
                 save(step)
                 return RunResult(step, stop.signal or "signal on another rank")
+            tic = time.perf_counter()  # evaluation and saving are not training time
         save(step)
         dist.barrier()  # every rank finished before any leaves the group
         return RunResult(step, None)
@@ -167,6 +177,23 @@ def fit(
         stop.restore()
         if metrics is not None:
             metrics.close()
+
+
+def _read(window: list[dict], step: int) -> dict:
+    """The last step's scalars as floats; NonFiniteLoss names the first step whose loss was
+    not finite (the window ends at ``step``). One host transfer for the whole window."""
+    keys = list(window[-1])
+    values = torch.stack([torch.stack([out[k] for k in keys]) for out in window]).cpu()
+    losses = values[:, keys.index("loss")]
+    bad = (~torch.isfinite(losses)).nonzero()
+    if len(bad):
+        first = int(bad[0])
+        raise NonFiniteLoss(
+            f"loss is {float(losses[first])} at step {step - len(window) + first + 1}: "
+            "stopping; the last good checkpoint is kept (try a lower optim.lr, "
+            "train.precision=fp32 or optim.clip_grad)"
+        )
+    return dict(zip(keys, values[-1].tolist(), strict=True))
 
 
 def train_step(
@@ -179,8 +206,9 @@ def train_step(
     step: int,
     lr: float,
     device: torch.device,
-) -> dict:
-    """One optimizer step over ``accum_steps`` micro-batches; returns scalars to log.
+) -> dict[str, torch.Tensor]:
+    """One optimizer step over ``accum_steps`` micro-batches; returns its scalars as 0-d
+    device tensors (averaged over ranks), read by the host only every ``log_every`` steps.
     ``model`` is ``method`` or its DDP wrapper."""
     rank, world = loader.rank, loader.world_size
     for group in optimizer.param_groups:
@@ -209,25 +237,16 @@ def train_step(
             (out["loss"] / t.accum_steps).backward()
         for k, v in out.items():
             totals[k] = totals.get(k, 0) + v.detach().float() / t.accum_steps
-    totals = {k: dist.all_reduce_mean(v) for k, v in totals.items()}
-    loss = totals["loss"].item()
-    if not math.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(
-            f"loss is {loss} at step {step + 1}: stopping; the last good checkpoint is kept "
-            "(try a lower optim.lr, train.precision=fp32 or optim.clip_grad)"
-        )
-    grad_norm = None
+    keys = list(totals)
+    means = dist.all_reduce_mean(torch.stack([totals[k] for k in keys]))  # one collective
+    totals = dict(zip(keys, means.unbind(), strict=True))
     if clip_grad:
-        grad_norm = nn.utils.clip_grad_norm_(method.parameters(), clip_grad).item()
+        totals["grad_norm"] = nn.utils.clip_grad_norm_(method.parameters(), clip_grad)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if hasattr(method, "after_step"):
         method.after_step(step + 1)
-    row = {k: v.item() for k, v in totals.items()}
-    if grad_norm is not None:
-        row["grad_norm"] = grad_norm
-    return row
+    return totals
 
 
 def _saver(config: dict, method, optimizer, run_dir: Path, rank: int):
