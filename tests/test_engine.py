@@ -235,3 +235,13 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
     assert torch.equal(torch.tensor(a[1]), torch.tensor(b[1])) or abs(a[1] - b[1]) < 1e-5
+
+
+def test_grad_checkpointing_run_logs_the_same_losses(tmp_path):
+    plain, ckpt = tmp_path / "plain", tmp_path / "ckpt"
+    assert pretrain(plain, "train.steps=4", "backbone.drop_path_rate=0.2") == 0
+    assert pretrain(ckpt, "train.steps=4", "backbone.drop_path_rate=0.2",
+                    "train.grad_checkpointing=true") == 0  # fmt: skip
+    a, b = losses(plain), losses(ckpt)
+    assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+    assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)

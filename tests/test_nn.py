@@ -127,11 +127,11 @@ def test_auto_kernel_is_matmul_only_for_low_precision_cpu_training():
 def test_drop_path_masks_follow_the_step_generator_for_any_number_of_processes():
     layer = DropPath(0.5).train()
     x = torch.randn(8, 3, 4) + 5  # no row is zero by chance
-    with step_draws(torch.Generator().manual_seed(7)):
+    with step_draws(7):
         whole = layer(x)  # one process, global batch of 8
     halves = []
-    for rank in (0, 1):  # two processes, 4 rows each, same step generator
-        with step_draws(torch.Generator().manual_seed(7), rank=rank, world_size=2):
+    for rank in (0, 1):  # two processes, 4 rows each, same step seed
+        with step_draws(7, rank=rank, world_size=2):
             halves.append(layer(x[rank * 4 : (rank + 1) * 4]))
     torch.testing.assert_close(torch.cat(halves), whole)
     u = torch.rand(8, generator=torch.Generator().manual_seed(7))
@@ -152,3 +152,51 @@ def test_swin_uses_the_step_drop_path():
     )  # fmt: skip
     kinds = {type(m) for m in swin.modules()}
     assert DropPath in kinds and TimmDropPath not in kinds
+
+
+def _checkpoint_backbones():
+    from helpers import tiny_vit
+
+    from mimar.backbones.hivit import HiViT, HiViTConfig
+    from mimar.backbones.swin import Swin, SwinConfig
+
+    hivit = HiViTConfig(img_size=16, patch_size=4, in_chans=1, embed_dim=32, depth=2,
+                        num_heads=2, mlp_depth=1, drop_path_rate=0.3)  # fmt: skip
+    swin = SwinConfig(img_size=16, patch_size=2, in_chans=1, embed_dim=16, depths=(2, 1, 1),
+                      num_heads=(2, 2, 4), window_size=4, drop_path_rate=0.3)  # fmt: skip
+    return {
+        "vit": lambda: tiny_vit(drop_path_rate=0.3),
+        "hivit": lambda: HiViT(hivit),
+        "swin": lambda: Swin(swin),
+    }
+
+
+@pytest.mark.parametrize("name", ["vit", "hivit", "swin"])
+def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_drop_path(name):
+    """Recomputed blocks redraw the same drop-path masks: equal to float rounding."""
+    from helpers import images
+
+    torch.manual_seed(0)
+    net = _checkpoint_backbones()[name]().train()
+    x = images(4, size=16)
+    w = torch.randn(net(x)["tokens"].shape)  # a fixed readout: the loss sees every token
+
+    def loss_of(seed):
+        with step_draws(seed):
+            return (net(x)["tokens"] * w).mean()
+
+    results = []
+    for enable in (False, True):
+        net.set_grad_checkpointing(enable)
+        net.zero_grad(set_to_none=True)
+        loss = loss_of(11)
+        loss.backward()
+        grads = [p.grad for p in net.parameters()]  # None: unused (Swin's absent mask token)
+        results.append((loss.item(), [None if g is None else g.clone() for g in grads]))
+    (loss_a, grads_a), (loss_b, grads_b) = results
+    assert loss_b == pytest.approx(loss_a, rel=1e-6)
+    assert sum(a is not None for a in grads_a) > len(grads_a) // 2
+    for a, b in zip(grads_a, grads_b, strict=True):
+        torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
+    # another step draws other masks: the check above is not vacuous
+    assert loss_of(12).item() != pytest.approx(loss_a, rel=1e-3)

@@ -44,7 +44,7 @@ from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.backbones.base import patch_ids
-from mimar.nn import Block, MLPBlock, init_linears, sincos_pos_embed_2d
+from mimar.nn import Block, GradCheckpointing, MLPBlock, init_linears, sincos_pos_embed_2d
 
 INNER = 4  # sub-tokens per main-patch side at the stem (the official ``inner_patches``)
 # PatchMerge gathers the 2x2 children of a cell as (row, col) offsets in this order (Swin's):
@@ -139,7 +139,7 @@ class PatchEmbed(nn.Module):
         return self.norm(x.permute(0, 2, 3, 1).reshape(B, n, INNER, INNER, -1))
 
 
-class HiViT(nn.Module):
+class HiViT(GradCheckpointing, nn.Module):
     """HiViT implementing the Backbone contract of ``mimar.backbones.base``."""
 
     def __init__(self, cfg: HiViTConfig) -> None:
@@ -266,7 +266,7 @@ class HiViT(nn.Module):
         stages, index = [], 0
         for stage, merge in ((self.stage1, self.merge1), (self.stage2, self.merge2)):
             for block in stage:
-                x = block(x)
+                x = self.run_block(block, x)
                 if index in wanted:
                     layers[index] = x.flatten(1, 3)  # (B, n*s*s, C): sub-tokens as a sequence
                 index += 1
@@ -283,7 +283,7 @@ class HiViT(nn.Module):
         if attn_mask is not None and attn_mask.dim() == 3:
             attn_mask = attn_mask.unsqueeze(1)  # (B, 1, n, n): broadcast over heads
         for block in self.blocks:
-            x = block(x, attn_mask)
+            x = self.run_block(block, x, attn_mask)
             if index in wanted:
                 layers[index] = x
             index += 1

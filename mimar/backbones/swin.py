@@ -203,6 +203,10 @@ class Swin(nn.Module):
             out["layers"] = [stages[s].flatten(1, 2) for s in wanted]  # (B, N_s, D_s) each
         return out
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Activation checkpointing of every Swin block (timm's own switch)."""
+        self.model.set_grad_checkpointing(enable)
+
     def _stage_index(self, index: int) -> int:
         num_stages = len(self.stage_dims)
         if not -num_stages <= index < num_stages:

@@ -28,6 +28,7 @@ from mimar.backbones.base import patch_ids
 from mimar.backbones.timm_beit import from_beit
 from mimar.nn import (
     Block,
+    GradCheckpointing,
     RelativePositionBias,
     additive_mask,
     default_bias_,
@@ -122,7 +123,7 @@ class PatchEmbed(nn.Module):
         return x if self.norm is None else self.norm(x)
 
 
-class ViT(nn.Module):
+class ViT(GradCheckpointing, nn.Module):
     """ViT implementing the Backbone contract of ``mimar.backbones.base``."""
 
     def __init__(self, cfg: ViTConfig) -> None:
@@ -278,7 +279,7 @@ class ViT(nn.Module):
         wanted = {i % self.num_layers for i in return_layers}
         layers = {}
         for i, block in enumerate(self.blocks):
-            x = block(x, attn_mask, pos_ids)  # pos_ids: per-block relative position bias only
+            x = self.run_block(block, x, attn_mask, pos_ids)  # pos_ids: per-block rel-pos bias
             if i in wanted:
                 layers[i] = x
         out = {"tokens": self.norm(x)}  # (B, P + n, D); norm is Identity without final_norm

@@ -12,7 +12,7 @@ fine-tuning (``mimar.finetune``) both run through :func:`fit`.
 
 Exact resume: data order, augmentation, corruption and drop-path masks are pure functions of
 (seed, step), the same for any number of processes; the checkpoint carries model, optimizer,
-step and the global RNG state (for whatever else a module draws from it).
+step and the global RNG state.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from mimar import runs
 from mimar.engine import checkpoint, dist
 from mimar.engine.logger import MetricsLog, ProgressBar, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
+from mimar.errors import ConfigError
 from mimar.nn.attention import set_attention_kernel
 from mimar.nn.layers import step_draws
 
@@ -108,6 +109,8 @@ def fit(
     if resume and rank == 0:
         log.info("resuming %s from step %d", run_dir, state["step"])
     model = model.to(device)
+    if t.grad_checkpointing:
+        _checkpoint_blocks(model)
     peak_lr = scaled_lr(optim, loader.batch_size * t.accum_steps)
     optimizer = build_optimizer(model, optim, peak_lr)
     start = 0
@@ -179,6 +182,18 @@ def fit(
             metrics.close()
 
 
+def _checkpoint_blocks(model: nn.Module) -> None:
+    """Switch on activation checkpointing in every backbone of ``model`` that offers it."""
+    backbones = [m for m in model.modules() if hasattr(m, "set_grad_checkpointing")]
+    if not backbones:
+        raise ConfigError(
+            f"train.grad_checkpointing: {type(model).__name__} holds no backbone that can "
+            "checkpoint its blocks"
+        )
+    for backbone in backbones:
+        backbone.set_grad_checkpointing(True)
+
+
 def _read(window: list[dict], step: int) -> dict:
     """The last step's scalars as floats; NonFiniteLoss names the first step whose loss was
     not finite (the window ends at ``step``). One host transfer for the whole window."""
@@ -230,7 +245,8 @@ def train_step(
             corruption = {k: v[rank * b : (rank + 1) * b].to(device) for k, v in drawn.items()}
         last = micro == t.accum_steps - 1
         sync = nullcontext() if last or world == 1 else model.no_sync()
-        draws = step_draws(loader.generator_for(index, "network"), rank, world)  # drop path
+        seed = loader.generator_for(index, "network").initial_seed()
+        draws = step_draws(seed, rank, world)  # drop path masks
         with sync, autocast, draws:
             out = model(**inputs, **corruption)
         with sync:

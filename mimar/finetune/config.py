@@ -59,6 +59,7 @@ class FinetuneConfig:
     img_size: int = 0  # 0 = the pretraining size; ViT: the position table is resampled
     precision: Literal["fp32", "bf16"] = "bf16"
     attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"  # as train.attention_kernel
+    grad_checkpointing: bool = False  # as train.grad_checkpointing
     accum_steps: int = 1
     seed: int = 0
     log_every: int = 10
@@ -102,6 +103,7 @@ class FinetuneConfig:
             accum_steps=self.accum_steps,
             precision=self.precision,
             attention_kernel=self.attention_kernel,
+            grad_checkpointing=self.grad_checkpointing,
             seed=self.seed,
             device=self.device,
             threads=self.threads,

@@ -9,7 +9,7 @@ from mimar.nn.attention import (
 )
 from mimar.nn.block import Block
 from mimar.nn.init import default_bias_, init_linears, xavier_uniform_split_
-from mimar.nn.layers import DropPath, LayerScale, step_draws
+from mimar.nn.layers import DropPath, GradCheckpointing, LayerScale, step_draws
 from mimar.nn.mlp import Mlp, MLPBlock
 from mimar.nn.pos_embed import (
     RelativePositionBias,
@@ -23,6 +23,7 @@ __all__ = [
     "Block",
     "CrossAttention",
     "DropPath",
+    "GradCheckpointing",
     "LayerScale",
     "MLPBlock",
     "Mlp",

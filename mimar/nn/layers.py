@@ -2,10 +2,12 @@
 
 :class:`DropPath` is timm's stochastic depth (per sample, ``x * bernoulli(keep) / keep``) with
 its masks drawn differently: inside :func:`step_draws` (the engine enters it for every
-micro-batch) each call draws the mask of the *global* batch from the step's generator and keeps
-this rank's rows, so masks are a pure function of (seed, step): exact on resume and the same
-with 1 or N processes. timm's draws from each process's global RNG, which differs per rank.
-Outside :func:`step_draws` (a bare module in a notebook) it draws from the global RNG.
+micro-batch with a seed derived from (run seed, step)) each call draws the mask of the
+*global* batch from the seeded global RNG and keeps this rank's rows, so masks are a pure
+function of (seed, step): exact on resume and the same with 1 or N processes. timm's draws
+from each process's RNG for its own rows only, which differs per rank. The global RNG (not a
+private generator) is used so that activation checkpointing, which restores it before
+recomputing a block, recomputes the same masks.
 """
 
 from __future__ import annotations
@@ -14,9 +16,10 @@ import contextlib
 from collections.abc import Iterator
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
-_draws: tuple[torch.Generator, int, int] | None = None  # (generator, rank, world size)
+_ranks: tuple[int, int] = (0, 1)  # (rank, world size) of the draws
 
 
 class LayerScale(nn.Module):
@@ -31,15 +34,16 @@ class LayerScale(nn.Module):
 
 
 @contextlib.contextmanager
-def step_draws(generator: torch.Generator, rank: int = 0, world_size: int = 1) -> Iterator[None]:
-    """Within it, every :class:`DropPath` in training mode draws ``B * world_size`` uniforms
-    from ``generator`` (CPU) per call and uses rows ``rank * B`` to ``(rank + 1) * B``."""
-    global _draws
-    previous, _draws = _draws, (generator, rank, world_size)
+def step_draws(seed: int, rank: int = 0, world_size: int = 1) -> Iterator[None]:
+    """Seed the global RNG with ``seed``; within it every :class:`DropPath` in training mode
+    draws ``B * world_size`` uniforms per call and uses rows ``rank * B`` to ``(rank + 1) * B``."""
+    global _ranks
+    torch.manual_seed(seed)
+    previous, _ranks = _ranks, (rank, world_size)
     try:
         yield
     finally:
-        _draws = previous
+        _ranks = previous
 
 
 class DropPath(nn.Module):
@@ -53,11 +57,8 @@ class DropPath(nn.Module):
         if self.drop_prob == 0.0 or not self.training:
             return x
         keep, b = 1.0 - self.drop_prob, x.shape[0]
-        if _draws is None:
-            u = torch.rand(b, device=x.device)
-        else:
-            generator, rank, world = _draws
-            u = torch.rand(b * world, generator=generator)[rank * b : (rank + 1) * b]
+        rank, world = _ranks
+        u = torch.rand(b * world)[rank * b : (rank + 1) * b]  # CPU draws: the same on any device
         mask = (u.to(x.device) < keep).to(x.dtype) / keep  # (B,)
         return x * mask.view(b, *[1] * (x.ndim - 1))
 
@@ -74,3 +75,19 @@ def replace_drop_paths(module: nn.Module) -> nn.Module:
             if isinstance(child, TimmDropPath):
                 setattr(parent, name, DropPath(child.drop_prob))
     return module
+
+
+class GradCheckpointing:
+    """Activation checkpointing of a backbone's blocks (``train.grad_checkpointing``): each
+    block's activations are recomputed in the backward pass instead of kept (timm's
+    ``set_grad_checkpointing`` name). Drop-path masks recompute identically (see above)."""
+
+    grad_checkpointing: bool = False
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
+    def run_block(self, block: nn.Module, *args):
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            return torch.utils.checkpoint.checkpoint(block, *args, use_reentrant=False)
+        return block(*args)
