@@ -63,6 +63,9 @@ class OptimConfig:
     min_lr_ratio: float = 0.0  # cosine floor as a fraction of the peak lr
     clip_grad: float | None = 5.0  # SimMIM §2.5; None or 0 disables clipping
     layer_decay: float = 1.0  # fine-tuning: lr scale decay^(L + 1 - layer_id) (METHODS §1.5)
+    # AdamW kernel: auto = PyTorch's default (for-loop on CPU, foreach on CUDA); fused measured
+    # 3.4x faster per update than for-loop for the tiny ViT on this CPU (README, Benchmarks)
+    implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -245,3 +245,12 @@ def test_grad_checkpointing_run_logs_the_same_losses(tmp_path):
     a, b = losses(plain), losses(ckpt)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
+
+
+@pytest.mark.parametrize("implementation", ["foreach", "fused"])
+def test_adamw_implementations_log_the_for_loop_losses(tmp_path, implementation):
+    a, b = tmp_path / "loop", tmp_path / implementation
+    assert pretrain(a, "train.steps=4", "optim.implementation=for-loop") == 0
+    assert pretrain(b, "train.steps=4", f"optim.implementation={implementation}") == 0
+    la, lb = losses(a), losses(b)
+    assert all(lb[s] == pytest.approx(la[s], rel=1e-5) for s in la) and len(la) == 4

@@ -63,7 +63,9 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     )
     for g in groups:
         g["lr"] = lr * g["lr_scale"]
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps)
+    impl = cfg.implementation
+    kernel = {} if impl == "auto" else {"foreach": impl == "foreach", "fused": impl == "fused"}
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **kernel)
 
 
 def scaled_lr(cfg, global_batch: int) -> float:

@@ -60,6 +60,7 @@ class FinetuneConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"  # as train.attention_kernel
     grad_checkpointing: bool = False  # as train.grad_checkpointing
+    optimizer_implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"  # optim.*
     accum_steps: int = 1
     seed: int = 0
     log_every: int = 10
@@ -118,6 +119,7 @@ class FinetuneConfig:
             min_lr_ratio=min(1.0, self.min_lr / peak_lr) if peak_lr > 0 else 0.0,
             clip_grad=self.clip_grad,
             layer_decay=self.layer_decay,
+            implementation=self.optimizer_implementation,
         )
         return train, optim
 
