@@ -64,7 +64,7 @@ class OptimConfig:
     clip_grad: float | None = 5.0  # SimMIM §2.5; None or 0 disables clipping
     layer_decay: float = 1.0  # fine-tuning: lr scale decay^(L + 1 - layer_id) (METHODS §1.5)
     # AdamW kernel: auto = PyTorch's default (for-loop on CPU, foreach on CUDA); fused measured
-    # 3.4x faster per update than for-loop for the tiny ViT on this CPU (README, Benchmarks)
+    # 3.1x faster per update than for-loop for the tiny ViT here (python -m benchmarks.adamw)
     implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
 
 
