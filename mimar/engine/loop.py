@@ -149,7 +149,7 @@ def fit(
             if not (step % t.log_every == 0 or step == t.steps or every or periodic):
                 continue
             values = _read(window, step)  # raises NonFiniteLoss before anything is saved
-            seconds, tic = time.perf_counter() - tic, time.perf_counter()
+            seconds = time.perf_counter() - tic  # the window's steps (not evals or saves)
             row = {
                 "step": step,
                 "epoch": loader.epoch_of(step * t.accum_steps),
@@ -171,7 +171,7 @@ def fit(
             if dist.any_rank(stop.signal is not None, device):
                 save(step)
                 return RunResult(step, stop.signal or "signal on another rank")
-            tic = time.perf_counter()  # evaluation and saving are not training time
+            tic = time.perf_counter()
         save(step)
         dist.barrier()  # every rank finished before any leaves the group
         return RunResult(step, None)
