@@ -17,6 +17,12 @@ METHODS = {
 }
 
 
+def pair(a: float, b: float, a_note: str = "", b_note: str = "") -> str:
+    """``a / b`` with the higher one in bold."""
+    left, right = f"{a:.2f}{a_note}", f"{b:.2f}{b_note}"
+    return f"**{left}** / {right}" if a >= b else f"{left} / **{right}**"
+
+
 def rows(path: Path) -> dict:
     return {r["model"]: r for r in json.loads(path.read_text())["rows"]}
 
@@ -30,18 +36,21 @@ def main(out: Path) -> None:
     print("|---|---|---|---|---|")
     for name, label in METHODS.items():
         run = out / name
-        if not (run / "eval" / "robustness.json").is_file():
+        if not (run / "eval" / "finetune.json").is_file():
             print(f"| {label} | not run yet | | | |")
             continue
         minutes = (run / "checkpoints" / "last.pt").stat().st_mtime
         minutes = (minutes - (run / "config.yaml").stat().st_mtime) / 60
-        ft, rob = rows(run / "eval" / "finetune.json"), rows(run / "eval" / "robustness.json")
+        ft = rows(run / "eval" / "finetune.json")
         p, s = ft["pretrained"], ft["random init"]
-        rp, rs = rob["pretrained"], rob["random init"]
+        robust = "not run yet"
+        if (run / "eval" / "robustness.json").is_file():
+            rob = rows(run / "eval" / "robustness.json")
+            rp, rs = rob["pretrained"], rob["random init"]
+            clean = [f" ({r['details']['clean_top1']:.1f})" for r in (rp, rs)]
+            robust = pair(rp["top1"], rs["top1"], *clean)
         print(
-            f"| {label} | {minutes:.1f} | **{p['top1']:.2f}** / {s['top1']:.2f} "
-            f"| **{rp['top1']:.2f}** ({rp['details']['clean_top1']:.1f}) "
-            f"/ {rs['top1']:.2f} ({rs['details']['clean_top1']:.1f}) "
+            f"| {label} | {minutes:.1f} | {pair(p['top1'], s['top1'])} | {robust} "
             f"| {p['details']['seconds'] / 60:.1f} / {s['details']['seconds'] / 60:.1f} |"
         )
 

@@ -127,7 +127,8 @@ def test_two_process_finetune_equals_one_process(run, tmp_path):
 def test_finetune_learns_a_separable_synthetic_set(run, tmp_path):
     copy = _fresh(run, tmp_path)
     extra = ("finetune.epochs=50", "finetune.lr=5e-3", "finetune.warmup_epochs=2",
-             "finetune.layer_decay=1.0", "finetune.drop_path=0")  # fmt: skip
+             "finetune.layer_decay=1.0", "finetune.drop_path=0", "finetune.clip_grad=5.0",
+             "finetune.label_smoothing=0.1")  # fmt: skip
     assert _ft(copy, *extra) == 0
     result = json.loads((copy / "eval" / "finetune.json").read_text())
     assert result["rows"][0]["top1"] >= 95.0  # 4 well-separated classes (chance 25); 100 seen
