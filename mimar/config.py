@@ -78,6 +78,7 @@ class TrainConfig:
     # auto: matmul attention for CPU bf16 training, SDPA elsewhere (mimar/nn/attention.py)
     attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory)
+    compile: bool = False  # torch.compile the model's step (the first step logs its compile time)
     seed: int = 0
     device: str = "auto"  # auto -> cuda when available (the local rank's GPU), else cpu
     threads: int = 0  # torch CPU threads; 0 leaves PyTorch's default

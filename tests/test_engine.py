@@ -247,6 +247,22 @@ def test_grad_checkpointing_run_logs_the_same_losses(tmp_path):
     assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
 
 
+@pytest.mark.slow
+def test_compiled_run_logs_the_eager_losses_and_its_compile_time(tmp_path, caplog):
+    """train.compile=true: torch.compile (inductor, a C++ compiler on CPU) of the same step;
+    fused kernels sum in another order, hence the tolerance. fp32: bf16 rounding would hide
+    a wrong graph behind its own noise."""
+    eager, compiled = tmp_path / "eager", tmp_path / "compiled"
+    assert pretrain(eager, "train.steps=3", "train.precision=fp32") == 0
+    with caplog.at_level("INFO", logger="mimar"):
+        assert pretrain(compiled, "train.steps=3", "train.precision=fp32",
+                        "train.compile=true") == 0  # fmt: skip
+    a, b = losses(eager), losses(compiled)
+    assert sorted(a) == sorted(b) == [1, 2, 3]
+    assert all(b[s] == pytest.approx(a[s], rel=1e-4) for s in a)
+    assert "train.compile: the first step took" in caplog.text
+
+
 @pytest.mark.parametrize("implementation", ["foreach", "fused"])
 def test_adamw_implementations_log_the_for_loop_losses(tmp_path, implementation):
     a, b = tmp_path / "loop", tmp_path / implementation

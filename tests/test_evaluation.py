@@ -154,6 +154,52 @@ def test_extract_autocast_returns_float32(image_batches):
     torch.testing.assert_close(feats, 0.5 * (_patch_mean(images) + 6), rtol=3e-2, atol=3e-2)
 
 
+@pytest.fixture
+def two_threads():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(threads)
+
+
+def test_extract_on_worker_threads_equals_one_thread_in_order(two_threads):
+    """Two intra-op threads -> two worker threads of one each, pieces of CPU_CHUNK images: the
+    same features (bitwise: the same one-thread kernels) and labels, in order, as one thread;
+    the thread count is restored, also when a forward fails."""
+    from mimar.backbones.vit import ViT, ViTConfig
+    from mimar.evaluation import features
+
+    torch.manual_seed(0)
+    vit = ViT(ViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2))
+    images, labels = torch.randn(150, 1, 8, 8), torch.arange(150)
+    batches = [(images[:100], labels[:100]), (images[100:], labels[100:])]  # pieces 64, 36, 50
+    assert features.CPU_CHUNK == 64 and features.CPU_WORKERS
+    got, got_labels = extract_features(vit, batches, autocast_dtype=torch.bfloat16)
+    assert torch.get_num_threads() == 2
+    torch.set_num_threads(1)
+    want, _ = extract_features(vit, batches, autocast_dtype=torch.bfloat16)
+    assert torch.equal(got, want) and torch.equal(got_labels, labels)
+    torch.set_num_threads(2)
+    with pytest.raises(RuntimeError):  # 3 channels into a 1-channel patch embedding
+        extract_features(vit, [(torch.randn(4, 3, 8, 8), None)])
+    assert torch.get_num_threads() == 2
+
+
+def test_map_in_order_keeps_the_input_order_under_uneven_work(two_threads):
+    import time
+
+    from mimar.evaluation.features import _map_in_order
+
+    def work(i: int) -> tuple[int, int]:
+        time.sleep(0.002 * (i % 3))  # later items often finish first
+        return i, torch.get_num_threads()
+
+    out = list(_map_in_order(work, range(20), workers=2))
+    assert [i for i, _ in out] == list(range(20))
+    assert {threads for _, threads in out} == {1}  # one intra-op thread per worker
+    assert torch.get_num_threads() == 2
+
+
 # ------------------------------------------------------------------------------------------ kNN
 
 
@@ -278,6 +324,29 @@ def test_linear_heads_get_their_own_learning_rate():
     assert weight.shape == (2, 16, 3) and bias.shape == (2, 3)
     ratio = weight[1].norm() / weight[0].norm()
     assert 95.0 < ratio < 105.0
+
+
+def test_linear_probe_adamw_by_hand_is_torch_adamw_per_head():
+    """Each head of the hand-written update follows torch.optim.AdamW with that head's lr
+    (decoupled decay, bias corrections), step for step, on the same gradients."""
+    from mimar.evaluation.linear import _AdamW
+
+    gen = torch.Generator().manual_seed(0)
+    lrs, wd = (1e-2, 3e-1), 0.05
+    start = torch.randn(2, 5, 3, generator=gen)
+    grads = [torch.randn(2, 5, 3, generator=gen) for _ in range(6)]
+    ours = _AdamW(start.clone(), wd)
+    heads = [start[r].clone().requires_grad_(True) for r in range(2)]
+    torch_opts = [torch.optim.AdamW([h], lr=lr, weight_decay=wd) for h, lr in zip(heads, lrs)]
+    for step, grad in enumerate(grads, start=1):
+        scale = 0.5 ** (step - 1)  # a changing schedule factor, as the cosine
+        ours.update(grad, torch.tensor(lrs) * scale, step)
+        for r, (head, opt) in enumerate(zip(heads, torch_opts)):
+            opt.param_groups[0]["lr"] = lrs[r] * scale
+            head.grad = grad[r].clone()
+            opt.step()
+    for r, head in enumerate(heads):
+        torch.testing.assert_close(ours.param[r], head.detach(), rtol=1e-6, atol=1e-7)
 
 
 def test_linear_probe_rejects_bad_arguments():

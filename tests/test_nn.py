@@ -200,3 +200,28 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_drop_path(nam
         torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-7)
     # another step draws other masks: the check above is not vacuous
     assert loss_of(12).item() != pytest.approx(loss_a, rel=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cpu_linear_matches_linear_then_gelu_and_only_in_inference(dtype):
+    """mimar.nn.fused.linear: inside fused_inference with autograd off, oneDNN's fused
+    bias (+ GELU) gives linear-then-GELU to fp32 / one-bf16-step accuracy; anywhere else it
+    is exactly the module call (training and pretraining teachers keep their numbers)."""
+    from mimar.nn.fused import fused_inference, linear
+
+    torch.manual_seed(0)
+    layer, x = nn.Linear(16, 24), torch.randn(3, 5, 16)
+    autocast = torch.autocast("cpu", torch.bfloat16, enabled=dtype == torch.bfloat16)
+    with autocast:
+        want = torch.nn.functional.gelu(layer(x).float())
+        plain = linear(x, layer, gelu=True)  # fused_inference off: the module call
+        assert torch.equal(plain, torch.nn.functional.gelu(layer(x)))
+        with fused_inference(), torch.no_grad():
+            got = linear(x, layer, gelu=True)
+            assert got.dtype == dtype and got.shape == (3, 5, 24)
+            no_act = linear(x, layer)
+        with fused_inference():  # autograd on: not fused, gradients flow
+            assert linear(x, layer).requires_grad
+    tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(no_act.float(), layer(x).float(), **tol)

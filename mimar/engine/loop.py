@@ -122,6 +122,8 @@ def fit(
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         start = state["step"]
     wrapped = DistributedDataParallel(model) if session.world > 1 else model
+    if t.compile:  # compiled lazily, at the first step (its time is logged)
+        wrapped = torch.compile(wrapped)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -140,6 +142,8 @@ def fit(
             out = train_step(
                 wrapped, model, optimizer, loader, t, optim.clip_grad, step, lr, device
             )
+            if t.compile and step == start and rank == 0:
+                log.info("train.compile: the first step took %.1fs", time.perf_counter() - tic)
             step += 1
             window.append(out)
             every = evaluate_every and step % evaluate_every == 0

@@ -10,13 +10,11 @@ single GEMM ``(B, D) @ (D, R * C)`` gives every head's logits. This is the same 
 batched matmul over an ``(R, D, C)`` stack but measured ~20% faster per step on CPU (the probe is
 launch-overhead bound: ~0.6 ms/step for 4 heads, D=192, C=10, B=256 on 2 cores).
 
-Per-head learning rates: each head's weight and bias are separate leaf tensors in their own
-AdamW param group (with that head's lr) and are ``torch.stack``-ed inside the step. We do not
-use one ``(R, D, C)`` parameter with scaled gradients because Adam is invariant to gradient
-scale, so scaling would not change the step size; param groups keep exact AdamW semantics
-(including decoupled weight decay ``lr * wd``) at the cost of a tiny stack copy per step.
-The loss is the sum of the R per-head mean cross-entropies; heads share no parameters, so each
-head receives exactly the gradient of its own loss.
+Per-head learning rates: the R heads are one ``(R, D, C)`` weight and one ``(R, C)`` bias,
+updated by AdamW by hand (:class:`_AdamW`) with a vector of R learning rates: exact AdamW
+semantics per head (decoupled weight decay ``lr * wd``), without one optimizer call per head.
+The loss is the sum of the R per-head mean cross-entropies; heads share no parameters, so
+each head receives exactly the gradient of its own loss.
 
 Deviations from DINOv2: AdamW instead of SGD with momentum (less sensitive to the lr grid on
 unnormalised features; we standardise anyway), and the chosen head is not retrained on
@@ -25,10 +23,12 @@ train + val, to keep it simple.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-from mimar.evaluation.train import fit
+from mimar.engine.optim import lr_at
 
 _EVAL_CHUNK = 8192  # rows per batched matmul when scoring heads
 
@@ -111,36 +111,55 @@ def _train_heads(
     generator: torch.Generator,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Train R = len(lrs) heads together; returns weights (R, D, C) and biases (R, C)."""
-    num_heads = len(lrs)
-    weights = [
-        torch.zeros(x.shape[1], num_classes, device=x.device, requires_grad=True) for _ in lrs
-    ]
-    biases = [torch.zeros(num_classes, device=x.device, requires_grad=True) for _ in lrs]
-    groups = []
-    for lr, w, b in zip(lrs, weights, biases, strict=True):
-        groups.append({"params": [w], "lr": lr, "weight_decay": weight_decay})
-        groups.append({"params": [b], "lr": lr, "weight_decay": 0.0})  # no decay on biases
+    num_heads, dim = len(lrs), x.shape[1]
+    weight = torch.zeros(num_heads, dim, num_classes, device=x.device, requires_grad=True)
+    bias = torch.zeros(num_heads, num_classes, device=x.device, requires_grad=True)
+    peak = torch.tensor(lrs, device=x.device)  # (R,) each head's own lr
+    adamw = [_AdamW(weight, weight_decay), _AdamW(bias, 0.0)]  # no decay on biases
+    total = epochs * math.ceil(len(x) / batch_size)
+    step = 0
+    with torch.inference_mode(False), torch.enable_grad():  # callers may be in inference mode
+        for _ in range(epochs):
+            for idx in torch.randperm(len(x), generator=generator).split(batch_size):
+                xb, yb = x[idx], y[idx]  # (B, D), (B,)
+                w = weight.transpose(0, 1).flatten(1)  # (D, R*C)
+                logits = torch.addmm(bias.flatten(), xb, w).unflatten(1, (num_heads, -1))
+                # logits: (B, R, C). Mean CE over the B*R (sample, head) pairs, times R, is the
+                # sum over heads of each head's mean CE: each head gets its own gradient.
+                targets = yb[:, None].expand(-1, num_heads)  # (B, R)
+                loss = F.cross_entropy(logits.transpose(1, 2), targets) * num_heads
+                grads = torch.autograd.grad(loss, (weight, bias))
+                lr = peak * lr_at(step, 1.0, total, 0)  # (R,) the cosine to 0, per step
+                step += 1
+                with torch.no_grad():
+                    for opt, grad in zip(adamw, grads, strict=True):
+                        opt.update(grad, lr, step)
+    return weight.detach(), bias.detach()
 
-    def step_loss(idx: torch.Tensor) -> torch.Tensor:
-        xb, yb = x[idx], y[idx]  # (B, D), (B,)
-        w = torch.stack(weights, dim=1).flatten(1)  # (D, R*C)
-        logits = torch.addmm(torch.cat(biases), xb, w).unflatten(1, (num_heads, -1))
-        # logits: (B, R, C). Mean CE over the B*R (sample, head) pairs, times R, is the sum over
-        # heads of each head's mean CE.
-        targets = yb[:, None].expand(-1, num_heads)  # (B, R)
-        return F.cross_entropy(logits.transpose(1, 2), targets) * num_heads
 
-    # fused: the fewest kernel launches per step for many tiny heads.
-    fit(
-        step_loss,
-        groups,
-        len(x),
-        epochs=epochs,
-        batch_size=batch_size,
-        generator=generator,
-        fused=True,
-    )
-    return torch.stack(weights).detach(), torch.stack(biases).detach()
+class _AdamW:
+    """torch.optim.AdamW's update (decoupled decay, bias corrections, eps outside the root) of
+    one ``(R, ...)`` tensor whose R heads each have their own lr.
+
+    By hand instead of one AdamW param group per head: the 2R groups cost 2R optimizer calls
+    per step and the probe is launch-bound. 30 epochs on 60k x 128 features, 4 heads, 2 cores
+    (one run, the same val accuracies): 7.4 s with param groups, 5.4 s by hand.
+    Adam is invariant to gradient scale, so one tensor with scaled gradients would not do.
+    """
+
+    def __init__(self, param: torch.Tensor, weight_decay: float, betas=(0.9, 0.999), eps=1e-8):
+        self.param, self.weight_decay, self.betas, self.eps = param, weight_decay, betas, eps
+        self.m, self.v = torch.zeros_like(param), torch.zeros_like(param)
+
+    def update(self, grad: torch.Tensor, lr: torch.Tensor, step: int) -> None:
+        b1, b2 = self.betas
+        lr = lr.view(-1, *(1,) * (self.param.dim() - 1))  # (R, 1, ...)
+        if self.weight_decay:
+            self.param.mul_(1 - lr * self.weight_decay)
+        self.m.lerp_(grad, 1 - b1)
+        self.v.mul_(b2).addcmul_(grad, grad, value=1 - b2)
+        denom = (self.v.sqrt() / math.sqrt(1 - b2**step)).add_(self.eps)
+        self.param.sub_(lr / (1 - b1**step) * self.m / denom)
 
 
 @torch.no_grad()

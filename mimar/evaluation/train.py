@@ -42,8 +42,7 @@ def fit(
         generator: the minibatch order; ``step_loss`` may draw from it too (LoRA's flips),
             after the epoch's permutation.
         warmup_steps: linear warm-up steps before the cosine (0: cosine from the first step).
-        fused: passed to AdamW (True: one kernel for all parameters; the linear probe's many
-            tiny heads are launch-bound).
+        fused: passed to AdamW (True: one kernel for all parameters).
         module: put in train mode while training, in eval mode afterwards.
 
     Returns:

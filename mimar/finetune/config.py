@@ -60,6 +60,7 @@ class FinetuneConfig:
     precision: Literal["fp32", "bf16"] = "bf16"
     attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"  # as train.attention_kernel
     grad_checkpointing: bool = False  # as train.grad_checkpointing
+    compile: bool = False  # as train.compile
     optimizer_implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"  # optim.*
     accum_steps: int = 1
     seed: int = 0
@@ -105,6 +106,7 @@ class FinetuneConfig:
             precision=self.precision,
             attention_kernel=self.attention_kernel,
             grad_checkpointing=self.grad_checkpointing,
+            compile=self.compile,
             seed=self.seed,
             device=self.device,
             threads=self.threads,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from mimar.nn.fused import linear
 from mimar.nn.layers import DropPath, LayerScale
 
 
@@ -14,11 +15,10 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, hidden: int, bias: bool = True) -> None:
         super().__init__()
         self.fc1 = nn.Linear(dim, hidden, bias=bias)
-        self.act = nn.GELU()
         self.fc2 = nn.Linear(hidden, dim, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fc2(self.act(self.fc1(x)))
+        return linear(linear(x, self.fc1, gelu=True), self.fc2)  # fc2(GELU(fc1(x)))
 
 
 class MLPBlock(nn.Module):
