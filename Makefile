@@ -22,7 +22,7 @@ data:
 
 demo: setup
 	$(BIN)/mimar pretrain configs/simmim/vit_tiny_fmnist.yaml --run-dir $(RUN)
-	$(BIN)/mimar eval knn linear --checkpoint $(RUN) --baselines --max-train 20000
+	$(BIN)/mimar eval knn linear --checkpoint $(RUN) --baselines
 	@echo "run folder: $(RUN)  (config.yaml, metrics.jsonl, checkpoints/, reconstruction.png, eval/)"
 
 test: setup
