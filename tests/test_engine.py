@@ -1,5 +1,6 @@
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -247,7 +248,14 @@ def test_grad_checkpointing_run_logs_the_same_losses(tmp_path):
     assert all(b[s] == pytest.approx(a[s], rel=1e-5) for s in a)
 
 
+def test_compile_without_a_cpp_compiler_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("CXX", "no-such-compiler-here")
+    assert pretrain(tmp_path / "run", "train.steps=2", "train.compile=true") != 0
+    assert "train.compile on a CPU needs a C++ compiler" in capsys.readouterr().err
+
+
 @pytest.mark.slow
+@pytest.mark.skipif(shutil.which(os.environ.get("CXX", "g++")) is None, reason="no C++ compiler")
 def test_compiled_run_logs_the_eager_losses_and_its_compile_time(tmp_path, caplog):
     """train.compile=true: torch.compile (inductor, a C++ compiler on CPU) of the same step;
     fused kernels sum in another order, hence the tolerance. fp32: bf16 rounding would hide

@@ -18,6 +18,8 @@ step and the global RNG state.
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -123,7 +125,7 @@ def fit(
         start = state["step"]
     wrapped = DistributedDataParallel(model) if session.world > 1 else model
     if t.compile:  # compiled lazily, at the first step (its time is logged)
-        wrapped = torch.compile(wrapped)
+        wrapped = _compiled(wrapped, device)
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
@@ -184,6 +186,18 @@ def fit(
         stop.restore()
         if metrics is not None:
             metrics.close()
+
+
+def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
+    """``torch.compile(model)``; on a CPU inductor builds C++ kernels: refuse early, in one
+    line, when there is no compiler to build them with."""
+    compiler = os.environ.get("CXX", "g++")
+    if device.type == "cpu" and shutil.which(compiler) is None:
+        raise ConfigError(
+            f"train.compile on a CPU needs a C++ compiler ({compiler} not found): install one "
+            "(apt-get install g++) or set train.compile=false"
+        )
+    return torch.compile(model)
 
 
 def _checkpoint_blocks(model: nn.Module) -> None:
