@@ -210,6 +210,12 @@ def _add_eval_parser(sub) -> None:
         help=f"also evaluate raw pixels ({pixels} only) and the randomly initialised backbone",
     )
     ev.add_argument("--batch-size", type=int, default=256)
+    ev.add_argument(
+        "--no-feature-cache",
+        dest="feature_cache",
+        action="store_false",
+        help="knn/linear: extract again instead of reusing RUN_DIR/eval/features/",
+    )
     ev.add_argument("--k", type=int, default=20, help="kNN neighbours")
     defaults = ", ".join(
         f"{name} {spec.default_epochs}"

@@ -378,3 +378,34 @@ def test_causal_eval_of_a_spiral_aim_run_reads_patches_in_spiral_order(tmp_path)
     assert not torch.allclose(f_train[0], f_raster, atol=1e-4)  # the order matters
     by_hand = knn_classify(f_train[0], setup.train.labels, f_test[0], setup.test.labels)
     assert by_hand["top1"] == top1
+
+
+def test_pooled_features_are_cached_by_content_and_reused(run, monkeypatch, capsys):
+    """A second kNN of the same run reads RUN_DIR/eval/features/ instead of extracting and
+    gives the same rows; another tap (or --no-feature-cache) extracts again; a damaged cache
+    file is recomputed."""
+    from mimar.evaluation import protocols
+
+    cache = run / "eval" / "features"
+    before = set(cache.glob("*.pt"))  # other tests of this module's run cache theirs
+    args = ["eval", "knn", "--checkpoint", str(run), "--max-train", "128", "--max-test", "64"]
+    assert main(args) == 0
+    first = json.loads((run / "eval" / "knn.json").read_text())["rows"]
+    files = sorted(set(cache.glob("*.pt")) - before)
+    assert len(files) == 1
+
+    def no_extraction(*a, **k):
+        raise AssertionError("extracted although cached")
+
+    with monkeypatch.context() as m:
+        m.setattr(protocols, "extract_layer_features", no_extraction)
+        assert main(args) == 0
+        assert json.loads((run / "eval" / "knn.json").read_text())["rows"] == first
+        with pytest.raises(AssertionError, match="extracted"):  # the cache is bypassed
+            main([*args, "--no-feature-cache"])
+    assert main([*args, "--layer", "0"]) == 0  # another tap, another key
+    assert len(set(cache.glob("*.pt")) - before) == 2
+    files[0].write_bytes(b"not a torch file")
+    assert main(args) == 0  # recomputed and replaced
+    assert json.loads((run / "eval" / "knn.json").read_text())["rows"] == first
+    capsys.readouterr()

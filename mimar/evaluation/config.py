@@ -42,6 +42,7 @@ class EvalConfig:
     recipe: str | None = None  # finetune: the recipe (None: the CPU recipe of the run's data)
     overrides: tuple[str, ...] = ()  # finetune: finetune.* / data.* key=value overrides
     resume: bool = False  # finetune: continue an interrupted fine-tune exactly
+    feature_cache: bool = True  # kNN/linear: reuse pooled features in RUN_DIR/eval/features/
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(self.protocols))

@@ -16,6 +16,7 @@ instead; LoRA always trains on the final tokens.
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import time
 from collections.abc import Callable
@@ -28,6 +29,7 @@ from torch import nn
 
 from mimar import runs
 from mimar.data import ImageSet, iterate_eval_batches
+from mimar.engine.checkpoint import save_atomic
 from mimar.evaluation.attentive import attentive_probe, default_blocks, probe_heads
 from mimar.evaluation.features import (
     causal_mask,
@@ -62,6 +64,7 @@ class EvalSetup:
     order: str  # the model's patch order (masking.patch_order kinds): what causal follows
     order_seed: int
     notes: str
+    cache: Path | None = None  # pooled features by content key (eval/features/); None = off
 
     def batches(self, images: ImageSet):
         return iterate_eval_batches(images, self.img_size, self.batch_size)
@@ -88,6 +91,42 @@ class EvalSetup:
             for images in (self.train, self.test)
         )
 
+    def pooled_features(self, backbone: nn.Module, taps: list, pool: str) -> tuple[list, list]:
+        """Pooled train and test features of ``taps`` (one forward pass per batch), from the
+        feature cache when an earlier evaluation stored them under the same content key."""
+        path = None if self.cache is None else self.cache / f"{self._key(backbone, taps, pool)}.pt"
+        if path is not None and path.is_file():
+            try:
+                saved = torch.load(path, weights_only=True)
+                log.info("features from the cache %s", path)
+                return saved["train"], saved["test"]
+            except Exception as err:  # a damaged file is recomputed and replaced
+                log.warning("ignoring the unreadable feature cache %s: %s", path, err)
+        feats = self.extract(extract_layer_features, backbone, layers=taps, pool=pool)
+        if path is not None:
+            save_atomic({"train": feats[0], "test": feats[1]}, path)
+        return feats
+
+    def _key(self, backbone: nn.Module, taps: list, pool: str) -> str:
+        """sha256 of everything the features depend on: the weights, the images, their view
+        and normalisation, the taps, pool, attention mask, precision and extraction code."""
+        digest = hashlib.sha256(f"{FEATURES_VERSION} {taps} {pool} {self.img_size}".encode())
+        digest.update(f"{self.autocast_dtype} {self.device.type}".encode())
+        mask = self.attn_mask(backbone)
+        tensors = [("mask", mask)] if mask is not None else []
+        tensors += list(backbone.state_dict().items())
+        for split, images in (("train", self.train), ("test", self.test)):
+            digest.update(f"{split} {images.mean} {images.std}".encode())
+            tensors.append((split, images.images))
+        for name, t in tensors:
+            t = t.detach().cpu().contiguous()
+            digest.update(f"{name} {t.dtype} {tuple(t.shape)}".encode())
+            digest.update(t.flatten().view(torch.uint8).numpy().tobytes())
+        return digest.hexdigest()[:32]
+
+
+# Bump when extraction changes its numbers (cached features of older code are then unused).
+FEATURES_VERSION = 2  # 2: pieces of 64, fused bias/GELU linears (mimar.nn.fused)
 
 Probe = Callable[[torch.Tensor, torch.Tensor, EvalSetup, "EvalConfig", "int | None"], dict]
 Run = Callable[[Models, EvalSetup, "EvalConfig", "int | None"], dict]
@@ -288,9 +327,7 @@ def pooled_probes(protocols, models: Models, setup: EvalSetup, cfg: EvalConfig) 
     for name, backbone in models:
         taps = list(tap_indices(backbone)) if cfg.layer == "all" else [cfg.layer]
         tic = time.perf_counter()
-        f_train, f_test = setup.extract(
-            extract_layer_features, backbone, layers=taps, pool=cfg.pool
-        )
+        f_train, f_test = setup.pooled_features(backbone, taps, cfg.pool)
         seconds = time.perf_counter() - tic
         log.info("%s: %d tap(s), features %s in %.1fs", name, len(taps), f_train[0].shape, seconds)
         for p, spec in specs.items():

@@ -92,6 +92,7 @@ def build_setup(run_cfg: PretrainConfig, cfg: EvalConfig) -> EvalSetup:
         order=getattr(run_cfg.method, "order", "raster"),
         order_seed=getattr(run_cfg.method, "order_seed", 0),
         notes="; ".join(notes + ["causal attention"] * causal),
+        cache=run_folder(cfg.checkpoint) / runs.EVAL / "features" if cfg.feature_cache else None,
     )
 
 
