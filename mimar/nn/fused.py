@@ -24,14 +24,16 @@ import torch.nn.functional as F
 from torch import nn
 
 _enabled = False
+_bf16 = False  # oneDNN has bf16 kernels on this CPU (checked once, on entering the block)
 
 
 @contextlib.contextmanager
 def fused_inference(enabled: bool = True) -> Iterator[None]:
     """Let :func:`linear` use the fused oneDNN kernels inside this block (process-wide, so
     worker threads see it too)."""
-    global _enabled
+    global _enabled, _bf16
     previous, _enabled = _enabled, enabled and _available()
+    _bf16 = _enabled and torch.ops.mkldnn._is_mkldnn_bf16_supported()
     try:
         yield
     finally:
@@ -46,7 +48,7 @@ def linear(x: torch.Tensor, layer: nn.Linear, gelu: bool = False) -> torch.Tenso
         return F.gelu(y) if gelu else y
     cpu_autocast = torch.is_autocast_enabled("cpu")
     dtype = torch.get_autocast_dtype("cpu") if cpu_autocast else x.dtype
-    if dtype == torch.bfloat16 and not torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    if dtype == torch.bfloat16 and not _bf16:
         y = layer(x)  # a CPU without bf16 instructions: oneDNN would refuse
         return F.gelu(y) if gelu else y
     bias = None if layer.bias is None else layer.bias.to(dtype)
