@@ -81,8 +81,11 @@ def cmd_eval(args) -> int:
     words = given.pop("protocols")  # protocols, then any key=value overrides (finetune)
     given["protocols"] = [w for w in words if "=" not in w]
     given["overrides"] = [w for w in words if "=" in w]
-    if given["overrides"] and "finetune" not in given["protocols"]:
-        raise ConfigError(f"overrides {given['overrides']} apply to the finetune protocol only")
+    trained = {"finetune", "segment", "detect"} & set(given["protocols"])
+    if given["overrides"] and not trained:
+        raise ConfigError(
+            f"overrides {given['overrides']} apply to the finetune, segment and detect protocols"
+        )
     evaluate(EvalConfig(**given))
     return 0
 
@@ -117,6 +120,26 @@ def cmd_visualize(args) -> int:
     return 0
 
 
+def cmd_data_scenes(args) -> int:
+    from mimar.dense.scenes import build_scenes
+
+    summary = build_scenes(
+        args.out,
+        fmnist_root=args.fmnist_root,
+        size=args.size,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        seed=args.seed,
+    )
+    images, instances = summary["images"], summary["instances"]
+    print(
+        f"wrote {images['train']} train + {images['test']} test scenes "
+        f"({instances['train']} + {instances['test']} instances) to {summary['out']} "
+        f"in {summary['seconds']:.1f} s"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimar", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -129,6 +152,7 @@ def _parser() -> argparse.ArgumentParser:
     pre.set_defaults(func=cmd_pretrain)
 
     _add_eval_parser(sub)
+    _add_data_parser(sub)
 
     ex = sub.add_parser("export", help="export the backbone to another library")
     ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
@@ -163,10 +187,21 @@ def _add_eval_parser(sub) -> None:
         nargs="+",
         metavar="PROTOCOL",
         help="; ".join(f"{name}: {spec.help}" for name, spec in PROTOCOL_TABLE.items())
-        + ". Words with '=' are finetune.*/data.* overrides of the fine-tune recipe",
+        + ". Words with '=' override the recipe: finetune.*/data.* keys (finetune), dense.* keys "
+        "(segment, detect)",
     )
-    ev.add_argument("--recipe", default=None, help="finetune: recipe YAML (default: CPU recipe)")
-    ev.add_argument("--resume", action="store_true", help="finetune: continue an interrupted one")
+    ev.add_argument(
+        "--recipe", default=None, help="finetune/segment/detect: recipe YAML (default: CPU recipe)"
+    )
+    ev.add_argument(
+        "--resume", action="store_true", help="finetune/segment/detect: continue an interrupted one"
+    )
+    ev.add_argument(
+        "--neck",
+        choices=("pretrained", "scratch"),
+        default="pretrained",
+        help="segment/detect with iTPN: its pretrained pyramid neck, or that neck re-initialised",
+    )
     ev.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     ev.add_argument(
         "--layer",
@@ -199,7 +234,11 @@ def _add_eval_parser(sub) -> None:
     )
     ev.add_argument("--lora-rank", type=int, default=8, help="LoRA rank (alpha 16)")
     ev.add_argument(
-        "--data", dest="data_root", default=None, help="data root (default: the run's data.root)"
+        "--data",
+        dest="data_root",
+        default=None,
+        help="data root (default: the run's data.root); segment/detect: a COCO-format folder "
+        "(or coco-format:FOLDER), default data/fmnist-scenes",
     )
     ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
     ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
@@ -234,6 +273,28 @@ def _add_eval_parser(sub) -> None:
         help="where features and probes run: auto (cuda if available, else cpu), cpu, cuda, ...",
     )
     ev.set_defaults(func=cmd_eval)
+
+
+def _add_data_parser(sub) -> None:
+    da = sub.add_parser("data", help="build datasets")
+    data_sub = da.add_subparsers(dest="data_command", required=True)
+    sc = data_sub.add_parser(
+        "scenes",
+        help="Fashion-MNIST scenes: a small dense benchmark in COCO format",
+        description="Paste 1-4 Fashion-MNIST items on textured canvases; write images, "
+        "semantic label maps and COCO instances (boxes, RLE masks). Deterministic in --seed.",
+    )
+    sc.add_argument("--out", required=True, help="output folder, e.g. data/fmnist-scenes")
+    sc.add_argument("--size", type=int, default=64, help="canvas side in pixels (>= 16)")
+    sc.add_argument("--num-train", type=int, default=4000, help="train canvases")
+    sc.add_argument("--num-test", type=int, default=1000, help="test canvases")
+    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument(
+        "--fmnist-root",
+        default="/usr/share/datasets/fashion-mnist",
+        help="folder with the Fashion-MNIST idx files",
+    )
+    sc.set_defaults(func=cmd_data_scenes)
 
 
 def _layer(value: str) -> int | str:

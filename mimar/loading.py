@@ -46,10 +46,11 @@ def load_run(source: str | Path) -> tuple[PretrainConfig, dict]:
     return from_dict(state["config"]), state
 
 
-def method_backbone(cfg: PretrainConfig) -> nn.Module:
+def method_backbone(cfg: PretrainConfig, backbone_cfg=None) -> nn.Module:
     """The module a method trains as ``method.backbone`` (weights ``backbone.*``), built
-    without the rest of the method: the backbone, or for iTPN the backbone with its neck."""
-    backbone = build_backbone(cfg.backbone)
+    without the rest of the method: the backbone, or for iTPN the backbone with its neck.
+    ``backbone_cfg`` replaces ``cfg.backbone`` (a downstream variant of it)."""
+    backbone = build_backbone(backbone_cfg or cfg.backbone)
     if names.entry("method", cfg.method.name).pyramid_neck:
         return pyramid_backbone(backbone, cfg.method.fpn_dim, cfg.method.fpn_depth)
     return backbone

@@ -39,10 +39,11 @@ class EvalConfig:
     lora_rank: int = 8  # LoRA: rank of the adapters (alpha 16)
     classifier_bias: bool = False  # attentive: a classifier bias (as an earlier ml-aim)
     device: str = "auto"  # auto: cuda when available, else cpu
-    recipe: str | None = None  # finetune: the recipe (None: the CPU recipe of the run's data)
-    overrides: tuple[str, ...] = ()  # finetune: finetune.* / data.* key=value overrides
-    resume: bool = False  # finetune: continue an interrupted fine-tune exactly
+    recipe: str | None = None  # finetune/segment/detect: the recipe (None: the CPU recipe)
+    overrides: tuple[str, ...] = ()  # finetune.* / data.* or dense.* key=value overrides
+    resume: bool = False  # finetune/segment/detect: continue an interrupted run exactly
     feature_cache: bool = True  # kNN/linear: reuse pooled features in RUN_DIR/eval/features/
+    neck: Literal["pretrained", "scratch"] = "pretrained"  # segment/detect: iTPN's neck
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(self.protocols))
@@ -58,6 +59,8 @@ class EvalConfig:
             raise ConfigError(f"layer must be a block index, 'all' or None, got {self.layer!r}")
         if self.pool not in POOLS:
             raise ConfigError(f"pool must be one of {POOLS}, got {self.pool!r}")
+        if self.neck not in ("pretrained", "scratch"):
+            raise ConfigError(f"neck must be pretrained or scratch, got {self.neck!r}")
         if self.attention not in ATTENTIONS:
             raise ConfigError(f"attention must be one of {ATTENTIONS}, got {self.attention!r}")
         if self.blocks is not None and not (self.blocks and all(map(_is_int, self.blocks))):

@@ -226,7 +226,7 @@ def _finetune(cfg: EvalConfig) -> dict:
         res = finetune(
             cfg.checkpoint,
             recipe=cfg.recipe,
-            overrides=cfg.overrides,
+            overrides=_overrides(cfg, dense=False),
             max_train=cfg.max_train,
             max_test=cfg.max_test,
             scratch=scratch,
@@ -240,6 +240,56 @@ def _finetune(cfg: EvalConfig) -> dict:
         name = "random init" if scratch else "pretrained"
         rows.append(_row(name, "finetune", "all blocks", res, notes))
     return {"rows": rows}
+
+
+def _dense(task: str) -> Callable[[EvalConfig], dict]:
+    """Dense transfer (``mimar.dense``): the pretrained backbone (``--neck scratch``: iTPN's
+    trunk with a fresh neck) fine-tuned with a ``task`` head on the scene benchmark or
+    ``--data``; with ``--baselines`` the same recipe from random initialisation first."""
+
+    def run(cfg: EvalConfig) -> dict:
+        from mimar.dense.run import HEADLINE, dense_finetune  # only when asked for
+
+        headline, rows, out = HEADLINE[task], [], {}
+        for scratch in (True, False) if cfg.baselines else (False,):
+            res = dense_finetune(
+                cfg.checkpoint,
+                task,
+                data=cfg.data_root,
+                recipe=cfg.recipe,
+                overrides=_overrides(cfg, dense=True),
+                max_train=cfg.max_train,
+                max_test=cfg.max_test,
+                scratch=scratch,
+                neck=cfg.neck,
+                resume=cfg.resume,
+            )
+            scores = {k: v for k, v in res.items() if k in DENSE_SCORES}
+            notes = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if v is not None)
+            notes += f"; {res['n_train']} train / {res['n_test']} test at {res['img_size']} px"
+            notes += f"; {res['epochs']} epochs; {res['seconds'] / 60:.1f} min"
+            name = "random init" if scratch else "pretrained"
+            if not scratch and cfg.neck == "scratch":
+                name = "pretrained, scratch neck"
+            where = "all blocks + neck" if not scratch else "all"
+            rows.append(
+                _row(name, f"{task} ({headline})", where, res | {"top1": res[headline]}, notes)
+            )
+            out |= {f"scratch_{k}" if scratch else k: v for k, v in scores.items()}
+        return {"rows": rows, "neck": cfg.neck, **out}
+
+    return run
+
+
+DENSE_SCORES = ("miou", "pixel_accuracy", "ap", "ap50", "ap75")
+
+
+def _overrides(cfg: EvalConfig, dense: bool) -> tuple[str, ...]:
+    """The overrides of the fine-tune (``dense=False``) or the dense recipe: split by the
+    ``dense.`` prefix when both run, else all of them (a misspelt key then fails loudly)."""
+    if not ({"segment", "detect"} & set(cfg.protocols) and "finetune" in cfg.protocols):
+        return cfg.overrides
+    return tuple(o for o in cfg.overrides if o.startswith("dense.") == dense)
 
 
 def _robustness(cfg: EvalConfig) -> dict:
@@ -306,6 +356,14 @@ PROTOCOL_TABLE: dict[str, EvalProtocol] = {
     ),
     "robustness": EvalProtocol(
         None, "the fine-tuned classifier on corrupted test sets", alone=_robustness
+    ),
+    "segment": EvalProtocol(
+        None,
+        "semantic segmentation (UPerNet) on the scenes or --data: mIoU",
+        alone=_dense("segment"),
+    ),
+    "detect": EvalProtocol(
+        None, "detection (Faster R-CNN) on the scenes or --data: box AP", alone=_dense("detect")
     ),
 }
 PROTOCOLS: tuple[str, ...] = tuple(PROTOCOL_TABLE)

@@ -107,11 +107,13 @@ def finetune_backbone_config(backbone_cfg, *, drop_path: float, pool: str, img_s
 
 def pretrained_weights(state: dict, source_cfg, target: nn.Module) -> dict:
     """The ``backbone.*`` weights of a pretraining checkpoint, made to fit ``target`` (the
-    fine-tuning backbone): iTPN's trunk without its neck, no mask token, no final norm when
+    fine-tuning backbone): iTPN's trunk without its neck (unless ``target`` has one: the
+    dense models), no mask token, no final norm when
     the target has none, the shared rel-pos table per block, the position table resampled."""
-    prefix = (
-        "backbone.trunk." if any(k.startswith("backbone.trunk.") for k in state) else "backbone."
-    )
+    # iTPN's trunk without its neck for a plain HiViT target; all of it for a pyramid one
+    neckless = not hasattr(target, "trunk")
+    trunk = any(k.startswith("backbone.trunk.") for k in state)
+    prefix = "backbone.trunk." if trunk and neckless else "backbone."
     weights = {k[len(prefix) :]: v for k, v in state.items() if k.startswith(prefix)}
     if getattr(source_cfg, "rel_pos_bias", "none") == "shared":
         weights = expand_shared_rel_pos_bias(weights)

@@ -98,38 +98,44 @@ class FinetuneConfig:
 
     def schedule(self, steps_per_epoch: int, peak_lr: float) -> tuple[TrainConfig, OptimConfig]:
         """The engine's train / optim sections for ``steps_per_epoch`` optimizer steps."""
-        train = TrainConfig(
-            steps=self.epochs * steps_per_epoch,
-            log_every=self.log_every,
-            checkpoint_every=self.checkpoint_every_epochs * steps_per_epoch,
-            accum_steps=self.accum_steps,
-            precision=self.precision,
-            attention_kernel=self.attention_kernel,
-            grad_checkpointing=self.grad_checkpointing,
-            compile=self.compile,
-            seed=self.seed,
-            device=self.device,
-            threads=self.threads,
-            progress=self.progress,
-        )
-        optim = OptimConfig(
-            lr=peak_lr,
-            betas=self.betas,
-            eps=self.eps,
-            weight_decay=self.weight_decay,
-            warmup_steps=round(self.warmup_epochs * steps_per_epoch),
-            min_lr_ratio=min(1.0, self.min_lr / peak_lr) if peak_lr > 0 else 0.0,
-            clip_grad=self.clip_grad,
-            layer_decay=self.layer_decay,
-            implementation=self.optimizer_implementation,
-        )
-        return train, optim
+        return engine_sections(self, steps_per_epoch, peak_lr)
 
     def peak_lr(self) -> float:
         """``lr``, or the papers' linear scaling of ``base_lr`` by the global batch."""
         if self.lr is not None:
             return self.lr
         return self.base_lr * self.batch_size * self.accum_steps / self.base_batch_size
+
+
+def engine_sections(cfg, steps_per_epoch: int, peak_lr: float) -> tuple[TrainConfig, OptimConfig]:
+    """The engine's train / optim sections of a downstream recipe (``FinetuneConfig``,
+    ``mimar.dense.config.DenseConfig``: the same key names) for ``steps_per_epoch`` steps."""
+    train = TrainConfig(
+        steps=cfg.epochs * steps_per_epoch,
+        log_every=cfg.log_every,
+        checkpoint_every=cfg.checkpoint_every_epochs * steps_per_epoch,
+        accum_steps=cfg.accum_steps,
+        precision=cfg.precision,
+        attention_kernel=cfg.attention_kernel,
+        grad_checkpointing=cfg.grad_checkpointing,
+        compile=cfg.compile,
+        seed=cfg.seed,
+        device=cfg.device,
+        threads=cfg.threads,
+        progress=cfg.progress,
+    )
+    optim = OptimConfig(
+        lr=peak_lr,
+        betas=cfg.betas,
+        eps=cfg.eps,
+        weight_decay=cfg.weight_decay,
+        warmup_steps=round(cfg.warmup_epochs * steps_per_epoch),
+        min_lr_ratio=min(1.0, cfg.min_lr / peak_lr) if peak_lr > 0 else 0.0,
+        clip_grad=cfg.clip_grad,
+        layer_decay=cfg.layer_decay,
+        implementation=cfg.optimizer_implementation,
+    )
+    return train, optim
 
 
 def load_finetune_config(
