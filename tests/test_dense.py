@@ -4,6 +4,8 @@ metric by hand, a detection step, exact resume, iTPN's neck switch, the GPU reci
 import json
 import os
 import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -260,6 +262,36 @@ def test_resume_continues_a_dense_finetune_exactly(run, scenes, tmp_path, monkey
     assert _curve(cut / "eval/segment") == _curve(full / "eval/segment")
     a, b = (checkpoint.load(f / "eval/segment/checkpoints/last.pt")["model"] for f in (full, cut))
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def _torchrun(*argv: str) -> None:
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+           "--standalone", "-m", "mimar.cli", *argv]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_two_process_dense_finetune_equals_one_process(run, scenes, tmp_path):
+    one, two = _fresh(run, tmp_path / "a"), _fresh(run, tmp_path / "b")
+    extra = ["--data", str(scenes), *DENSE, "dense.drop_path=0.2", "dense.epochs=1"]
+    assert main(["eval", "segment", "--checkpoint", str(one), *extra]) == 0
+    _torchrun("eval", "segment", "--checkpoint", str(two), *extra)
+    a, b = (_rows(f / "eval/segment") for f in (one, two))
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) == 3
+    for ra, rb in zip(a, b):  # same rows, flips and drop-path draws; the all-reduce's order
+        key = "loss" if "loss" in ra else "test_miou"
+        assert rb[key] == pytest.approx(ra[key], rel=1e-4, abs=1e-5), (ra["step"], key)
+    # detection trains under torchrun too (not bit-equal to 1 process: torchvision's RPN and
+    # RoI samplers draw from each process's global RNG)
+    _torchrun("eval", "detect", "--checkpoint", str(two), *extra)
+    assert all(
+        torch.isfinite(torch.tensor(r["loss"])) for r in _rows(two / "eval/detect") if "loss" in r
+    )
+
+
+def _rows(folder: Path) -> list[dict]:
+    return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
 
 
 GPU_RECIPES = {

@@ -225,3 +225,19 @@ def test_fused_cpu_linear_matches_linear_then_gelu_and_only_in_inference(dtype):
     tol = dict(rtol=1e-5, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
     torch.testing.assert_close(got.float(), want, **tol)
     torch.testing.assert_close(no_act.float(), layer(x).float(), **tol)
+
+
+def test_channel_dropout_is_dropout2d_and_slices_the_global_draws_by_rank():
+    from mimar.nn.layers import ChannelDropout, step_draws
+
+    drop = ChannelDropout(0.5).train()
+    x = torch.ones(4, 6, 3, 3)
+    with step_draws(7):
+        full = drop(x)
+    kept = full[:, :, 0, 0]
+    assert set(kept.unique().tolist()) <= {0.0, 2.0}  # whole channels dropped, the rest x2
+    assert torch.equal(full, kept[:, :, None, None].expand_as(x))
+    with step_draws(7, rank=1, world_size=2):
+        second = drop(x[:2])
+    assert torch.equal(second, full[2:])  # rank 1 of 2 draws rows 2-3 of the global batch
+    assert torch.equal(drop.eval()(x), x)

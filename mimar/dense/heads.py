@@ -27,6 +27,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from torchvision.models.detection.rpn import RegionProposalNetwork, RPNHead
 from torchvision.ops import MultiScaleRoIAlign
 
+from mimar.nn.layers import ChannelDropout
+
 IGNORE = 255  # label of pixels no loss or metric counts
 
 
@@ -58,7 +60,7 @@ class UPerNetHead(nn.Module):
         self.laterals = nn.ModuleList(conv_norm_act(in_dim, dim, 1) for _ in range(3))
         self.fpn_convs = nn.ModuleList(conv_norm_act(dim, dim, 3) for _ in range(3))
         self.fuse = conv_norm_act(4 * dim, dim, 3)
-        self.dropout = nn.Dropout2d(dropout)
+        self.dropout = ChannelDropout(dropout)  # Dropout2d, its draws per step and rank
         self.classifier = nn.Conv2d(dim, num_classes, 1)
 
     def forward(self, levels: list[torch.Tensor], size: tuple[int, int]) -> torch.Tensor:

@@ -14,12 +14,16 @@ from torchmetrics.detection import MeanAveragePrecision
 
 from mimar.dense.heads import IGNORE
 
+# Rank 0 scores the whole test set alone: torchmetrics must not gather from the other ranks
+# (it would by default under torchrun, and wait for them forever).
+LOCAL = {"sync_on_compute": False}
+
 
 class SegmentationScore:
     """Accumulate ``update(pred (B, H, W), target (B, H, W))``; :meth:`compute` -> percentages."""
 
     def __init__(self, num_classes: int) -> None:
-        self.matrix = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE)
+        self.matrix = MulticlassConfusionMatrix(num_classes, ignore_index=IGNORE, **LOCAL)
 
     def update(self, pred: torch.Tensor, target: torch.Tensor) -> None:
         self.matrix.update(pred.cpu().long(), target.cpu().long())
@@ -43,7 +47,7 @@ class BoxScore:
     """Accumulate ``update(detections, targets)`` (torchvision dicts); -> AP, AP50, AP75 (%)."""
 
     def __init__(self) -> None:
-        self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox")
+        self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", **LOCAL)
 
     def update(self, detections: list[dict], targets: list[dict]) -> None:
         self.metric.update(

@@ -66,6 +66,28 @@ class DropPath(nn.Module):
         return f"drop_prob={self.drop_prob}"
 
 
+class ChannelDropout(nn.Module):
+    """``nn.Dropout2d`` (zero whole channels of a sample, scale the rest by ``1 / (1 - p)``)
+    whose draws follow :func:`step_draws` like :class:`DropPath`: ``B * world_size`` rows per
+    call, this rank's slice kept, so a multi-process step equals a 1-process one."""
+
+    def __init__(self, p: float = 0.0) -> None:
+        super().__init__()
+        self.p = p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # (B, C, ...)
+        if self.p == 0.0 or not self.training:
+            return x
+        keep, (b, c) = 1.0 - self.p, x.shape[:2]
+        rank, world = _ranks
+        u = torch.rand(b * world, c)[rank * b : (rank + 1) * b]  # CPU draws
+        mask = (u.to(x.device) < keep).to(x.dtype) / keep  # (B, C)
+        return x * mask.view(b, c, *[1] * (x.ndim - 2))
+
+    def extra_repr(self) -> str:
+        return f"p={self.p}"
+
+
 def replace_drop_paths(module: nn.Module) -> nn.Module:
     """Swap timm's ``DropPath`` modules (e.g. inside timm's Swin) for :class:`DropPath`."""
     from timm.layers import DropPath as TimmDropPath
