@@ -12,7 +12,7 @@ OUT=${1:-runs/finetune-all}
 NAMES=${*:-simmim-vit simmim-swin eva aim itpn digpt}
 MIMAR=${MIMAR:-.venv/bin/mimar}
 TASKS=${TASKS:-segment detect}
-DENSE_ARGS=${DENSE_ARGS:---max-train 1000 --max-test 500 dense.epochs=3}
+DENSE_ARGS=${DENSE_ARGS:-}
 [ -f data/fmnist-scenes/annotations/instances_train.json ] || $MIMAR data scenes --out data/fmnist-scenes
 for task in $TASKS; do
   for name in $NAMES; do

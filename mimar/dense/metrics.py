@@ -9,10 +9,15 @@ in the ground truth or the predictions; ignored pixels (255) count nowhere. Box 
 from __future__ import annotations
 
 import torch
-from torchmetrics.classification import MulticlassConfusionMatrix
-from torchmetrics.detection import MeanAveragePrecision
 
 from mimar.dense.heads import IGNORE
+from mimar.errors import MimarError
+
+try:
+    from torchmetrics.classification import MulticlassConfusionMatrix
+    from torchmetrics.detection import MeanAveragePrecision
+except ImportError:  # an optional extra: say how to get it, in one line
+    raise MimarError("dense metrics need torchmetrics: pip install 'mimar[dense]'") from None
 
 # Rank 0 scores the whole test set alone: torchmetrics must not gather from the other ranks
 # (it would by default under torchrun, and wait for them forever).
