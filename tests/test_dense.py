@@ -25,6 +25,7 @@ from mimar.engine import checkpoint
 from mimar.engine.logger import MetricsLog
 from mimar.engine.loop import train_step
 from mimar.engine.optim import build_optimizer, param_groups
+from mimar.errors import ConfigError
 from mimar.loading import method_backbone
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -292,6 +293,14 @@ def test_two_process_dense_finetune_equals_one_process(run, scenes, tmp_path):
 
 def _rows(folder: Path) -> list[dict]:
     return [json.loads(x) for x in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+@pytest.mark.parametrize("path", sorted((ROOT / "configs" / "dense").glob("*.yaml")))
+def test_every_dense_recipe_loads_for_both_tasks(path):
+    for task in ("segment", "detect"):
+        assert load_dense_config(task, path, ["dense.epochs=2"]).epochs == 2
+    with pytest.raises(ConfigError, match="dense.epoch"):  # a misspelt key, with a close match
+        load_dense_config("segment", path, ["dense.epoch=2"])
 
 
 GPU_RECIPES = {

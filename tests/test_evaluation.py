@@ -524,9 +524,11 @@ def test_eval_config_normalises_and_rejects_bad_values():
 
 
 def test_protocol_table_drives_names_epochs_and_pixel_rows():
-    names = ("knn", "linear", "attentive", "lora", "finetune", "robustness")
+    names = ("knn", "linear", "attentive", "lora", "finetune", "robustness", "segment", "detect")
     assert PROTOCOLS == tuple(PROTOCOL_TABLE) == names
-    # finetune's epochs come from its recipe (finetune.epochs), robustness trains nothing
-    assert [PROTOCOL_TABLE[p].epochs(None) for p in PROTOCOLS] == [None, 30, 10, 3, None, None]
-    assert [PROTOCOL_TABLE[p].epochs(2) for p in PROTOCOLS] == [None, 2, 2, 2, None, None]
-    assert [PROTOCOL_TABLE[p].pixel_row for p in PROTOCOLS] == [True, True] + [False] * 4
+    # finetune's and the dense tasks' epochs come from their recipes (finetune.epochs,
+    # dense.epochs), robustness trains nothing
+    alone = [None] * 4
+    assert [PROTOCOL_TABLE[p].epochs(None) for p in PROTOCOLS] == [None, 30, 10, 3, *alone]
+    assert [PROTOCOL_TABLE[p].epochs(2) for p in PROTOCOLS] == [None, 2, 2, 2, *alone]
+    assert [PROTOCOL_TABLE[p].pixel_row for p in PROTOCOLS] == [True, True] + [False] * 6
