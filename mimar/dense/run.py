@@ -23,6 +23,7 @@ from mimar.config import to_dict
 from mimar.data.sources import normalization_stats
 from mimar.dense.coco import DenseSet, load_coco_dense
 from mimar.dense.config import DenseConfig, load_dense_config
+from mimar.dense.heads import unpad_targets
 from mimar.dense.loader import DenseStepLoader, normalise, padded_boxes
 from mimar.dense.metrics import BoxScore, SegmentationScore
 from mimar.dense.model import DenseModel, build_dense_model, check_neck
@@ -204,11 +205,7 @@ def score(model: DenseModel, data: DenseSet, dense: DenseConfig, mean, std, devi
         if model.task == "segment":
             metric.update(pred, data.semantic[rows])
         else:
-            boxes, labels = padded_boxes(data, rows)
-            targets = [
-                {"boxes": b[lab > 0], "labels": lab[lab > 0]} for b, lab in zip(boxes, labels)
-            ]
-            metric.update(pred, targets)
+            metric.update(pred, unpad_targets(*padded_boxes(data, rows)))
     model.train(was_training)
     return metric.compute()
 
