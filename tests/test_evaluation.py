@@ -23,6 +23,7 @@ from mimar.evaluation import (
     results_table,
     write_json,
 )
+from mimar.evaluation.knn import _Groups
 from mimar.evaluation.linear import _train_heads
 from mimar.evaluation.protocols import PROTOCOL_TABLE
 from mimar.evaluation.train import fit
@@ -162,7 +163,7 @@ def two_threads():
     torch.set_num_threads(threads)
 
 
-def test_extract_on_worker_threads_equals_one_thread_in_order(two_threads):
+def test_extract_on_worker_threads_equals_one_thread_in_order(two_threads, monkeypatch):
     """Two intra-op threads -> two worker threads of one each, pieces of CPU_CHUNK images: the
     same features (bitwise: the same one-thread kernels) and labels, in order, as one thread;
     the thread count is restored, also when a forward fails."""
@@ -173,7 +174,8 @@ def test_extract_on_worker_threads_equals_one_thread_in_order(two_threads):
     vit = ViT(ViTConfig(img_size=8, patch_size=2, in_chans=1, embed_dim=16, depth=2, num_heads=2))
     images, labels = torch.randn(150, 1, 8, 8), torch.arange(150)
     batches = [(images[:100], labels[:100]), (images[100:], labels[100:])]  # pieces 64, 36, 50
-    assert features.CPU_CHUNK == 64 and features.CPU_WORKERS
+    monkeypatch.setattr(features, "CPU_CHUNK", 64)
+    assert features.CPU_WORKERS
     got, got_labels = extract_features(vit, batches, autocast_dtype=torch.bfloat16)
     assert torch.get_num_threads() == 2
     torch.set_num_threads(1)
@@ -261,6 +263,22 @@ def test_knn_k_larger_than_train_and_chunking_agree():
     assert preds.tolist() == [0, 0]  # 3 As vs 1 B for both queries
 
 
+@pytest.mark.parametrize(("n_train", "k"), [(5000, 20), (4097, 1), (2561, 7)])
+def test_knn_group_topk_finds_the_plain_topk(n_train, k):
+    """The group-maxima search returns the k largest similarities and rows holding them,
+    with a partial last group (padding at -inf) and with duplicated train rows (ties)."""
+    gen = torch.Generator().manual_seed(n_train)
+    train = F.normalize(torch.randn(n_train, 16, generator=gen), dim=1)
+    train[1::3] = train[::3][: len(train[1::3])]  # many exact ties
+    test = F.normalize(torch.randn(300, 16, generator=gen), dim=1)
+    groups = _Groups(train, k)
+    assert groups.pad is not None  # the grouped path runs
+    values, rows = groups.topk(test)
+    sim = test @ train.T
+    assert torch.equal(values, sim.topk(k, dim=1).values)
+    assert (rows < n_train).all() and torch.equal(sim.gather(1, rows), values)
+
+
 def test_knn_separable_clusters_is_perfect():
     gen = torch.Generator().manual_seed(0)
     centers = 10 * torch.randn(5, 32, generator=gen)
@@ -327,26 +345,51 @@ def test_linear_heads_get_their_own_learning_rate():
 
 
 def test_linear_probe_adamw_by_hand_is_torch_adamw_per_head():
-    """Each head of the hand-written update follows torch.optim.AdamW with that head's lr
-    (decoupled decay, bias corrections), step for step, on the same gradients."""
+    """Each head (dim 1) of the hand-written update follows torch.optim.AdamW with that head's
+    lr, and each row (dim 0) its own decay (decoupled, bias corrections), step for step."""
     from mimar.evaluation.linear import _AdamW
 
     gen = torch.Generator().manual_seed(0)
     lrs, wd = (1e-2, 3e-1), 0.05
-    start = torch.randn(2, 5, 3, generator=gen)
-    grads = [torch.randn(2, 5, 3, generator=gen) for _ in range(6)]
-    ours = _AdamW(start.clone(), wd)
-    heads = [start[r].clone().requires_grad_(True) for r in range(2)]
-    torch_opts = [torch.optim.AdamW([h], lr=lr, weight_decay=wd) for h, lr in zip(heads, lrs)]
+    start = torch.randn(5, 2, 3, generator=gen)  # (D + 1, R, C): the last row is the bias
+    grads = [torch.randn(5, 2, 3, generator=gen) for _ in range(6)]
+    decay = torch.tensor([wd] * 4 + [0.0]).view(5, 1, 1)
+    ours = _AdamW(start.clone(), decay)
+    heads = [start[:, r].clone().requires_grad_(True) for r in range(2)]
+    torch_opts = []
+    for head, lr in zip(heads, lrs):
+        groups = [{"params": [head], "weight_decay": wd}]
+        torch_opts.append(torch.optim.AdamW(groups, lr=lr))
     for step, grad in enumerate(grads, start=1):
         scale = 0.5 ** (step - 1)  # a changing schedule factor, as the cosine
-        ours.update(grad, torch.tensor(lrs) * scale, step)
+        ours.update(grad, torch.tensor(lrs).view(1, 2, 1) * scale, step)
         for r, (head, opt) in enumerate(zip(heads, torch_opts)):
             opt.param_groups[0]["lr"] = lrs[r] * scale
-            head.grad = grad[r].clone()
+            before = head.detach()[4].clone()
+            head.grad = grad[:, r].clone()
             opt.step()
+            with torch.no_grad():  # the bias row: the same step without decay
+                head[4] = before - (before - head[4]) + lrs[r] * scale * wd * before
     for r, head in enumerate(heads):
-        torch.testing.assert_close(ours.param[r], head.detach(), rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(ours.param[:, r], head.detach(), rtol=1e-6, atol=1e-7)
+
+
+def test_linear_probe_step_follows_the_autograd_gradient_of_the_summed_cross_entropies():
+    """One step from zero: AdamW moves every weight by lr * g / (|g| + eps), with g the
+    autograd gradient of sum over heads of each head's mean cross-entropy."""
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(40, 6, generator=gen), torch.randint(0, 4, (40,), generator=gen)
+    lrs = (1e-3, 1e-2)
+    weight, bias = _train_heads(x, y, 4, lrs, 1, 0.0, 64, torch.Generator().manual_seed(1))
+    w = torch.zeros(6, 4, requires_grad=True)
+    b = torch.zeros(4, requires_grad=True)
+    F.cross_entropy(x @ w + b, y).backward()  # each head sees the same loss from zero
+    for r, lr in enumerate(lrs):
+        for ours, grad in ((weight[r], w.grad), (bias[r], b.grad)):
+            clear = grad.abs() > 1e-4  # near-zero gradients: the ratio is rounding noise
+            assert clear.sum() >= 0.75 * grad.numel()
+            expected = -lr * grad / (grad.abs() + 1e-8)
+            torch.testing.assert_close(ours[clear], expected[clear])
 
 
 def test_linear_probe_rejects_bad_arguments():

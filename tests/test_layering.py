@@ -39,6 +39,17 @@ def test_loading_a_vit_run_does_not_import_itpn(tmp_path):
     assert "mimar.methods.itpn" not in loaded and "mimar.methods.eva" not in loaded
 
 
+def test_building_a_vit_imports_neither_timm_nor_torchvision():
+    """They cost ~2.5 s of every command's start-up on 2 cores (mimar.nn.init.trunc_normal_)."""
+    code = f"import mimar; mimar.build_backbone(mimar.load_config({DEMO!r}, []).backbone)"
+    script = f"{code}\nimport sys\nprint(' '.join(sorted(sys.modules)))"
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, check=True
+    )
+    loaded = set(out.stdout.split())
+    assert "timm" not in loaded and "torchvision" not in loaded
+
+
 @pytest.mark.parametrize("kind", ["method", "backbone"])
 def test_every_table_entry_resolves(kind):
     for name, entry in names.TABLES[kind].items():

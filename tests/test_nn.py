@@ -18,6 +18,7 @@ from mimar.nn import (
     init_linears,
     set_attention_kernel,
     step_draws,
+    trunc_normal_,
 )
 from mimar.nn.attention import kernel_for
 
@@ -90,6 +91,26 @@ def test_init_linears_trunc_normal_cutoff_xavier_bound_and_layer_norms():
     assert model[1].weight.eq(1.0).all()
     with pytest.raises(ValueError, match="xavier"):
         init_linears(model, "kaiming")
+
+
+@pytest.mark.parametrize(
+    ("shape", "mean", "std", "a", "b"),
+    [
+        ((128, 384), 0.0, 0.02, -2.0, 2.0),
+        ((1, 1, 128), 0.0, 0.02, -0.02, 0.02),
+        ((7,), 0.5, 1.0, 0.0, 1.0),
+    ],
+)
+def test_trunc_normal_draws_what_timms_draws(shape, mean, std, a, b):
+    from timm.layers import trunc_normal_ as timm_trunc_normal_
+
+    ours, theirs = torch.empty(shape), torch.empty(shape)
+    torch.manual_seed(3)
+    trunc_normal_(ours, mean=mean, std=std, a=a, b=b)
+    torch.manual_seed(3)
+    timm_trunc_normal_(theirs, mean=mean, std=std, a=a, b=b)
+    assert torch.equal(ours, theirs)
+    assert ours.min() >= a and ours.max() <= b and ours.std() > 0
 
 
 @pytest.mark.parametrize("mask_kind", ["none", "bool", "float"])

@@ -40,11 +40,17 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.backbones.base import patch_ids
-from mimar.nn import Block, GradCheckpointing, MLPBlock, init_linears, sincos_pos_embed_2d
+from mimar.nn import (
+    Block,
+    GradCheckpointing,
+    MLPBlock,
+    init_linears,
+    sincos_pos_embed_2d,
+    trunc_normal_,
+)
 
 INNER = 4  # sub-tokens per main-patch side at the stem (the official ``inner_patches``)
 # PatchMerge gathers the 2x2 children of a cell as (row, col) offsets in this order (Swin's):

@@ -26,10 +26,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from timm.layers import trunc_normal_
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+from mimar.nn.init import trunc_normal_
 from mimar.nn.layers import replace_drop_paths
 
 _EMBED = ("mask_token", "model.patch_embed.", "model.absolute_pos_embed")

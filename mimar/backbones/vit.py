@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.backbones.base import patch_ids
@@ -34,6 +33,7 @@ from mimar.nn import (
     default_bias_,
     init_linears,
     sincos_pos_embed_2d,
+    trunc_normal_,
     xavier_uniform_split_,
 )
 

@@ -43,14 +43,53 @@ def knn_predict(
     test = F.normalize(test_feats.float().to(train.device), dim=1)  # (M, D)
 
     preds = []
+    groups = _Groups(train, k)
     for chunk in test.split(chunk_size):
-        sim = chunk @ train.T  # (b, N) cosine similarities
-        top_sim, top_idx = sim.topk(k, dim=1)  # (b, k)
+        top_sim, top_idx = groups.topk(chunk)  # (b, k) the most similar train rows
         weights = (top_sim / temperature).exp()  # (b, k)
         votes = torch.zeros(len(chunk), num_classes, device=train.device)
         votes.scatter_add_(1, train_labels[top_idx], weights)  # (b, num_classes)
         preds.append(votes.argmax(dim=1))
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+
+
+class _Groups:
+    """``(chunk @ train.T).topk(k)`` through the maxima of groups of G train rows.
+
+    The k largest similarities of a row lie in the k groups with the largest maxima (each of
+    them is the maximum of its group or below it, and at most k groups can hold one), so
+    ``topk`` reads the (b, N / G) group maxima and then k * G candidates instead of all N
+    similarities: the same values (ties aside, which neighbour of a tie is taken).
+    `python -m benchmarks.eval_speed --probes` (60k x 128 train, 10k test, 2 cores, fp32):
+    2.89 -> 2.30 s for the whole kNN. (bf16 similarities would be 6x faster to multiply, but
+    the demo's neighbours lie closer than bf16 resolves: the 20th and the 320th most similar
+    train images of a test image differ by 0.0017 in median.)
+    The train matrix is padded to whole groups; the padding's similarity is -inf.
+    """
+
+    G = 64
+
+    def __init__(self, train: torch.Tensor, k: int) -> None:
+        self.k, self.n = k, len(train)
+        self.groups = -(-self.n // self.G)
+        if self.groups <= 2 * k:  # few rows: a plain topk
+            self.train, self.pad = train, None
+            return
+        extra = self.groups * self.G - self.n
+        self.train = torch.cat([train, train.new_zeros(extra, train.shape[1])])  # (n_G * G, D)
+        self.pad = train.new_zeros(self.groups * self.G)
+        self.pad[self.n :] = float("-inf")
+
+    def topk(self, chunk: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.pad is None:
+            return (chunk @ self.train.T).topk(self.k, dim=1)
+        b, G = len(chunk), self.G
+        sim = torch.addmm(self.pad, chunk, self.train.T).view(b, self.groups, G)
+        group = sim.amax(dim=2).topk(self.k, dim=1).indices  # (b, k) groups that hold the top k
+        candidates = sim.gather(1, group[:, :, None].expand(-1, -1, G)).flatten(1)  # (b, k*G)
+        top_sim, where = candidates.topk(self.k, dim=1)  # (b, k)
+        rows = group[:, :, None] * G + torch.arange(G, device=chunk.device)  # (b, k, G)
+        return top_sim, rows.flatten(1).gather(1, where)
 
 
 def knn_classify(

@@ -126,7 +126,7 @@ class EvalSetup:
 
 
 # Bump when extraction changes its numbers (cached features of older code are then unused).
-FEATURES_VERSION = 2  # 2: pieces of 64, fused bias/GELU linears (mimar.nn.fused)
+FEATURES_VERSION = 2  # 2: fused bias/GELU linears (mimar.nn.fused); pieces of 64 and 128 agree
 
 Probe = Callable[[torch.Tensor, torch.Tensor, EvalSetup, "EvalConfig", "int | None"], dict]
 Run = Callable[[Models, EvalSetup, "EvalConfig", "int | None"], dict]

@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from typing import Literal
 
 import torch
-from timm.layers import trunc_normal_
 from torch import nn
 
 from mimar.losses import neg_cosine
 from mimar.masking import BlockMasking
+from mimar.nn import trunc_normal_
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -1,4 +1,4 @@
-"""Generic layers shared by backbones and heads (imports only torch and timm.layers)."""
+"""Generic layers shared by backbones and heads (imports only torch; timm.layers lazily)."""
 
 from mimar.nn.attention import (
     Attention,
@@ -8,7 +8,7 @@ from mimar.nn.attention import (
     set_attention_kernel,
 )
 from mimar.nn.block import Block
-from mimar.nn.init import default_bias_, init_linears, xavier_uniform_split_
+from mimar.nn.init import default_bias_, init_linears, trunc_normal_, xavier_uniform_split_
 from mimar.nn.layers import DropPath, GradCheckpointing, LayerScale, step_draws
 from mimar.nn.mlp import Mlp, MLPBlock
 from mimar.nn.pos_embed import (
@@ -37,5 +37,6 @@ __all__ = [
     "sincos_pos_embed_1d",
     "sincos_pos_embed_2d",
     "step_draws",
+    "trunc_normal_",
     "xavier_uniform_split_",
 ]
