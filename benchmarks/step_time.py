@@ -280,8 +280,16 @@ class MatmulPeak:
 
 def local_teacher(path: str, overrides: list[str], workdir: Path) -> tuple[list[str], str]:
     """For a recipe whose teacher is an unset mimar run: overrides that give it a randomly
-    initialised copy of the student backbone (exported into ``workdir``), and a note."""
+    initialised copy of the student backbone (exported into ``workdir``), and a note. An
+    open_clip teacher whose checkpoint is missing gets its model's random initialisation,
+    saved into ``workdir`` (the paper recipes' cost without their downloads)."""
     cfg = mimar.load_config(path, overrides)
+    if cfg.teacher.kind == "open_clip" and not Path(cfg.teacher.checkpoint or "").is_file():
+        import open_clip
+
+        file = workdir / f"{cfg.method.name}_open_clip_teacher.pt"
+        torch.save(open_clip.create_model(cfg.teacher.model).state_dict(), file)
+        return [f"teacher.checkpoint={file}"], f"teacher: random-init open_clip {cfg.teacher.model}"
     if cfg.teacher.kind != "mimar" or cfg.teacher.path:
         return [], ""
     torch.manual_seed(cfg.train.seed)
@@ -290,23 +298,25 @@ def local_teacher(path: str, overrides: list[str], workdir: Path) -> tuple[list[
     return [f"teacher.path={file}"], "teacher: random-init copy of the student backbone"
 
 
-def mimar_steppers(cfg, images: torch.Tensor, labels: torch.Tensor) -> dict[str, Stepper]:
-    """The method's pretext step and its bare backbone's classification step."""
+def mimar_steppers(
+    cfg, images: torch.Tensor, labels: torch.Tensor, classify: bool = True
+) -> dict[str, Stepper]:
+    """The method's pretext step and (``classify``) its bare backbone's classification step."""
     b, device, kernel = images.shape[0], images.device, cfg.train.attention_kernel
     torch.manual_seed(cfg.train.seed)
     method = mimar.build_method(cfg).to(device)
-    torch.manual_seed(cfg.train.seed)
-    classifier = Classifier(mimar.build_backbone(cfg.backbone)).to(device)
 
     def corrupted() -> dict:
         drawn = method.sample_corruption(b)  # as the engine, before autocast
         return {"images": images, **{k: v.to(device) for k, v in drawn.items()}}
 
-    labelled = lambda: {"images": images, "labels": labels}
-    return {
-        cfg.method.name: Stepper(method, corrupted, cfg, kernel),
-        "classify": Stepper(classifier, labelled, without_decay_rules(cfg), kernel),
-    }
+    steppers = {cfg.method.name: Stepper(method, corrupted, cfg, kernel)}
+    if classify:
+        torch.manual_seed(cfg.train.seed)
+        classifier = Classifier(mimar.build_backbone(cfg.backbone)).to(device)
+        labelled = lambda: {"images": images, "labels": labels}
+        steppers["classify"] = Stepper(classifier, labelled, without_decay_rules(cfg), kernel)
+    return steppers
 
 
 def without_decay_rules(cfg):
@@ -386,7 +396,7 @@ def run_recipe(path: str, args, workdir: Path) -> dict:
         torch.manual_seed(cfg.train.seed)
         images = torch.randn(b, c, s, s, device=args.device)
         labels = torch.randint(0, 10, (b,), device=args.device)
-        ours = mimar_steppers(cfg, images, labels)
+        ours = mimar_steppers(cfg, images, labels, classify=not args.no_classify)
         notes[cfg.method.name] = teacher_note
         if args.peers:
             theirs, peer_notes = peer_steppers(cfg, ours[cfg.method.name].model, images)
@@ -405,6 +415,7 @@ def run_recipe(path: str, args, workdir: Path) -> dict:
 def table_rows(seconds: dict, counts: dict, peaks: dict, batch: int, pretext: str, notes: dict):
     """One record per (model, precision): times, rates, memory and ratios."""
     ms = {key: 1000 * statistics.median(s) for key, s in seconds.items()}
+    classify = any(model == "classify" for model, _ in ms)
     rows = []
     for (model, precision), t in ms.items():
         flops, peak = counts[model, precision]["flops"], peaks[precision]["gflops"]
@@ -421,7 +432,7 @@ def table_rows(seconds: dict, counts: dict, peaks: dict, batch: int, pretext: st
                 "gflop_per_s": gflop_s,
                 "peak_fraction": gflop_s / peak if peak else None,
                 "bf16_speedup": ms[model, "fp32"] / t if precision == "bf16" else None,
-                "vs_classify": t / ms["classify", precision],  # time ratio
+                "vs_classify": t / ms["classify", precision] if classify else None,  # time
                 "mimar_over_hf": t / ms[pretext, precision] if peer else None,  # speed ratio
                 "peak_memory_mib": counts[model, precision]["peak_bytes"] / 2**20,
                 "note": notes.get(model, ""),
@@ -499,6 +510,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--peers", action="store_true", help="Hugging Face models alongside")
     parser.add_argument("--json", default="runs/speed/step_time.json")
+    parser.add_argument(
+        "--no-classify", action="store_true", help="no classification step (halves the memory)"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as workdir:

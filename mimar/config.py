@@ -83,6 +83,30 @@ class TrainConfig:
     device: str = "auto"  # auto -> cuda when available (the local rank's GPU), else cpu
     threads: int = 0  # torch CPU threads; 0 leaves PyTorch's default
     progress: bool = True  # rich progress bar (rank 0, interactive terminals)
+    # Where metrics go besides metrics.jsonl (always written: resume and mimar bench read it):
+    # tensorboard (RUN/tensorboard/), wandb (offline unless wandb is configured); extras.
+    loggers: tuple[str, ...] = ("jsonl",)
+    picture_every: int = 0  # also draw (and log) the run's picture every this many steps
+
+    def __post_init__(self) -> None:
+        check_loggers(self.loggers, "train")
+        if self.picture_every < 0:
+            raise ConfigError(f"train.picture_every must be >= 0, got {self.picture_every}")
+
+
+LOGGERS = ("jsonl", "tensorboard", "wandb")
+
+
+def check_loggers(loggers: tuple[str, ...], section: str) -> None:
+    """``loggers`` names known sinks and keeps jsonl (the run's own record)."""
+    unknown = [name for name in loggers if name not in LOGGERS]
+    if unknown:
+        raise ConfigError(f"{section}.loggers: unknown {unknown}; choose from {list(LOGGERS)}")
+    if "jsonl" not in loggers:
+        raise ConfigError(
+            f"{section}.loggers must include jsonl (metrics.jsonl is the run's record that "
+            f"resume and mimar bench read), e.g. [jsonl, {', '.join(loggers) or 'tensorboard'}]"
+        )
 
 
 @dataclass(frozen=True, kw_only=True)

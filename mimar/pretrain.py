@@ -38,6 +38,13 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
             run_dir=run_dir,
             config=to_dict(cfg),
             resume=resume,
+            picture=lambda model, step: _draw(
+                method,
+                loader,
+                Path(run_dir),
+                session.device,
+                f"{runs.PICTURES}/step_{step:07d}.png",
+            ),
         )
         if result.stopped_by is None:
             if session.rank == 0:
@@ -46,16 +53,22 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
         return result
 
 
-def _draw(method, loader, run_dir: Path, device: torch.device) -> None:
+def _draw(
+    method, loader, run_dir: Path, device: torch.device, name: str = runs.PICTURE
+) -> Path | None:
+    """The run's picture of the first batch's first 8 images as ``run_dir / name`` (None when
+    the method draws none)."""
     from mimar import viz  # only here: drawing needs matplotlib and every method's picture
 
     if viz.has_picture(method):
         images = loader.images
-        viz.save_reconstruction(
+        (run_dir / name).parent.mkdir(parents=True, exist_ok=True)
+        return viz.save_reconstruction(
             method,
             loader.batch(0)[:8].to(device),
-            run_dir / runs.PICTURE,
+            run_dir / name,
             mean=images.mean,
             std=images.std,
             generator=loader.generator_for(0),
         )
+    return None

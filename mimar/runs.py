@@ -3,6 +3,8 @@
 RUN_DIR/config.yaml  metrics.jsonl  reconstruction.png
         checkpoints/last.pt  checkpoints/step_0000500.pt ...
         eval/<protocol>.json
+        pictures/step_0000100.png ...   (train.picture_every)
+        tensorboard/events.out.tfevents.*  wandb/   (train.loggers)
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from pathlib import Path
 CONFIG = "config.yaml"
 METRICS = "metrics.jsonl"
 PICTURE = "reconstruction.png"
+PICTURES = "pictures"  # step_XXXXXXX.png, every train.picture_every steps
+TENSORBOARD = "tensorboard"  # event files (train.loggers: tensorboard)
 CHECKPOINTS = "checkpoints"
 EVAL = "eval"
 

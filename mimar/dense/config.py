@@ -13,7 +13,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from mimar.config import OptimConfig, TrainConfig, apply_overrides, build_section, read_recipe
+from mimar.config import (
+    OptimConfig,
+    TrainConfig,
+    apply_overrides,
+    build_section,
+    check_loggers,
+    read_recipe,
+)
 from mimar.errors import ConfigError
 from mimar.finetune.config import engine_sections
 
@@ -63,8 +70,10 @@ class DenseConfig:
     progress: bool = True
     threads: int = 0
     device: str = "auto"
+    loggers: tuple[str, ...] = ("jsonl",)  # as train.loggers
 
     def __post_init__(self) -> None:
+        check_loggers(self.loggers, "dense")
         positive = ("epochs", "batch_size", "accum_steps", "log_every", "base_batch_size")
         positive += ("neck_dim", "decoder_dim", "box_head_dim", "box_batch_size_per_image")
         positive += ("rpn_post_nms_top_n_train", "rpn_post_nms_top_n_test")

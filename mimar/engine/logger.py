@@ -1,9 +1,13 @@
-"""Run logging: metrics.jsonl (always, rank 0), a rich progress bar or plain lines."""
+"""Run logging: metrics.jsonl (always, rank 0), TensorBoard / W&B when ``train.loggers``
+names them, a rich progress bar or plain lines."""
 
 from __future__ import annotations
 
+import hashlib
+import importlib.util
 import json
 import logging
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +21,9 @@ from rich.progress import (
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+
+from mimar import runs
+from mimar.errors import ConfigError
 
 log = logging.getLogger("mimar")
 
@@ -45,6 +52,119 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+class RunLog:
+    """metrics.jsonl plus the sinks that ``loggers`` names: every row goes to all of them.
+
+    Rows are logged as ``train/<key>`` (the step rows: loss, lr, grad norm, images/s, ...) or
+    ``eval/<key>`` (rows of scores written by evaluations), against their ``step``; pictures
+    (PNG files) go to the sinks that show images. Each sink's package is imported only when
+    named, with a one-line error when it is not installed.
+    """
+
+    def __init__(
+        self, run_dir: Path, loggers, config: dict, resume_step: int | None = None
+    ) -> None:
+        self.metrics = MetricsLog(run_dir / runs.METRICS, resume_step)
+        self.sinks = [
+            _SINKS[name](run_dir, config, resume_step or 0) for name in loggers if name != "jsonl"
+        ]
+
+    def write(self, row: dict) -> None:
+        self.metrics.write(row)
+        prefix = "train" if "loss" in row else "eval"
+        scalars = {
+            f"{prefix}/{key}": float(value)
+            for key, value in row.items()
+            if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
+        }
+        for sink in self.sinks:
+            sink.scalars(scalars, row["step"])
+
+    def picture(self, path: Path, step: int) -> None:
+        for sink in self.sinks:
+            sink.picture(path, step)
+
+    def close(self) -> None:
+        self.metrics.close()
+        for sink in self.sinks:
+            sink.close()
+
+
+def _require(package: str, logger: str) -> None:
+    if importlib.util.find_spec(package) is None:
+        raise ConfigError(
+            f"train.loggers names {logger} but {package} is not installed: "
+            f"pip install 'mimar[{logger}]'"
+        )
+
+
+def _png(path: Path):
+    """A PNG as an (H, W, 3) uint8 array."""
+    import numpy as np
+    from PIL import Image
+
+    with Image.open(path) as image:
+        return np.asarray(image.convert("RGB"))
+
+
+class TensorBoardSink:
+    """Scalars and pictures as TensorBoard events in RUN/tensorboard/. On resume, events past
+    the checkpoint's step (from the run that died) are purged."""
+
+    def __init__(self, run_dir: Path, config: dict, start: int) -> None:
+        _require("tensorboard", "tensorboard")
+        from torch.utils.tensorboard import SummaryWriter
+
+        self.writer = SummaryWriter(str(run_dir / runs.TENSORBOARD), purge_step=start or None)
+
+    def scalars(self, scalars: dict, step: int) -> None:
+        for tag, value in scalars.items():
+            self.writer.add_scalar(tag, value, step)
+        self.writer.flush()
+
+    def picture(self, path: Path, step: int) -> None:
+        self.writer.add_image("picture", _png(path), step, dataformats="HWC")
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
+
+
+class WandbSink:
+    """Scalars and pictures to Weights & Biases: offline (files in RUN/wandb/, ``wandb sync``
+    uploads them) unless the user configured W&B (``WANDB_MODE`` or ``WANDB_API_KEY`` set).
+    The W&B run id follows the run folder, so a resumed run continues the same W&B run."""
+
+    def __init__(self, run_dir: Path, config: dict, start: int) -> None:
+        _require("wandb", "wandb")
+        import wandb
+
+        configured = "WANDB_MODE" in os.environ or "WANDB_API_KEY" in os.environ
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.wandb = wandb
+        self.run = wandb.init(
+            project=os.environ.get("WANDB_PROJECT", "mimar"),
+            name=run_dir.name,
+            id=run_id,
+            resume="allow",
+            dir=str(run_dir),
+            config=config,
+            mode=None if configured else "offline",
+        )
+
+    def scalars(self, scalars: dict, step: int) -> None:
+        self.run.log(scalars, step=step)
+
+    def picture(self, path: Path, step: int) -> None:
+        self.run.log({"picture": self.wandb.Image(str(path))}, step=step)
+
+    def close(self) -> None:
+        self.run.finish()
+
+
+_SINKS = {"tensorboard": TensorBoardSink, "wandb": WandbSink}
 
 
 class ProgressBar:

@@ -34,7 +34,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mimar import runs
 from mimar.engine import checkpoint, dist
-from mimar.engine.logger import MetricsLog, ProgressBar, describe_run
+from mimar.engine.logger import ProgressBar, RunLog, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
 from mimar.errors import ConfigError
 from mimar.nn.attention import set_attention_kernel
@@ -99,13 +99,16 @@ def fit(
     resume: bool = False,
     evaluate: Callable[[nn.Module, int], dict] | None = None,
     evaluate_every: int = 0,
+    picture: Callable[[nn.Module, int], Path | None] | None = None,
     name: str = "pretrain",
 ) -> RunResult:
     """Train ``model`` for ``train.steps`` optimizer steps with AdamW (``optim``: lr or base_lr
     scaled by the global batch, weight decay rules, layer decay, clipping) and the warm-up +
     cosine schedule; write ``config`` (a plain dict) as ``config.yaml``, metrics and
     checkpoints into ``run_dir``. ``evaluate(model, step)`` (rank 0) returns scalars logged
-    every ``evaluate_every`` steps and after the last one."""
+    every ``evaluate_every`` steps and after the last one. ``picture(model, step)`` (rank 0)
+    draws a PNG and returns its path (or None); it runs every ``train.picture_every`` steps
+    and the picture goes to the loggers (``train.loggers``)."""
     run_dir, t, device, rank = Path(run_dir), train, session.device, session.rank
     state = checkpoint.load(runs.last_checkpoint(run_dir)) if resume else None
     if resume and rank == 0:
@@ -132,7 +135,7 @@ def fit(
         describe_run(model, optimizer, loader, peak_lr, session.world)
 
     stop = _StopFlag()
-    metrics = MetricsLog(run_dir / runs.METRICS, start if resume else 0) if rank == 0 else None
+    metrics = RunLog(run_dir, t.loggers, config, start if resume else 0) if rank == 0 else None
     bar = ProgressBar(t.steps, start, t.progress and rank == 0, name)
     warmup = warmup_steps(optim, t.steps)
     step, save = start, _saver(config, model, optimizer, run_dir, rank)
@@ -150,9 +153,10 @@ def fit(
             window.append(out)
             every = evaluate_every and step % evaluate_every == 0
             periodic = t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps
-            # The host reads the device only here: every log_every steps, before an evaluation
-            # or a checkpoint, and at the end (GPUs run ahead in between).
-            if not (step % t.log_every == 0 or step == t.steps or every or periodic):
+            draw = picture is not None and t.picture_every and step % t.picture_every == 0
+            # The host reads the device only here: every log_every steps, before an evaluation,
+            # a picture or a checkpoint, and at the end (GPUs run ahead in between).
+            if not (step % t.log_every == 0 or step == t.steps or every or periodic or draw):
                 continue
             values = _read(window, step)  # raises NonFiniteLoss before anything is saved
             seconds = time.perf_counter() - tic  # the window's steps (not evals or saves)
@@ -171,6 +175,10 @@ def fit(
                 scores = evaluate(model, step) if rank == 0 else {}
                 if metrics is not None:
                     metrics.write({"step": step, "epoch": row["epoch"], **scores})
+                dist.barrier()
+            if draw:
+                if rank == 0 and (path := picture(model, step)) is not None:
+                    metrics.picture(path, step)
                 dist.barrier()
             if periodic:
                 save(step, periodic=True)

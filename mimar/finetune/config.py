@@ -18,6 +18,7 @@ from mimar.config import (
     TrainConfig,
     apply_overrides,
     build_section,
+    check_loggers,
     read_recipe,
     to_dict,
 )
@@ -70,8 +71,10 @@ class FinetuneConfig:
     progress: bool = True
     threads: int = 0
     device: str = "auto"
+    loggers: tuple[str, ...] = ("jsonl",)  # as train.loggers
 
     def __post_init__(self) -> None:
+        check_loggers(self.loggers, "finetune")
         for key in ("epochs", "batch_size", "accum_steps", "log_every", "base_batch_size"):
             if getattr(self, key) < 1:
                 raise ValueError(f"finetune.{key} must be >= 1, got {getattr(self, key)}")
@@ -123,6 +126,7 @@ def engine_sections(cfg, steps_per_epoch: int, peak_lr: float) -> tuple[TrainCon
         device=cfg.device,
         threads=cfg.threads,
         progress=cfg.progress,
+        loggers=cfg.loggers,
     )
     optim = OptimConfig(
         lr=peak_lr,
