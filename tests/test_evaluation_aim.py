@@ -20,7 +20,6 @@ from mimar.evaluation import (
     AttentiveClassifier,
     AttentivePooler,
     EvalConfig,
-    LoRALinear,
     add_lora,
     attentive_params,
     attentive_probe,
@@ -30,7 +29,9 @@ from mimar.evaluation import (
     extract_layer_features,
     knn_classify,
     lora_finetune,
+    lora_targets,
     merge_lora,
+    save_adapter,
 )
 from mimar.evaluation.runner import build_setup
 from mimar.loading import load_backbone, load_run
@@ -136,37 +137,55 @@ def test_attentive_probe_learns_a_separable_token_task():
 # ------------------------------------------------------------------------------------------ LoRA
 
 
-def test_lora_linear_starts_at_base_and_merges_exactly():
-    torch.manual_seed(0)
-    base = nn.Linear(D, 3 * D)
-    lora = LoRALinear(copy.deepcopy(base), rank=4, alpha=8.0)
-    x = torch.randn(5, D)
-    with torch.no_grad():
-        torch.testing.assert_close(lora(x), base(x))  # B = 0
-        lora.lora_b.normal_()
-        merged = lora.merge()
-        assert type(merged) is nn.Linear
-        torch.testing.assert_close(merged.weight, base.weight + 2.0 * lora.lora_b @ lora.lora_a)
-        torch.testing.assert_close(merged(x), lora(x), atol=1e-5, rtol=1e-5)
-        assert not torch.allclose(lora(x), base(x))
+def _adapter_pairs(model: nn.Module):
+    """peft's (A, B) weight pairs of every adapted linear, with its scaling."""
+    for module in model.modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            yield module.lora_A["default"].weight, module.lora_B["default"].weight, module
 
 
 def test_add_lora_starts_identical_and_merges_back_to_the_same_outputs():
     base, adapted = _vit(), _vit()
-    names = add_lora(adapted, rank=4, alpha=8.0)
-    assert names == [f"blocks.{i}.attn.{n}" for i in range(2) for n in ("qkv", "proj")]
+    peft_model = add_lora(adapted, rank=4, alpha=8.0)
+    names = [f"blocks.{i}.attn.{n}" for i in range(2) for n in ("qkv", "proj")]
+    assert lora_targets(base, ("attn.qkv", "attn.proj")) == names
     x = _images()
     with torch.no_grad():
-        torch.testing.assert_close(adapted(x)["tokens"], base(x)["tokens"])
-        for module in adapted.modules():
-            if isinstance(module, LoRALinear):
-                module.lora_b.normal_(std=0.1)
+        torch.testing.assert_close(adapted(x)["tokens"], base(x)["tokens"])  # B = 0
+        pairs = list(_adapter_pairs(adapted))
+        assert len(pairs) == 4
+        for a, b, module in pairs:
+            assert a.shape[0] == 4 and b.shape[1] == 4 and module.scaling["default"] == 2.0
+            b.normal_(std=0.1)
         lora_out = adapted(x)["tokens"]
-        merged = merge_lora(copy.deepcopy(adapted))
+        qkv = adapted.blocks[0].attn.qkv  # W + (alpha / r) B A, by hand, for one layer
+        a, b = qkv.lora_A["default"].weight, qkv.lora_B["default"].weight
+        want = base.blocks[0].attn.qkv.weight + 2.0 * b @ a
+        merged = merge_lora(copy.deepcopy(peft_model))
+        torch.testing.assert_close(merged.blocks[0].attn.qkv.weight, want)
         torch.testing.assert_close(merged(x)["tokens"], lora_out, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(lora_out, base(x)["tokens"])
-    assert not any(isinstance(m, LoRALinear) for m in merged.modules())
+    assert all(type(merged.get_submodule(n)) is nn.Linear for n in names)
     assert merged.state_dict().keys() == base.state_dict().keys()  # timm names again
+
+
+def test_lora_adapter_saves_in_peft_format_and_loads_back(tmp_path):
+    from peft import PeftModel
+
+    adapted = _vit()
+    peft_model = add_lora(adapted, rank=4, alpha=8.0)
+    with torch.no_grad():
+        for _, b, _ in _adapter_pairs(adapted):
+            b.normal_(std=0.1)
+    x = _images()
+    want = adapted(x)["tokens"]
+    folder = save_adapter(peft_model, tmp_path / "adapter")
+    assert {p.name for p in folder.iterdir()} >= {
+        "adapter_config.json",
+        "adapter_model.safetensors",
+    }
+    loaded = PeftModel.from_pretrained(_vit(), str(folder))
+    torch.testing.assert_close(loaded(x)["tokens"], want)
 
 
 def test_lora_only_adapters_and_head_get_gradients():
@@ -176,7 +195,7 @@ def test_lora_only_adapters_and_head_get_gradients():
     logits = head(vit(_images())["tokens"][:, 1:].mean(1))
     F.cross_entropy(logits, torch.tensor([0, 1, 2, 0, 1, 2])).backward()
     for name, p in vit.named_parameters():
-        is_adapter = name.endswith(("lora_a", "lora_b"))
+        is_adapter = ".lora_A." in name or ".lora_B." in name
         assert p.requires_grad is is_adapter, name
         assert (p.grad is not None) is is_adapter, name
     assert all(p.grad is not None for p in head.parameters())
@@ -281,6 +300,8 @@ def test_eval_attentive_and_lora_skip_pixels_and_report_parameters(run, capsys):
     assert [r["model"] for r in lora["rows"]] == ["random init", "pretrained"]
     adapters = 2 * 2 * (4 * 32 + 2 * 32)  # depth 2, rank 2
     assert all(r["details"]["adapter_params"] == adapters for r in lora["rows"])
+    for model in ("random-init", "pretrained"):  # each adapter in peft's format
+        assert (run / "eval" / "lora-adapter" / model / "adapter_model.safetensors").is_file()
     for result in (attentive, lora):  # top-1 is a percentage of the 32 test images kept
         assert result["n_test"] == 32
         for row in result["rows"]:
@@ -409,3 +430,13 @@ def test_pooled_features_are_cached_by_content_and_reused(run, monkeypatch, caps
     assert main(args) == 0  # recomputed and replaced
     assert json.loads((run / "eval" / "knn.json").read_text())["rows"] == first
     capsys.readouterr()
+
+
+def test_lora_without_peft_is_one_line(monkeypatch):
+    import sys
+
+    from mimar.errors import ConfigError
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if not installed: import fails
+    with pytest.raises(ConfigError, match=r"LoRA needs peft: pip install 'mimar\[lora\]'"):
+        add_lora(_vit(), rank=2)

@@ -16,7 +16,7 @@ from mimar.evaluation.features import (
 )
 from mimar.evaluation.knn import knn_classify, knn_predict
 from mimar.evaluation.linear import linear_probe
-from mimar.evaluation.lora import LoRALinear, add_lora, lora_finetune, merge_lora
+from mimar.evaluation.lora import add_lora, lora_finetune, lora_targets, merge_lora, save_adapter
 from mimar.evaluation.protocols import PROTOCOLS
 from mimar.evaluation.report import print_results, results_table, write_json
 from mimar.evaluation.runner import evaluate
@@ -25,7 +25,6 @@ __all__ = [
     "AttentiveClassifier",
     "AttentivePooler",
     "EvalConfig",
-    "LoRALinear",
     "PROTOCOLS",
     "add_lora",
     "attentive_params",
@@ -39,7 +38,9 @@ __all__ = [
     "knn_predict",
     "linear_probe",
     "lora_finetune",
+    "lora_targets",
     "merge_lora",
+    "save_adapter",
     "pool_tokens",
     "print_results",
     "results_table",

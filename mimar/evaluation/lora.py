@@ -3,7 +3,10 @@
 Hu et al., "LoRA: Low-Rank Adaptation of Large Language Models", 2021, arXiv:2106.09685. A
 frozen linear ``W x`` becomes ``W x + (alpha / r) · B A x`` with ``A (r, in)`` and
 ``B (out, r)``; ``B`` starts at zero so the adapted model starts equal to the base one, and
-after training ``W + (alpha / r) · B A`` folds back into a plain linear (:meth:`merge`).
+after training ``W + (alpha / r) · B A`` folds back into a plain linear (:func:`merge_lora`).
+The adapters are peft's (``LoraConfig``, ``get_peft_model``, ``merge_and_unload``), so a
+trained adapter can be saved in peft's format (:func:`save_adapter`) and loaded by anything
+that reads it.
 
 AIM (docs/METHODS.md §5) reports LoRA with rank 8 on the attention; ml-aim v1's ``LoraAttention``
 (loralib) adapts q and v of ``qkv`` (not k) and ``proj``, with loralib's default alpha = 1.
@@ -15,47 +18,18 @@ the final patch tokens (prefix excluded).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from mimar.data import ImageSet, eval_transform
+from mimar.errors import ConfigError
 from mimar.evaluation.features import pool_tokens
 from mimar.evaluation.precision import autocast
 from mimar.evaluation.train import fit
-
-
-class LoRALinear(nn.Module):
-    """``base(x) + (alpha / rank) · x Aᵀ Bᵀ`` with ``base`` frozen; A Kaiming-uniform, B zero."""
-
-    def __init__(self, base: nn.Linear, rank: int = 8, alpha: float = 16.0) -> None:
-        super().__init__()
-        if rank < 1:
-            raise ValueError(f"LoRA rank must be >= 1, got {rank}")
-        self.base = base.requires_grad_(False)
-        self.rank, self.alpha, self.scaling = rank, alpha, alpha / rank
-        w = base.weight
-        self.lora_a = nn.Parameter(torch.empty(rank, base.in_features, device=w.device))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank, device=w.device))
-        nn.init.kaiming_uniform_(self.lora_a, a=math.sqrt(5))  # as nn.Linear / the LoRA code
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        update = F.linear(F.linear(x, self.lora_a), self.lora_b)  # (..., out) via the rank-r path
-        return self.base(x) + self.scaling * update
-
-    @torch.no_grad()
-    def merge(self) -> nn.Linear:
-        """A plain ``nn.Linear`` with ``weight = W + (alpha / rank) · B @ A`` (bias copied)."""
-        base = self.base
-        merged = nn.Linear(base.in_features, base.out_features, bias=base.bias is not None)
-        merged.to(device=base.weight.device, dtype=base.weight.dtype)
-        merged.weight.copy_(base.weight + self.scaling * (self.lora_b @ self.lora_a))
-        if base.bias is not None:
-            merged.bias.copy_(base.bias)
-        return merged
 
 
 def add_lora(
@@ -63,13 +37,24 @@ def add_lora(
     rank: int = 8,
     alpha: float = 16.0,
     targets: Sequence[str] = ("attn.qkv", "attn.proj"),
-) -> list[str]:
-    """Freeze ``backbone`` and wrap every linear whose name ends in a target with LoRA.
+) -> nn.Module:
+    """Freeze ``backbone`` and give every linear whose name ends in a target a LoRA adapter,
+    in place (peft, dropout 0, no bias adapters); returns peft's wrapper of ``backbone``.
 
     Matches by name suffix, so ``attn.qkv`` finds ``blocks.{i}.attn.qkv`` of a ViT as well as
-    the timm Swin blocks' ``...blocks.{j}.attn.qkv``. Returns the wrapped module names.
+    the timm Swin blocks' ``...blocks.{j}.attn.qkv``. The adapted names are
+    :func:`lora_targets`; ``A`` is Kaiming-uniform and ``B`` zero (peft's default init).
     """
-    backbone.requires_grad_(False)
+    if rank < 1:
+        raise ValueError(f"LoRA rank must be >= 1, got {rank}")
+    peft = _peft()
+    names = lora_targets(backbone, targets)
+    config = peft.LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=names)
+    return peft.get_peft_model(backbone, config)
+
+
+def lora_targets(backbone: nn.Module, targets: Sequence[str]) -> list[str]:
+    """The names of the ``nn.Linear`` modules of ``backbone`` that end in one of ``targets``."""
     names = [
         name
         for name, module in backbone.named_modules()
@@ -77,17 +62,28 @@ def add_lora(
     ]
     if not names:
         raise ValueError(f"no nn.Linear named like {tuple(targets)} in {type(backbone).__name__}")
-    for name in names:
-        _replace(backbone, name, LoRALinear(backbone.get_submodule(name), rank, alpha))
     return names
 
 
-def merge_lora(backbone: nn.Module) -> nn.Module:
-    """Fold every :class:`LoRALinear` of ``backbone`` back into a plain linear, in place."""
-    names = [n for n, m in backbone.named_modules() if isinstance(m, LoRALinear)]
-    for name in names:
-        _replace(backbone, name, backbone.get_submodule(name).merge())
-    return backbone
+def merge_lora(adapted: nn.Module) -> nn.Module:
+    """Fold every adapter back into its linear (peft's ``merge_and_unload``): the plain
+    backbone, with its own module and weight names again."""
+    return adapted.merge_and_unload()
+
+
+def save_adapter(adapted: nn.Module, folder: str | Path) -> Path:
+    """The adapter weights and config in peft's format (``adapter_config.json``,
+    ``adapter_model.safetensors``) in ``folder``."""
+    adapted.save_pretrained(str(folder))
+    return Path(folder)
+
+
+def _peft():
+    try:
+        import peft
+    except ImportError:
+        raise ConfigError("LoRA needs peft: pip install 'mimar[lora]'") from None
+    return peft
 
 
 def lora_finetune(
@@ -106,8 +102,10 @@ def lora_finetune(
     attn_mask: torch.Tensor | None = None,
     device: str | torch.device = "cpu",
     autocast_dtype: torch.dtype | None = None,
+    adapter_dir: str | Path | None = None,
 ) -> dict:
-    """Add LoRA to ``backbone`` (in place), train adapters + a linear head, score on ``test``.
+    """Add LoRA to ``backbone`` (in place), train adapters + a linear head, score on ``test``;
+    with ``adapter_dir`` the trained adapter is saved there in peft's format.
 
     Images go through the eval view of ``iterate_eval_batches`` (resize, center crop,
     normalise with the set's mean/std) plus a random horizontal flip while training.
@@ -125,7 +123,7 @@ def lora_finetune(
     num_classes = int(max(train.labels.max(), test.labels.max())) + 1
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        add_lora(backbone, rank, alpha)
+        adapted = add_lora(backbone, rank, alpha)  # adapters inside ``backbone``, in place
         head = nn.Linear(backbone.embed_dim, num_classes)
     model = _Classifier(backbone, head, attn_mask).to(device)
     adapters = sum(p.numel() for p in backbone.parameters() if p.requires_grad)
@@ -133,6 +131,8 @@ def lora_finetune(
     loss = _train(
         model, train, img_size, epochs, lr, weight_decay, batch_size, generator, autocast_dtype
     )
+    if adapter_dir is not None:
+        save_adapter(adapted, adapter_dir)
     return {
         "top1": _accuracy(model, test, img_size, batch_size, autocast_dtype),
         "train_loss": loss,
@@ -205,8 +205,3 @@ def _accuracy(model, data: ImageSet, img_size: int, batch_size: int, dtype) -> f
 
 def _ends_with(name: str, target: str) -> bool:
     return name == target or name.endswith("." + target)
-
-
-def _replace(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)

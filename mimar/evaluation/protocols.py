@@ -194,9 +194,13 @@ def _attentive(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -
 
 
 def _lora(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dict:
-    """One LoRA row per model, trained on a copy of the backbone."""
+    """One LoRA row per model, trained on a copy of the backbone; each adapter is saved in
+    peft's format in RUN/eval/lora-adapter/<model>/."""
+    from mimar.evaluation.runner import run_folder
+
     rows = []
     for name, backbone in models:
+        adapter_dir = run_folder(cfg.checkpoint) / runs.EVAL / "lora-adapter" / name.replace(" ", "-")
         res = lora_finetune(
             copy.deepcopy(backbone),
             setup.train,
@@ -208,6 +212,7 @@ def _lora(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dic
             attn_mask=setup.attn_mask(backbone),
             device=setup.device,
             autocast_dtype=setup.autocast_dtype,
+            adapter_dir=adapter_dir,
         )
         log.info("%s LoRA: %s trainable of %s", name, res["trainable_params"], res["total_params"])
         notes = f"{setup.notes}; {res['trainable_params']:,} trainable / {res['total_params']:,}"
