@@ -19,7 +19,7 @@ import torch
 
 import mimar
 import mimar.methods.aim as aim
-from benchmarks.step_time import Stepper
+from mimar.bench.speed import Stepper
 
 VARIANTS = {
     "prefix-causal": [],

@@ -15,7 +15,7 @@ import statistics
 import torch
 
 import mimar
-from benchmarks.step_time import Classifier, Stepper
+from mimar.bench.speed import Classifier, Stepper
 from mimar.nn import set_attention_kernel
 
 SETTINGS = [("fp32", "sdpa"), ("fp32", "matmul"), ("bf16", "sdpa"), ("bf16", "matmul")]

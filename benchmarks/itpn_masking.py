@@ -16,9 +16,9 @@ from __future__ import annotations
 import argparse
 
 import torch
-from step_time import Stepper, images_per_s  # benchmarks/ is on sys.path as a script
 
 import mimar
+from mimar.bench.speed import Stepper, images_per_s
 
 
 def main() -> None:

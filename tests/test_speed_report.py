@@ -1,5 +1,5 @@
-"""The speed report (benchmarks/step_time.py): its FLOP count, GEMM shapes, tensor-memory
-tracker and matmul peak on hand-checkable models, and one tiny end-to-end report."""
+"""The speed report (mimar bench speed, mimar/bench/speed.py): its FLOP count, GEMM shapes,
+tensor-memory tracker and matmul peak on hand-checkable models, and one tiny end-to-end report."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import mimar
-from benchmarks.step_time import (
+from mimar.bench.speed import (
     Classifier,
     MatmulPeak,
     Stepper,
