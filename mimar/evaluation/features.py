@@ -247,10 +247,10 @@ def _run(
 # (GELU, softmax, LayerNorm, the bias copies of addmm), which run faster on activations that
 # stay in cache. `python -m benchmarks.eval_speed` (demo ViT, bf16, 2 cores, one run): batches
 # of 256 with torch's 2 threads 1136 img/s, pieces of 64 1737, pieces on 2 one-thread workers
-# 1914, and with the fused linears (mimar.nn.fused) 2183. With one intra-op thread per
-# worker, pieces of 128 pay the fixed cost of a forward (~9 ms of Python and op launches) half
-# as often: 1545 -> 1682 img/s in one (noisy) run, 862 -> 894 img/s on one thread; the same
-# features bit for bit.
+# 1914, and with the fused linears (mimar.nn.fused) 2183. Pieces of 128 pay the fixed cost
+# of a forward (~9 ms of Python and op launches) half as often: 862 -> 894 img/s on one
+# thread; on 2 workers 1553 -> 1741, 1545 -> 1682 and 1871 -> 1815 img/s in three runs
+# (a shared machine); the same features bit for bit.
 CPU_CHUNK = 128
 CPU_WORKERS = True  # one worker thread per intra-op thread (False: torch's own threads)
 CPU_FUSED = True  # linear layers with their bias and GELU fused (mimar.nn.fused)
