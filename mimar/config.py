@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -67,6 +68,31 @@ class OptimConfig:
     # 3.1x faster per update than for-loop for the tiny ViT here (python -m benchmarks.adamw)
     implementation: Literal["auto", "for-loop", "foreach", "fused"] = "auto"
 
+    def __post_init__(self) -> None:
+        # Out-of-range values fail here, naming the key: a negative clip_grad would otherwise
+        # scale every gradient by a negative factor (gradient ascent), silently.
+        if self.lr is not None:
+            check_range("optim.lr", self.lr, self.lr > 0, "> 0 (or null: scaled base_lr)")
+        check_range("optim.base_lr", self.base_lr, self.base_lr > 0, "> 0")
+        check_range(
+            "optim.base_batch_size", self.base_batch_size, self.base_batch_size >= 1, ">= 1"
+        )
+        for i, beta in enumerate(self.betas):
+            check_range(f"optim.betas[{i}]", beta, 0 <= beta < 1, "in [0, 1)")
+        check_range("optim.eps", self.eps, self.eps >= 0, ">= 0")
+        check_range("optim.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")
+        if self.warmup_steps is not None:
+            check_range("optim.warmup_steps", self.warmup_steps, self.warmup_steps >= 0, ">= 0")
+        fraction = self.warmup_fraction
+        check_range("optim.warmup_fraction", fraction, 0 <= fraction <= 1, "in [0, 1]")
+        check_range(
+            "optim.min_lr_ratio", self.min_lr_ratio, 0 <= self.min_lr_ratio <= 1, "in [0, 1]"
+        )
+        if self.clip_grad is not None:
+            clip = self.clip_grad
+            check_range("optim.clip_grad", clip, clip >= 0, ">= 0 (null or 0 disables clipping)")
+        check_range("optim.layer_decay", self.layer_decay, self.layer_decay > 0, "> 0")
+
 
 @dataclass(frozen=True, kw_only=True)
 class TrainConfig:
@@ -90,8 +116,23 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         check_loggers(self.loggers, "train")
-        if self.picture_every < 0:
-            raise ConfigError(f"train.picture_every must be >= 0, got {self.picture_every}")
+        for key in ("steps", "log_every", "accum_steps"):
+            check_range(f"train.{key}", getattr(self, key), getattr(self, key) >= 1, ">= 1")
+        check_range(
+            "train.checkpoint_every",
+            self.checkpoint_every,
+            self.checkpoint_every >= 0,
+            ">= 0 (0: only checkpoints/last.pt)",
+        )
+        for key in ("picture_every", "threads"):
+            check_range(f"train.{key}", getattr(self, key), getattr(self, key) >= 0, ">= 0")
+
+
+def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """Raise a ConfigError naming ``key`` and the ``allowed`` range unless ``ok`` holds (and a
+    float ``value`` is finite: comparisons with nan are all false, inf passes bounds)."""
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")
@@ -128,9 +169,9 @@ class PretrainConfig:
             raise ConfigError(
                 f"backbone.img_size={b.img_size} but data.img_size={d.img_size}: set both equal"
             )
-        for key in ("steps", "log_every", "accum_steps"):
-            if getattr(self.train, key) < 1:
-                raise ConfigError(f"train.{key} must be >= 1, got {getattr(self.train, key)}")
+        check = getattr(self.method, "check_backbone", None)  # ranges that need both sections
+        if check is not None:
+            check(b)
 
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> PretrainConfig:
@@ -151,7 +192,14 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
         key, sep, text = item.partition("=")
         if not sep or not key:
             raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        _set_dotted(raw, key.strip().split("."), yaml.safe_load(text) if text else "")
+        try:
+            value = yaml.safe_load(text) if text else ""
+        except yaml.YAMLError as err:
+            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
+            raise ConfigError(
+                f"override {item!r}: the value is not valid YAML ({problem})"
+            ) from None
+        _set_dotted(raw, key.strip().split("."), value)
     return raw
 
 
@@ -186,17 +234,44 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """``(dotted.key, old value, new value)`` for every leaf that differs between two plain
+    config mappings (``to_dict`` form); a key missing on one side has the value ``MISSING``."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        diffs = []
+        for key in [*old, *(k for k in new if k not in old)]:
+            full = f"{prefix}.{key}" if prefix else str(key)
+            diffs += config_diff(old.get(key, MISSING), new.get(key, MISSING), full)
+        return diffs
+    same = old == new or (old != old and new != new)  # nan == nan here
+    return [] if same else [(prefix, old, new)]
+
+
+MISSING = "<absent>"
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+MAX_RECIPE_BYTES = 1_000_000  # the biggest recipe here is ~3 kB; more is not a recipe
 
 
 def _read_recipe(path: Path, depth: int = 0) -> dict:
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
+    size = path.stat().st_size
+    if size > MAX_RECIPE_BYTES:  # refused before parsing: YAML parses a 1 GB file for minutes
+        raise ConfigError(
+            f"{path} is {size / 1e6:.1f} MB: a recipe is at most {MAX_RECIPE_BYTES / 1e6:.0f} MB "
+            "(is it the right file?)"
+        )
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {err}") from None
+        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path} is not a text file (a YAML recipe)") from None
     if not isinstance(raw, dict):
         raise ConfigError(f"{path} must hold a mapping of sections, got {type(raw).__name__}")
     base = raw.pop("base", None)
@@ -204,6 +279,8 @@ def _read_recipe(path: Path, depth: int = 0) -> dict:
         return raw
     if depth:
         raise ConfigError(f"{path}: only one level of 'base:' is allowed")
+    if not isinstance(base, str):
+        raise ConfigError(f"{path}: base must be a recipe path, got {base!r}")
     merged = _read_recipe(path.parent / base, depth + 1)
     _merge(merged, raw)
     return merged
@@ -275,7 +352,11 @@ def _build(cls: type, raw: Any, path: str) -> Any:
     except ConfigError:
         raise
     except (TypeError, ValueError) as err:
-        raise ConfigError(f"{path or 'config'}: {err}") from None
+        message = str(err)
+        named = message.split(" ", 1)[0]  # "method.x must be ..." names its key already
+        if not ("." in named and named.startswith(f"{path}.".lstrip("."))):
+            message = f"{path or 'config'}: {message}"
+        raise ConfigError(message) from None
 
 
 def _coerce(value: Any, kind: Any, key: str) -> Any:

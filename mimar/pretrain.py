@@ -7,21 +7,37 @@ loader for this rank, and draws the run's picture at the end.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
+import yaml
 
 from mimar import runs
-from mimar.config import PretrainConfig, to_dict
+from mimar.config import ConfigError, PretrainConfig, config_diff, from_dict, to_dict
 from mimar.data import build_step_loader, load_images
 from mimar.engine import dist
 from mimar.engine.loop import RunResult, Session, fit
 from mimar.factory import build_method
 
+# What a resume may change without a flag: none of these changes the run's numbers
+# (train.steps extends the run; its schedule then ends at the new step count).
+RESUME_SAFE = ("progress", "log_every", "checkpoint_every", "loggers", "picture_every")
+RESUME_SAFE = tuple(f"train.{key}" for key in (*RESUME_SAFE, "threads", "device", "steps"))
 
-def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> RunResult:
-    """Pretrain ``cfg``'s method into ``run_dir`` (``resume``: continue its last checkpoint)."""
+
+def pretrain(
+    cfg: PretrainConfig,
+    run_dir: str | Path,
+    resume: bool = False,
+    allow_config_change: bool = False,
+) -> RunResult:
+    """Pretrain ``cfg``'s method into ``run_dir`` (``resume``: continue its last checkpoint;
+    one whose config differs from ``RUN/config.yaml`` in a key that changes the run's numbers
+    is refused unless ``allow_config_change``, which records each change in
+    ``RUN/config_changes.jsonl``)."""
     t = cfg.train
+    changes = resume_changes(cfg, Path(run_dir), allow_config_change) if resume else []
     with Session(t) as session:
         torch.manual_seed(t.seed)
         method = build_method(cfg)
@@ -38,6 +54,7 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
             run_dir=run_dir,
             config=to_dict(cfg),
             resume=resume,
+            config_changes=changes,
             picture=lambda model, step: _draw(
                 method,
                 loader,
@@ -51,6 +68,43 @@ def pretrain(cfg: PretrainConfig, run_dir: str | Path, resume: bool = False) -> 
                 _draw(method, loader, Path(run_dir), session.device)
             dist.barrier()  # no rank leaves the group while rank 0 draws
         return result
+
+
+def resume_changes(cfg: PretrainConfig, run_dir: Path, allow: bool) -> list[dict]:
+    """The changes of ``cfg`` against the run's saved config that a resume must not make
+    silently, as ``{"key", "old", "new"}`` rows; a ConfigError lists them unless ``allow``."""
+    path = run_dir / runs.CONFIG
+    if not path.is_file():  # fit says what is missing
+        return []
+    try:
+        saved = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError:
+        raise ConfigError(f"resume: {path} is not valid YAML") from None
+    try:  # the saved config as today's code resolves it (keys added since get defaults)
+        saved = to_dict(from_dict(saved))
+    except ConfigError:
+        pass
+    changes = [
+        {"key": key, "old": old, "new": new}
+        for key, old, new in config_diff(saved, to_dict(cfg))
+        if not _harmless(key, old, new)
+    ]
+    if changes and not allow:
+        shown = ", ".join(f"{c['key']} {_show(c['old'])} -> {_show(c['new'])}" for c in changes)
+        raise ConfigError(
+            f"resume: the config differs from {path}: {shown}; pass --allow-config-change to force"
+        )
+    return changes
+
+
+def _harmless(key: str, old, new) -> bool:
+    if key == "train.steps":  # more steps extend the run; fewer would change its schedule
+        return isinstance(old, int) and isinstance(new, int) and new >= old
+    return key in RESUME_SAFE
+
+
+def _show(value) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
 
 
 def _draw(

@@ -83,6 +83,16 @@ class HiViTConfig:
     def __post_init__(self) -> None:
         if self.name != "hivit":
             raise ValueError(f"backbone.name must be 'hivit', got {self.name!r}")
+        for key in ("img_size", "in_chans", "embed_dim", "num_heads"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"backbone.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("mlp_ratio", "bridge_mlp_ratio", "norm_eps"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"backbone.{key} must be > 0, got {getattr(self, key)}")
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(
+                f"backbone.drop_path_rate must be in [0, 1), got {self.drop_path_rate}"
+            )
         if self.patch_size % INNER or self.patch_size < INNER:
             raise ValueError(
                 f"backbone.patch_size={self.patch_size} must be a multiple of {INNER}: each main "

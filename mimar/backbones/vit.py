@@ -77,6 +77,18 @@ class ViTConfig:
     rel_pos_bias: Literal["none", "shared", "per_block"] = "none"
 
     def __post_init__(self) -> None:
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"backbone.{key} must be > 0, got {getattr(self, key)}")
+        if not (self.mlp_ratio > 0 and self.norm_eps > 0):
+            raise ValueError(
+                f"backbone.mlp_ratio and backbone.norm_eps must be > 0, got {self.mlp_ratio} "
+                f"and {self.norm_eps}"
+            )
+        if not 0 <= self.drop_path_rate < 1:
+            raise ValueError(
+                f"backbone.drop_path_rate must be in [0, 1), got {self.drop_path_rate}"
+            )
         if self.img_size % self.patch_size:
             raise ValueError(
                 f"backbone.img_size={self.img_size} is not divisible by "

@@ -92,6 +92,10 @@ class DenseConfig:
             raise ValueError("dense.weight_decay, warmup_epochs and min_lr must be >= 0")
         if self.clip_grad is not None and self.clip_grad <= 0:
             raise ValueError(f"dense.clip_grad must be > 0 or null, got {self.clip_grad}")
+        if not (self.base_lr > 0 and (self.lr is None or self.lr > 0)):
+            raise ValueError(
+                f"dense.lr and dense.base_lr must be > 0, got {self.lr}, {self.base_lr}"
+            )
         if len(self.anchor_sizes) != 4 or min(self.anchor_sizes) < 1:
             raise ValueError(
                 f"dense.anchor_sizes needs 4 sizes >= 1 px (one per pyramid level), "

@@ -1,17 +1,33 @@
-"""Atomic file writes (temp file + rename), checkpoints, and safe loading (``weights_only``)."""
+"""Atomic file writes (temp file + rename), checkpoints, and safe loading (``weights_only``).
+
+A checkpoint carries ``content_hash``: sha256 over every tensor's bytes (and every other value)
+in a fixed order, checked on load, so a flipped byte in the tensor data (which torch's zip
+reader does not notice) is refused instead of trained on. Checkpoints from before the hash
+load with a warning.
+"""
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import logging
 import os
+import pickle
 import subprocess
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 
 from mimar.errors import CheckpointError, MissingFileError
+
+log = logging.getLogger("mimar")
+
+HASH_KEY = "content_hash"
+KEYS = ("model", "step", "config")  # what every reader of a mimar checkpoint needs
+RESUME_KEYS = (*KEYS, "optimizer", "rng")  # and what resuming needs besides
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
@@ -42,14 +58,110 @@ def save_atomic(state: dict, path: str | Path) -> None:
     atomic_write(path, lambda f: torch.save(state, f))
 
 
-def load(path: str | Path, map_location: str | torch.device = "cpu") -> dict:
+def save(state: dict, *paths: str | Path) -> None:
+    """Write ``state`` with its content hash to each of ``paths`` (atomically: a failed write,
+    e.g. a full disk, leaves the file there was, and raises a one-line CheckpointError)."""
+    stamped = {**state, HASH_KEY: content_hash(state)}
+    for path in paths:
+        try:
+            save_atomic(stamped, path)
+        except OSError as err:
+            if err.errno == errno.ENOSPC:
+                reason = "no space left"
+            else:
+                reason = f"{err.strerror or err} while"
+            raise CheckpointError(
+                f"{reason} writing {path}; the previous checkpoint is intact"
+            ) from None
+
+
+def load(
+    path: str | Path, map_location: str | torch.device = "cpu", require: tuple[str, ...] = KEYS
+) -> dict:
+    """A checkpoint's state, its content hash verified, with the keys ``require`` names.
+
+    Anything else is one CheckpointError line: a file torch cannot read, a pickle holding more
+    than tensors and plain data (refused, never unpickled), a torch file without our keys, or
+    bytes that changed since the save.
+    """
     path = Path(path)
     if not path.is_file():
         raise MissingFileError(f"no checkpoint at {path}")
     try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt / truncated / foreign pickles
-        raise CheckpointError(f"cannot read checkpoint {path}: {err}") from None
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights only" in str(err).lower():  # objects beyond tensors and plain data
+            raise CheckpointError(
+                f"{path} is not a mimar checkpoint: it pickles arbitrary objects (unsafe pickle "
+                "refused)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt (cannot unpickle it)") from None
+    except Exception as err:  # truncated files, broken zip archives, other formats
+        raise CheckpointError(
+            f"cannot read checkpoint {path} (truncated, corrupt or not a torch file: "
+            f"{_first_sentence(err)})"
+        ) from None
+    if not isinstance(state, dict):
+        raise CheckpointError(
+            f"{path} is a torch file but not a mimar checkpoint: it holds a "
+            f"{type(state).__name__}, not a dict with keys {', '.join(require)}"
+        )
+    missing = [key for key in require if key not in state]
+    if missing:
+        raise CheckpointError(
+            f"{path} is a torch file but not a mimar checkpoint: missing keys "
+            f"{', '.join(missing)} (it has: {', '.join(map(str, list(state)[:8])) or 'none'})"
+        )
+    stored = state.pop(HASH_KEY, None)
+    if stored is None:
+        log.warning(
+            "checkpoint %s has no content hash (an older mimar wrote it): not verified", path
+        )
+    elif stored != content_hash(state):
+        raise CheckpointError(f"checkpoint {path} is corrupt (content hash mismatch)")
+    return state
+
+
+def _first_sentence(err: BaseException) -> str:
+    """The first sentence of an error's first line (torch's read errors run to a paragraph)."""
+    text = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    return text.split(". ")[0][:200]
+
+
+def content_hash(state: Any) -> str:
+    """sha256 (hex) of ``state``: every tensor's dtype, shape and bytes and every other value's
+    repr, under its key path, keys in sorted order."""
+    digest = hashlib.sha256()
+    _feed(digest, "", state)
+    return digest.hexdigest()
+
+
+def _feed(digest, key: str, value: Any) -> None:
+    if isinstance(value, torch.Tensor):
+        tensor = value.detach().cpu().contiguous()
+        digest.update(f"{key}:{tensor.dtype}:{tuple(tensor.shape)}\n".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().data)
+    elif isinstance(value, dict):
+        digest.update(f"{key}:dict{len(value)}\n".encode())
+        for k, v in sorted(value.items(), key=lambda item: repr(item[0])):
+            _feed(digest, f"{key}/{k!r}", v)
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{key}:{type(value).__name__}{len(value)}\n".encode())
+        for i, v in enumerate(value):
+            _feed(digest, f"{key}[{i}]", v)
+    else:
+        digest.update(f"{key}={value!r}\n".encode())
+
+
+def remove_orphans(folder: str | Path) -> list[Path]:
+    """Delete the ``*.tmp`` files a killed save left in ``folder``; returns them."""
+    folder = Path(folder)
+    orphans = sorted(folder.glob(".*.tmp")) + sorted(folder.glob("[!.]*.tmp"))
+    for orphan in orphans:
+        orphan.unlink(missing_ok=True)
+    if orphans:
+        log.warning("removed %d unfinished checkpoint file(s) in %s", len(orphans), folder)
+    return orphans
 
 
 def git_sha() -> str | None:

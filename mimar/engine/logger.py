@@ -32,16 +32,16 @@ class MetricsLog:
     """Appends one JSON object per logged step to ``metrics.jsonl``.
 
     On resume, rows logged after the checkpoint's step (by a run that died between a log and
-    its next checkpoint) are dropped, so the file never holds a step twice.
+    its next checkpoint) are dropped, so the file never holds a step twice; so is a line that
+    is not JSON (torn by a kill mid-write), with a warning.
     """
 
     def __init__(self, path: Path, resume_step: int | None = None) -> None:
         self.path = path
         if resume_step is not None and path.exists():
+            rows = [(line, _row(path, n, line)) for n, line in enumerate(_lines(path), 1)]
             kept = [
-                line
-                for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= resume_step
+                line for line, row in rows if row is not None and row.get("step", 0) <= resume_step
             ]
             path.write_text("".join(line + "\n" for line in kept))
         self.file = path.open("a")
@@ -52,6 +52,22 @@ class MetricsLog:
 
     def close(self) -> None:
         self.file.close()
+
+
+def _lines(path: Path) -> list[str]:
+    return [line for line in path.read_text(errors="replace").splitlines() if line.strip()]
+
+
+def _row(path: Path, number: int, line: str) -> dict | None:
+    """The JSON object of one metrics line, or None (warned) for a torn or foreign line."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError:
+        row = None
+    if not isinstance(row, dict):
+        log.warning("%s line %d is not a JSON row (a write cut short?): dropped", path, number)
+        return None
+    return row
 
 
 class RunLog:

@@ -17,6 +17,7 @@ step and the global RNG state.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import shutil
@@ -36,11 +37,13 @@ from mimar import runs
 from mimar.engine import checkpoint, dist
 from mimar.engine.logger import ProgressBar, RunLog, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
-from mimar.errors import ConfigError
+from mimar.errors import CheckpointError, ConfigError
 from mimar.nn.attention import set_attention_kernel
 from mimar.nn.layers import step_draws
 
 log = logging.getLogger("mimar")
+
+CONFIG_CHANGES = "config_changes.jsonl"  # RUN/: changes a resume was forced to accept
 
 
 class NonFiniteLoss(RuntimeError):
@@ -101,6 +104,7 @@ def fit(
     evaluate_every: int = 0,
     picture: Callable[[nn.Module, int], Path | None] | None = None,
     name: str = "pretrain",
+    config_changes: list[dict] | None = None,
 ) -> RunResult:
     """Train ``model`` for ``train.steps`` optimizer steps with AdamW (``optim``: lr or base_lr
     scaled by the global batch, weight decay rules, layer decay, clipping) and the warm-up +
@@ -108,9 +112,14 @@ def fit(
     checkpoints into ``run_dir``. ``evaluate(model, step)`` (rank 0) returns scalars logged
     every ``evaluate_every`` steps and after the last one. ``picture(model, step)`` (rank 0)
     draws a PNG and returns its path (or None); it runs every ``train.picture_every`` steps
-    and the picture goes to the loggers (``train.loggers``)."""
+    and the picture goes to the loggers (``train.loggers``). ``config_changes`` (a resume's
+    ``{"key", "old", "new"}`` rows the caller allowed) are appended, with the step, to
+    ``config_changes.jsonl``."""
     run_dir, t, device, rank = Path(run_dir), train, session.device, session.rank
-    state = checkpoint.load(runs.last_checkpoint(run_dir)) if resume else None
+    if rank == 0:  # temp files of a save that was killed halfway
+        checkpoint.remove_orphans(run_dir / runs.CHECKPOINTS)
+    last = runs.last_checkpoint(run_dir)
+    state = checkpoint.load(last, require=checkpoint.RESUME_KEYS) if resume else None
     if resume and rank == 0:
         log.info("resuming %s from step %d", run_dir, state["step"])
     model = model.to(device)
@@ -120,8 +129,17 @@ def fit(
     optimizer = build_optimizer(model, optim, peak_lr)
     start = 0
     if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. another backbone width
+            problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+            detail = problems[0] if problems else str(err).strip()
+            if len(problems) > 1:
+                detail += f" (and {len(problems) - 1} more)"
+            raise CheckpointError(
+                f"{last} does not fit the model of the config: {detail}"
+            ) from None
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
@@ -132,6 +150,9 @@ def fit(
     if rank == 0:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
+        if config_changes:  # a forced resume: what changed, and from which step on
+            with (run_dir / CONFIG_CHANGES).open("a") as f:
+                f.writelines(json.dumps({"step": start, **c}) + "\n" for c in config_changes)
         describe_run(model, optimizer, loader, peak_lr, session.world)
 
     stop = _StopFlag()
@@ -306,9 +327,8 @@ def _saver(config: dict, method, optimizer, run_dir: Path, rank: int):
             "config": config,
             "git_sha": checkpoint.git_sha(),
         }
-        checkpoint.save_atomic(state, runs.last_checkpoint(run_dir))
-        if periodic:
-            checkpoint.save_atomic(state, runs.step_checkpoint(run_dir, step))
+        periodic_path = (runs.step_checkpoint(run_dir, step),) if periodic else ()
+        checkpoint.save(state, runs.last_checkpoint(run_dir), *periodic_path)
 
     return save
 

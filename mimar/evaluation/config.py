@@ -73,6 +73,11 @@ class EvalConfig:
         for name in ("batch_size", "k", "lora_rank"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}")
+        if "knn" in self.protocols and self.max_train and self.k > self.max_train:
+            raise ConfigError(
+                f"k={self.k} neighbours but max_train={self.max_train} train images: "
+                "lower --k or raise --max-train"
+            )
         if self.epochs is not None and not (_is_int(self.epochs) and self.epochs >= 1):
             raise ConfigError(f"epochs must be a positive integer or None, got {self.epochs!r}")
         if self.device != "auto":

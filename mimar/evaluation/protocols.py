@@ -30,6 +30,7 @@ from torch import nn
 from mimar import runs
 from mimar.data import ImageSet, iterate_eval_batches
 from mimar.engine.checkpoint import save_atomic
+from mimar.errors import ConfigError
 from mimar.evaluation.attentive import attentive_probe, default_blocks, probe_heads
 from mimar.evaluation.features import (
     causal_mask,
@@ -200,7 +201,9 @@ def _lora(models: Models, setup: EvalSetup, cfg: EvalConfig, epochs: int) -> dic
 
     rows = []
     for name, backbone in models:
-        adapter_dir = run_folder(cfg.checkpoint) / runs.EVAL / "lora-adapter" / name.replace(" ", "-")
+        adapter_dir = (
+            run_folder(cfg.checkpoint) / runs.EVAL / "lora-adapter" / name.replace(" ", "-")
+        )
         res = lora_finetune(
             copy.deepcopy(backbone),
             setup.train,
@@ -380,6 +383,8 @@ def pooled_probes(protocols, models: Models, setup: EvalSetup, cfg: EvalConfig) 
     One feature pass per model serves every protocol (and, with ``layer="all"``, every tap).
     """
     specs = {p: PROTOCOL_TABLE[p] for p in protocols}
+    if "knn" in specs and cfg.k > len(setup.train):
+        raise ConfigError(f"--k {cfg.k}: more neighbours than the {len(setup.train)} train images")
     epochs = {p: spec.epochs(cfg.epochs) for p, spec in specs.items()}
     out: dict[str, dict] = {p: {"rows": []} for p in protocols}
     if cfg.baselines:
@@ -389,6 +394,12 @@ def pooled_probes(protocols, models: Models, setup: EvalSetup, cfg: EvalConfig) 
             out[p]["rows"].append(_row("raw pixels", p, "pixels", res, setup.notes))
     for name, backbone in models:
         taps = list(tap_indices(backbone)) if cfg.layer == "all" else [cfg.layer]
+        depth = len(tap_indices(backbone))
+        if isinstance(cfg.layer, int) and not -depth <= cfg.layer < depth:
+            raise ConfigError(
+                f"--layer {cfg.layer}: the backbone has blocks 0..{depth - 1} "
+                f"(negative counts from the end: -1..-{depth})"
+            )
         tic = time.perf_counter()
         f_train, f_test = setup.pooled_features(backbone, taps, cfg.pool)
         seconds = time.perf_counter() - tic

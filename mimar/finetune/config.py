@@ -87,6 +87,16 @@ class FinetuneConfig:
             raise ValueError("finetune.drop_path and finetune.label_smoothing must be in [0, 1)")
         if self.warmup_epochs < 0 or self.min_lr < 0:
             raise ValueError("finetune.warmup_epochs and finetune.min_lr must be >= 0")
+        if not (self.weight_decay >= 0 and self.base_lr > 0 and (self.lr is None or self.lr > 0)):
+            raise ValueError(
+                f"finetune.weight_decay must be >= 0 and finetune.lr / base_lr > 0, got "
+                f"{self.weight_decay}, {self.lr} and {self.base_lr}"
+            )
+        if self.clip_grad is not None and not self.clip_grad >= 0:
+            raise ValueError(
+                f"finetune.clip_grad must be >= 0 (null or 0 disables clipping), "
+                f"got {self.clip_grad}"
+            )
         if not 0 <= self.model_ema_decay < 1:
             raise ValueError(
                 f"finetune.model_ema_decay must be in [0, 1), got {self.model_ema_decay}"

@@ -48,6 +48,15 @@ class AIMConfig:
     norm_pix_eps: float = 1e-6  # per-patch target normalisation (§5.4)
 
     def __post_init__(self) -> None:
+        for key, ok, allowed in (
+            ("head_width", self.head_width > 0, "> 0"),
+            ("head_depth", self.head_depth >= 0, ">= 0"),
+            ("head_mlp_ratio", self.head_mlp_ratio > 0, "> 0"),
+        ):
+            if not ok:
+                raise ValueError(f"method.{key} must be {allowed}, got {getattr(self, key)}")
+        if not self.norm_pix_eps >= 0:
+            raise ValueError(f"method.norm_pix_eps must be >= 0, got {self.norm_pix_eps}")
         if self.order not in ORDERS:
             raise ValueError(f"method.order must be one of {ORDERS}, got {self.order!r}")
         if self.prefix_min < 0 or (self.prefix_max and self.prefix_max < self.prefix_min):

@@ -69,12 +69,26 @@ class DiGPTConfig:
                 f"method.decoder_dim={self.decoder_dim} is not divisible by "
                 f"method.decoder_heads={self.decoder_heads}"
             )
+        if not self.decoder_mlp_ratio > 0:
+            raise ValueError(f"method.decoder_mlp_ratio must be > 0, got {self.decoder_mlp_ratio}")
+
+    def check_backbone(self, backbone) -> None:
+        """The memory blocks exist in ``backbone`` (a config: checked when a recipe loads)."""
+        depth = getattr(backbone, "depth", None)
+        if depth is None:
+            return
+        layers = self.memory_layers or default_memory_layers(depth)
+        if not layers or not all(1 <= i <= depth for i in layers):
+            raise ValueError(
+                f"method.memory_layers must name one or more blocks, and blocks are numbered "
+                f"1..{depth} (backbone.depth); got {list(layers)}"
+            )
 
 
 def default_memory_layers(depth: int) -> tuple[int, ...]:
     """The code's blocks 6, 8, 10, 12 of 12, spread the same way over other depths: 4 evenly
     spaced blocks from the middle to the last (1-based; depth 6 -> 3, 4, 5, 6)."""
-    start = depth // 2
+    start = max(depth // 2, 1)  # depth 1: block 1 (block 0 does not exist)
     return tuple(dict.fromkeys(start + round(i * (depth - start) / 3) for i in range(4)))
 
 

@@ -58,6 +58,12 @@ class ITPNConfig:
     def __post_init__(self) -> None:
         if not 0 < self.mask_ratio < 1:
             raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        for key in ("fpn_dim", "decoder_dim", "decoder_num_heads"):
+            if not getattr(self, key) > 0:
+                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
+        for key in ("fpn_depth", "decoder_depth", "mfm_weight", "norm_pix_eps"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
         if not 0 <= self.ema_momentum <= 1:
             raise ValueError(f"method.ema_momentum must be in [0, 1], got {self.ema_momentum}")
         if self.decoder_dim % 16:

@@ -55,6 +55,15 @@ class ITPNCLIPConfig:
     def __post_init__(self) -> None:
         if self.num_mask_patches < 1 or self.min_num_patches < 1:
             raise ValueError("method.num_mask_patches and method.min_num_patches must be >= 1")
+        if not self.fpn_dim > 0:
+            raise ValueError(f"method.fpn_dim must be > 0, got {self.fpn_dim}")
+        for key in ("fpn_depth", "aux_depth", "smooth_l1_beta"):
+            if not getattr(self, key) >= 0:
+                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
+        if not 0 < self.min_aspect <= 1:
+            raise ValueError(f"method.min_aspect must be in (0, 1], got {self.min_aspect}")
+        if not self.aux_norm_eps > 0:
+            raise ValueError(f"method.aux_norm_eps must be > 0, got {self.aux_norm_eps}")
         if not 0 <= self.aux_fraction < 1:
             raise ValueError(f"method.aux_fraction must be in [0, 1), got {self.aux_fraction}")
 

@@ -36,6 +36,12 @@ class SimMIMConfig:
     mask_patch_size: int = 32  # SimMIM §4.1 / docs/METHODS.md §2.1: 32-px cells
     mask_ratio: float = 0.6  # SimMIM Tab. 1 / docs/METHODS.md §2.1
 
+    def __post_init__(self) -> None:
+        if not self.mask_patch_size > 0:
+            raise ValueError(f"method.mask_patch_size must be > 0, got {self.mask_patch_size}")
+        if not 0 < self.mask_ratio < 1:  # 0 hides nothing: the loss would average no pixels
+            raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+
 
 class SimMIM(nn.Module):
     def __init__(self, cfg: SimMIMConfig, backbone: nn.Module) -> None:
