@@ -15,7 +15,7 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
-from mimar.errors import ConfigError, MimarError
+from mimar.errors import ConfigError, MimarError, Stopped
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -48,16 +48,25 @@ def cmd_pretrain(args) -> int:
     from mimar.engine.loop import NonFiniteLoss
     from mimar.pretrain import pretrain
 
-    cfg = load_config(args.config, args.overrides)
+    resume, overrides = args.resume, list(args.overrides)
+    if isinstance(resume, str) and resume != "auto":
+        if "=" not in resume:
+            raise ConfigError(f"--resume takes no value or 'auto', got {resume!r}")
+        resume, overrides = True, [*overrides, resume]  # an override after a bare --resume
+    cfg = load_config(args.config, overrides)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     run_dir = Path(args.run_dir or f"runs/{Path(args.config).stem}-{stamp}")
-    if not args.resume and runs.last_checkpoint(run_dir).exists():
+    if resume == "auto":  # continue when there is something to continue, else start
+        if args.run_dir is None:
+            raise ConfigError("--resume auto needs --run-dir (the folder to continue or start)")
+        resume = runs.newest_checkpoint(run_dir) is not None
+    if not resume and runs.newest_checkpoint(run_dir) is not None:
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it, "
             "or choose another --run-dir"
         )
     try:
-        result = pretrain(cfg, run_dir, resume=args.resume, allow_config_change=args.allow_change)
+        result = pretrain(cfg, run_dir, resume=resume, allow_config_change=args.allow_change)
     except NonFiniteLoss as err:
         print(f"mimar pretrain: {err}", file=sys.stderr)
         return 3
@@ -86,7 +95,11 @@ def cmd_eval(args) -> int:
         raise ConfigError(
             f"overrides {given['overrides']} apply to the finetune, segment and detect protocols"
         )
-    evaluate(EvalConfig(**given))
+    try:
+        evaluate(EvalConfig(**given))
+    except Stopped as stop:  # nothing written for the stopped protocol; --resume continues it
+        print(f"mimar eval: {stop}; continue with the same command and --resume", file=sys.stderr)
+        return 128 + _signal_number(stop.signal_name)
     return 0
 
 
@@ -140,6 +153,18 @@ def cmd_data_scenes(args) -> int:
     return 0
 
 
+def cmd_data_shard(args) -> int:
+    from mimar.data.shard_writer import write_shards
+
+    summary = write_shards(args.folder, args.pattern, shard_size=args.shard_size, seed=args.seed)
+    print(
+        f"wrote {summary['shards']} shards ({summary['images']} images, "
+        f"{summary['classes']} classes) in {summary['seconds']:.1f} s; train on them with: "
+        f"data.name=webdataset 'data.root={summary['root']}'"
+    )
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mimar", description=__doc__.splitlines()[0])
     sub = p.add_subparsers(dest="command", required=True)
@@ -148,7 +173,15 @@ def _parser() -> argparse.ArgumentParser:
     pre.add_argument("config", help="recipe YAML, e.g. configs/simmim/vit_tiny_fmnist.yaml")
     pre.add_argument("overrides", nargs="*", help="dotted.key=value overrides")
     pre.add_argument("--run-dir", help="run folder (default runs/<recipe>-<time>)")
-    pre.add_argument("--resume", action="store_true", help="continue the run in --run-dir")
+    pre.add_argument(
+        "--resume",
+        nargs="?",
+        const=True,
+        default=False,
+        metavar="auto",
+        help="continue the run in --run-dir; '--resume auto' continues it when it has a "
+        "checkpoint and starts it otherwise (for torchrun --max-restarts and job requeues)",
+    )
     pre.add_argument(
         "--allow-config-change",
         dest="allow_change",
@@ -303,6 +336,22 @@ def _add_data_parser(sub) -> None:
         help="folder with the Fashion-MNIST idx files",
     )
     sc.set_defaults(func=cmd_data_scenes)
+    sh = data_sub.add_parser(
+        "shard",
+        help="pack an image folder into WebDataset shards (data.name=webdataset)",
+        description="Write IMAGE_FOLDER's images (labels from class sub-folders) as tar shards "
+        "of --shard-size samples in a random order from --seed, their encoded bytes unchanged, "
+        "plus shards.json (classes, sample counts) beside them.",
+    )
+    sh.add_argument("folder", metavar="IMAGE_FOLDER", help="one split's images, e.g. data/train")
+    sh.add_argument(
+        "pattern", metavar="PATTERN", help="shard names, e.g. 'OUT_DIR/train-%%06d.tar'"
+    )
+    sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
+    sh.add_argument(
+        "--seed", type=int, default=0, help="seed of the order the samples are written in"
+    )
+    sh.set_defaults(func=cmd_data_shard)
 
 
 def cmd_bench_quality(args) -> int:

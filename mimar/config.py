@@ -101,6 +101,9 @@ class TrainConfig:
     checkpoint_every: int = 500  # periodic checkpoints/step_XXXXXXX.pt; last.pt is always kept
     accum_steps: int = 1  # gradient accumulation: micro-batches of data.batch_size per step
     precision: Literal["fp32", "bf16"] = "fp32"  # bf16 = autocast (also on CPU)
+    # ddp: every rank holds the whole model (checkpoints/last.pt); fsdp: FSDP2 shards it over
+    # the ranks, checkpoints are DCP folders (checkpoints/last.dcp/) that reshard on load.
+    strategy: Literal["ddp", "fsdp"] = "ddp"
     # auto: matmul attention for CPU bf16 training, SDPA elsewhere (mimar/nn/attention.py)
     attention_kernel: Literal["auto", "sdpa", "matmul"] = "auto"
     grad_checkpointing: bool = False  # recompute block activations in backward (less memory)

@@ -26,3 +26,12 @@ class MissingFileError(MimarError, FileNotFoundError):
 
 class CheckpointError(MimarError, ValueError):
     """A checkpoint or exported file that cannot be read or does not fit."""
+
+
+class Stopped(Exception):
+    """A signal (SIGTERM / SIGINT) stopped a training protocol after its checkpoint was saved;
+    the command exits with 128 + the signal's number, as a killed process does."""
+
+    def __init__(self, signal_name: str, what: str) -> None:
+        super().__init__(f"{what} stopped by {signal_name}; checkpoint saved")
+        self.signal_name = signal_name

@@ -20,19 +20,23 @@ from mimar.backbones.pyramid import pyramid_backbone
 from mimar.config import PretrainConfig, from_dict, section_from_dict
 from mimar.data import normalization_stats
 from mimar.engine import checkpoint
+from mimar.engine.fsdp import is_sharded_checkpoint
 from mimar.errors import CheckpointError, MissingFileError
-from mimar.runs import last_checkpoint
+from mimar.runs import newest_checkpoint
 
 
 def resolve_checkpoint(source: str | Path) -> Path:
-    """A run folder -> its ``checkpoints/last.pt``; a file -> itself."""
+    """A run folder -> its ``checkpoints/last.pt`` (or an FSDP run's ``last.dcp/``); a
+    checkpoint file or DCP folder -> itself."""
     path = Path(source)
+    if is_sharded_checkpoint(path):
+        return path
     if path.is_dir():
-        ckpt = last_checkpoint(path)
-        if not ckpt.is_file():
+        ckpt = newest_checkpoint(path)
+        if ckpt is None:
             raise MissingFileError(
-                f"{path} holds no checkpoints/last.pt: is it a mimar run folder whose run "
-                "finished or was stopped after its first step?"
+                f"{path} holds no checkpoints/last.pt (or last.dcp/): is it a mimar run folder "
+                "whose run finished or was stopped after its first step?"
             )
         return ckpt
     if not path.is_file():

@@ -15,7 +15,7 @@ import yaml
 
 from mimar import runs
 from mimar.config import ConfigError, PretrainConfig, config_diff, from_dict, to_dict
-from mimar.data import build_step_loader, load_images
+from mimar.data import build_train_loader
 from mimar.engine import dist
 from mimar.engine.loop import RunResult, Session, fit
 from mimar.factory import build_method
@@ -41,9 +41,12 @@ def pretrain(
     with Session(t) as session:
         torch.manual_seed(t.seed)
         method = build_method(cfg)
-        images = load_images(cfg.data, "train")
-        loader = build_step_loader(
-            cfg.data, images, seed=t.seed, rank=session.rank, world_size=session.world
+        loader = build_train_loader(
+            cfg.data,
+            seed=t.seed,
+            rank=session.rank,
+            world_size=session.world,
+            pin_memory=session.device.type == "cuda",
         )
         result = fit(
             session,
@@ -56,7 +59,7 @@ def pretrain(
             resume=resume,
             config_changes=changes,
             picture=lambda model, step: _draw(
-                method,
+                model,
                 loader,
                 Path(run_dir),
                 session.device,
@@ -64,8 +67,8 @@ def pretrain(
             ),
         )
         if result.stopped_by is None:
-            if session.rank == 0:
-                _draw(method, loader, Path(run_dir), session.device)
+            if session.rank == 0:  # result.model: whole on rank 0, also under FSDP
+                _draw(result.model, loader, Path(run_dir), session.device)
             dist.barrier()  # no rank leaves the group while rank 0 draws
         return result
 

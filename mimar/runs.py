@@ -2,6 +2,7 @@
 
 RUN_DIR/config.yaml  metrics.jsonl  reconstruction.png
         checkpoints/last.pt  checkpoints/step_0000500.pt ...
+        checkpoints/last.dcp/  checkpoints/step_0000500.dcp/ ...   (train.strategy: fsdp)
         eval/<protocol>.json
         pictures/step_0000100.png ...   (train.picture_every)
         tensorboard/events.out.tfevents.*  wandb/   (train.loggers)
@@ -30,8 +31,24 @@ def step_checkpoint(run_dir: str | Path, step: int) -> Path:
     return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}.pt"
 
 
+def last_sharded(run_dir: str | Path) -> Path:
+    """``RUN_DIR/checkpoints/last.dcp/``: the newest state of an FSDP run (a DCP folder)."""
+    return Path(run_dir) / CHECKPOINTS / "last.dcp"
+
+
+def step_sharded(run_dir: str | Path, step: int) -> Path:
+    return Path(run_dir) / CHECKPOINTS / f"step_{step:07d}.dcp"
+
+
+def newest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The run's newest state: ``last.pt`` or ``last.dcp/``, whichever was written last (a
+    run may change strategy on resume), or None when it has neither."""
+    found = [p for p in (last_checkpoint(run_dir), last_sharded(run_dir)) if p.exists()]
+    return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
+
+
 def run_of_checkpoint(ckpt: str | Path) -> Path:
-    """The run folder a checkpoint file belongs to (its folder's parent for
-    ``checkpoints/*.pt``, else the folder it sits in)."""
+    """The run folder a checkpoint file (or DCP folder) belongs to (its folder's parent for
+    ``checkpoints/*.pt`` and ``checkpoints/*.dcp``, else the folder it sits in)."""
     ckpt = Path(ckpt)
     return ckpt.parent.parent if ckpt.parent.name == CHECKPOINTS else ckpt.parent

@@ -256,7 +256,7 @@ def test_resume_continues_a_dense_finetune_exactly(run, scenes, tmp_path, monkey
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsLog, "write", write_then_signal)
-    assert main([*argv, "--checkpoint", str(cut)]) == 0
+    assert main([*argv, "--checkpoint", str(cut)]) == 128 + signal.SIGTERM  # stopped: not done
     assert checkpoint.load(cut / "eval/segment/checkpoints/last.pt")["step"] == 3
     monkeypatch.setattr(MetricsLog, "write", write)
     assert main([*argv, "--checkpoint", str(cut), "--resume"]) == 0

@@ -232,9 +232,10 @@ def test_two_process_ddp_matches_one_process(tmp_path):
     a, b = losses(one), losses(two)
     assert sorted(a) == sorted(b) == [1, 2, 3, 4]
     # Same global batch, images, augmentation and masks on both sides; only the order of
-    # floating-point sums differs (gradient all-reduce), hence a small tolerance.
+    # floating-point sums differs (gradient all-reduce): fp32 rounding, ~1e-7 (measured
+    # 1.2e-7 over 4 steps), which Adam's per-element normalisation can grow a little.
     for step in a:
-        assert b[step] == pytest.approx(a[step], rel=1e-4, abs=1e-5)
+        assert b[step] == pytest.approx(a[step], rel=1e-5, abs=1e-6)
     assert torch.equal(torch.tensor(a[1]), torch.tensor(b[1])) or abs(a[1] - b[1]) < 1e-5
 
 

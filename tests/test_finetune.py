@@ -92,7 +92,8 @@ def test_resume_continues_a_finetune_exactly(run, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
 
     monkeypatch.setattr(MetricsLog, "write", write_then_signal)
-    assert _ft(cut, *extra) == 0
+    assert _ft(cut, *extra) == 128 + signal.SIGTERM  # stopped: not done, nothing written
+    assert not (cut / "eval" / "finetune.json").exists()
     assert checkpoint.load(cut / "eval/finetune/checkpoints/last.pt")["step"] == 5
     monkeypatch.setattr(MetricsLog, "write", write)
     assert _ft(cut, *extra, resume=True) == 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
-DatasetName = Literal["fashion_mnist", "image_folder", "synthetic"]
+DatasetName = Literal["fashion_mnist", "image_folder", "synthetic", "webdataset"]
 BadImagePolicy = Literal["error", "skip"]
 
 
@@ -15,7 +15,9 @@ class DataConfig:
 
     ``root`` means: for fashion_mnist the folder holding the idx files (plain, ``.gz``, or
     torchvision's ``FashionMNIST/raw`` layout); for image_folder the folder whose ``train`` /
-    ``val`` / ``test`` sub-folders are the splits (or the folder itself for train).
+    ``val`` / ``test`` sub-folders are the splits (or the folder itself for train); for
+    webdataset the train shards, e.g. ``/data/in1k/train-{000000..001023}.tar`` (the test split:
+    the same names with ``val`` or ``test`` for ``train``, see ``mimar/data/shards.py``).
     """
 
     name: DatasetName = "fashion_mnist"
@@ -32,7 +34,7 @@ class DataConfig:
     download: bool = False  # fashion_mnist only: let torchvision download missing files
     synthetic_size: int = 512
     synthetic_classes: int = 4
-    num_workers: int = 0  # image_folder only: DataLoader workers for decoding
+    num_workers: int = 0  # image_folder, webdataset: DataLoader workers for decoding
     max_images: int = 0  # 0 = all; else a fixed subset: the first ones (folders: evenly spaced)
 
     def __post_init__(self) -> None:

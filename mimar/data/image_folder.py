@@ -2,8 +2,9 @@
 
 Every image is converted to the requested channels, resized so its shorter side is
 ``img_size`` and center-cropped to a square at load time. Holding the decoded split in memory
-is meant for small and medium folders (a 100k-image folder at 64 px RGB is ~1.2 GB); a
-streaming reader for ImageNet-scale data would be a separate source.
+is meant for small and medium folders (a 100k-image folder at 64 px RGB is ~1.2 GB);
+ImageNet-scale data streams from WebDataset shards instead (``mimar data shard``,
+``data.name=webdataset``: mimar/data/shard_loader.py).
 
 Layout: ``root/train`` and ``root/val`` (or ``root/test``) are the splits when present, else
 ``root`` itself is the train split. Inside a split, if every image sits in a first-level
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import warnings
 from pathlib import Path
+from typing import BinaryIO
 
 import numpy as np
 import torch
@@ -107,17 +109,19 @@ def list_images(folder: Path) -> list[Path]:
     return sorted(paths, key=lambda path: path.relative_to(folder).as_posix())
 
 
-def decode_image(path: Path, size: int, in_chans: int) -> np.ndarray:
-    """Decode one file to uint8 ``(size, size, in_chans)``: convert, resize short side, crop."""
+def decode_image(path: Path | BinaryIO, size: int, in_chans: int) -> np.ndarray:
+    """Decode one file (a path, or an open binary file such as a shard member's bytes) to
+    uint8 ``(size, size, in_chans)``: convert, resize short side, crop."""
     with Image.open(path) as img:
         img.load()
-        img = _convert(img, "L" if in_chans == 1 else "RGB")
+        img = convert_mode(img, "L" if in_chans == 1 else "RGB")
         img = _resize_center_crop(img, size)
         array = np.asarray(img, dtype=np.uint8)
     return array[:, :, None] if array.ndim == 2 else array
 
 
-def _convert(img: Image.Image, mode: str) -> Image.Image:
+def convert_mode(img: Image.Image, mode: str) -> Image.Image:
+    """``img`` as PIL mode ``mode`` ("L" or "RGB"): 16-bit rescaled, palette and alpha handled."""
     if img.mode in _SIXTEEN_BIT_MODES:  # PIL's convert would clip at 255; rescale instead
         img = Image.fromarray((np.asarray(img, dtype=np.float64) / 257).round().astype(np.uint8))
     if img.mode == "P":  # via RGBA so palette transparency is read without a PIL warning

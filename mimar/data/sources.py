@@ -1,4 +1,4 @@
-"""load_images: the one place that maps ``DataConfig.name`` to a source."""
+"""load_images and build_train_loader: the one place that maps ``DataConfig.name`` to a source."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from mimar.data.config import DataConfig
 from mimar.data.fashion_mnist import FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from mimar.data.image_folder import load_image_folder
 from mimar.data.image_set import IMAGENET_MEAN, IMAGENET_STD, ImageSet, match_stats
+from mimar.data.loader import StepLoader, build_step_loader
+from mimar.data.shard_loader import ShardLoader, build_shard_loader
+from mimar.data.shards import load_shards
 from mimar.data.synthetic import make_synthetic
 from mimar.errors import DataError
 
@@ -16,6 +19,7 @@ _SOURCES = {
     "fashion_mnist": load_fashion_mnist,
     "image_folder": load_image_folder,
     "synthetic": make_synthetic,
+    "webdataset": load_shards,  # evaluation: a whole split in memory
 }
 
 
@@ -57,3 +61,17 @@ def normalization_stats(cfg: DataConfig) -> tuple[tuple[float, ...], tuple[float
     else:  # image folders and synthetic images use the ImageNet statistics
         mean, std = IMAGENET_MEAN, IMAGENET_STD
     return match_stats(mean, cfg.in_chans), match_stats(std, cfg.in_chans)
+
+
+def build_train_loader(
+    cfg: DataConfig, *, seed: int, rank: int = 0, world_size: int = 1, pin_memory: bool = False
+) -> StepLoader | ShardLoader:
+    """The pretraining loader of ``cfg``: WebDataset shards stream from disk (``pin_memory``:
+    their batches come back pinned, for CUDA); every other source is loaded into memory."""
+    if cfg.name == "webdataset":
+        mean, std = normalization_stats(cfg)
+        return build_shard_loader(
+            cfg, mean, std, seed=seed, rank=rank, world_size=world_size, pin_memory=pin_memory
+        )
+    images = load_images(cfg, "train")
+    return build_step_loader(cfg, images, seed=seed, rank=rank, world_size=world_size)

@@ -13,8 +13,10 @@ import hashlib
 import logging
 import os
 import pickle
+import shutil
 import subprocess
 import tempfile
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -85,10 +87,20 @@ def load(
     bytes that changed since the save.
     """
     path = Path(path)
+    if path.is_dir() and (path / ".metadata").is_file():  # an FSDP run's DCP folder
+        from mimar.engine import fsdp
+
+        state = fsdp.read_full(path)
+        missing = [key for key in require if state.get(key) is None]
+        if missing:
+            raise CheckpointError(f"{path} lacks {', '.join(missing)}: not a mimar checkpoint")
+        return state
     if not path.is_file():
         raise MissingFileError(f"no checkpoint at {path}")
     try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
+        with warnings.catch_warnings():  # a foreign pickle's protocol warning: refused below
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            state = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
         if "weights only" in str(err).lower():  # objects beyond tensors and plain data
             raise CheckpointError(
@@ -154,11 +166,15 @@ def _feed(digest, key: str, value: Any) -> None:
 
 
 def remove_orphans(folder: str | Path) -> list[Path]:
-    """Delete the ``*.tmp`` files a killed save left in ``folder``; returns them."""
+    """Delete the ``*.tmp`` files (and DCP folders) a killed save left in ``folder``; returns
+    them."""
     folder = Path(folder)
     orphans = sorted(folder.glob(".*.tmp")) + sorted(folder.glob("[!.]*.tmp"))
     for orphan in orphans:
-        orphan.unlink(missing_ok=True)
+        if orphan.is_dir():
+            shutil.rmtree(orphan, ignore_errors=True)
+        else:
+            orphan.unlink(missing_ok=True)
     if orphans:
         log.warning("removed %d unfinished checkpoint file(s) in %s", len(orphans), folder)
     return orphans

@@ -17,6 +17,7 @@ step and the global RNG state.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import os
@@ -34,7 +35,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from mimar import runs
-from mimar.engine import checkpoint, dist
+from mimar.engine import checkpoint, dist, fsdp
 from mimar.engine.logger import ProgressBar, RunLog, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
 from mimar.errors import CheckpointError, ConfigError
@@ -54,6 +55,9 @@ class NonFiniteLoss(RuntimeError):
 class RunResult:
     step: int
     stopped_by: str | None  # signal name when interrupted, else None
+    # the trained model, whole on rank 0 (under FSDP over several ranks: rank 0's unsharded
+    # copy; other ranks get their shards): what pictures and evaluations after the run use
+    model: nn.Module | None = None
 
 
 def pick_device(name: str, local_rank: int) -> torch.device:
@@ -116,15 +120,34 @@ def fit(
     ``{"key", "old", "new"}`` rows the caller allowed) are appended, with the step, to
     ``config_changes.jsonl``."""
     run_dir, t, device, rank = Path(run_dir), train, session.device, session.rank
+    sharded = t.strategy == "fsdp"
     if rank == 0:  # temp files of a save that was killed halfway
+        fsdp.restore_interrupted(run_dir / runs.CHECKPOINTS)
         checkpoint.remove_orphans(run_dir / runs.CHECKPOINTS)
-    last = runs.last_checkpoint(run_dir)
-    state = checkpoint.load(last, require=checkpoint.RESUME_KEYS) if resume else None
-    if resume and rank == 0:
-        log.info("resuming %s from step %d", run_dir, state["step"])
+    dist.barrier()  # no rank looks for the checkpoint while rank 0 tidies
+    last = runs.last_sharded(run_dir) if sharded else runs.last_checkpoint(run_dir)
+    state = None
+    if resume and not sharded:
+        state = checkpoint.load(last, require=checkpoint.RESUME_KEYS)
+    elif resume and not fsdp.is_sharded_checkpoint(last):
+        raise CheckpointError(
+            f"train.strategy=fsdp resumes from {last}, which is missing"
+            + (
+                " (this run has checkpoints/last.pt: resume it with train.strategy=ddp)"
+                if runs.last_checkpoint(run_dir).is_file()
+                else ""
+            )
+        )
     model = model.to(device)
     if t.grad_checkpointing:
         _checkpoint_blocks(model)
+    # FSDP over several ranks: rank 0 keeps an unsharded copy for pictures and evaluations,
+    # which run on rank 0 alone and cannot gather the other ranks' shards.
+    sharding = sharded and session.world > 1
+    wants_view = evaluate is not None or picture is not None
+    replica = copy.deepcopy(model) if sharding and wants_view and rank == 0 else None
+    if sharding:
+        fsdp.shard(model, t.precision, device)
     peak_lr = scaled_lr(optim, loader.batch_size * t.accum_steps)
     optimizer = build_optimizer(model, optim, peak_lr)
     start = 0
@@ -140,11 +163,16 @@ def fit(
             raise CheckpointError(
                 f"{last} does not fit the model of the config: {detail}"
             ) from None
+    elif resume:  # a DCP folder, saved by any number of ranks, loaded into this rank's shards
+        state = fsdp.load_into(last, model, optimizer)
+    if state is not None:
         torch.set_rng_state(state["rng"]["torch"])
         if device.type == "cuda" and state["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
         start = state["step"]
-    wrapped = DistributedDataParallel(model) if session.world > 1 else model
+        if rank == 0:
+            log.info("resuming %s from step %d", run_dir, start)
+    wrapped = DistributedDataParallel(model) if session.world > 1 and not sharded else model
     if t.compile:  # compiled lazily, at the first step (its time is logged)
         wrapped = _compiled(wrapped, device)
     if rank == 0:
@@ -159,7 +187,16 @@ def fit(
     metrics = RunLog(run_dir, t.loggers, config, start if resume else 0) if rank == 0 else None
     bar = ProgressBar(t.steps, start, t.progress and rank == 0, name)
     warmup = warmup_steps(optim, t.steps)
-    step, save = start, _saver(config, model, optimizer, run_dir, rank)
+    step = start
+    save = _saver(config, model, optimizer, run_dir, rank, sharded, device)
+
+    def view() -> nn.Module:  # every rank calls it: the whole model, on rank 0
+        if replica is not None or sharding:
+            full = fsdp.full_model_state(model)
+            if replica is not None:
+                replica.load_state_dict(full)
+        return replica if replica is not None else model
+
     try:
         window: list[dict] = []  # this rank's step outputs (device tensors) since the last read
         tic = time.perf_counter()
@@ -193,24 +230,28 @@ def fit(
                 metrics.write(row)
             bar.update(row)
             if evaluate is not None and (every or step == t.steps):
-                scores = evaluate(model, step) if rank == 0 else {}
+                whole = view()
+                scores = evaluate(whole, step) if rank == 0 else {}
                 if metrics is not None:
                     metrics.write({"step": step, "epoch": row["epoch"], **scores})
                 dist.barrier()
             if draw:
-                if rank == 0 and (path := picture(model, step)) is not None:
+                whole = view()
+                if rank == 0 and (path := picture(whole, step)) is not None:
                     metrics.picture(path, step)
                 dist.barrier()
             if periodic:
                 save(step, periodic=True)
             if dist.any_rank(stop.signal is not None, device):
                 save(step)
-                return RunResult(step, stop.signal or "signal on another rank")
+                return RunResult(step, stop.signal or "signal on another rank", model)
             tic = time.perf_counter()
         save(step)
         dist.barrier()  # every rank finished before any leaves the group
-        return RunResult(step, None)
+        return RunResult(step, None, view() if wants_view else model)
     finally:
+        if isinstance(save, _ShardedSave):
+            save.saver.wait()  # an asynchronous save still in flight
         bar.close()
         stop.restore()
         if metrics is not None:
@@ -291,11 +332,13 @@ def train_step(
             b = inputs["images"].shape[0]
             corruption = {k: v[rank * b : (rank + 1) * b].to(device) for k, v in drawn.items()}
         last = micro == t.accum_steps - 1
-        sync = nullcontext() if last or world == 1 else model.no_sync()
+        sync = _gradient_sync(model, last, world)
         seed = loader.generator_for(index, "network").initial_seed()
         draws = step_draws(seed, rank, world)  # drop path masks
         with sync, autocast, draws:
             out = model(**inputs, **corruption)
+            if "loss_terms" in out:
+                out = _global_mean(out, world)
         with sync:
             (out["loss"] / t.accum_steps).backward()
         for k, v in out.items():
@@ -304,7 +347,8 @@ def train_step(
     means = dist.all_reduce_mean(torch.stack([totals[k] for k in keys]))  # one collective
     totals = dict(zip(keys, means.unbind(), strict=True))
     if clip_grad:
-        totals["grad_norm"] = nn.utils.clip_grad_norm_(method.parameters(), clip_grad)
+        norm = nn.utils.clip_grad_norm_(method.parameters(), clip_grad)
+        totals["grad_norm"] = norm.full_tensor() if hasattr(norm, "full_tensor") else norm
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     if hasattr(method, "after_step"):
@@ -312,25 +356,80 @@ def train_step(
     return totals
 
 
-def _saver(config: dict, method, optimizer, run_dir: Path, rank: int):
+def _gradient_sync(model: nn.Module, last: bool, world: int):
+    """A context for one micro-step: gradients are reduced over ranks on the last one only."""
+    if world == 1:
+        return nullcontext()
+    if isinstance(model, DistributedDataParallel):
+        return nullcontext() if last else model.no_sync()
+    fsdp.set_gradient_sync(model, last)
+    return nullcontext()
+
+
+def _global_mean(out: dict, world: int) -> dict:
+    """A loss that averages a varying number of terms per rank (``loss_terms``: AIM's
+    non-prefix patches) as the mean over the whole global batch: each rank's mean weighted
+    by ``world * terms / all terms``, so that the ranks' average (what DDP and FSDP average
+    gradients and logged values over) is the one-process loss of the same batch."""
+    out = dict(out)
+    terms = out.pop("loss_terms").detach().float()
+    if world > 1:
+        total = terms.clone()
+        torch.distributed.all_reduce(total)
+        out["loss"] = out["loss"] * (terms * world / total.clamp(min=1))
+    return out
+
+
+def _saver(config: dict, method, optimizer, run_dir: Path, rank: int, sharded: bool, device):
+    if sharded:
+        return _ShardedSave(config, method, optimizer, run_dir, rank)
+
     def save(step: int, periodic: bool = False) -> None:
-        if rank != 0:
-            return
-        state = {
-            "model": method.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "step": step,
-            "rng": {
-                "torch": torch.get_rng_state(),
-                "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
-            },
-            "config": config,
-            "git_sha": checkpoint.git_sha(),
-        }
-        periodic_path = (runs.step_checkpoint(run_dir, step),) if periodic else ()
-        checkpoint.save(state, runs.last_checkpoint(run_dir), *periodic_path)
+        failed: CheckpointError | None = None
+        if rank == 0:
+            periodic_path = (runs.step_checkpoint(run_dir, step),) if periodic else ()
+            state = _state_meta(config, step, method, optimizer)
+            try:
+                checkpoint.save(state, runs.last_checkpoint(run_dir), *periodic_path)
+            except CheckpointError as err:  # e.g. a full disk
+                failed = err
+        # every rank stops with rank 0's error, instead of waiting for it at the next collective
+        if dist.any_rank(failed is not None, device):
+            raise failed or CheckpointError(
+                f"rank 0 could not write the checkpoint of step {step} (see its error)"
+            )
 
     return save
+
+
+def _state_meta(config: dict, step: int, method=None, optimizer=None) -> dict:
+    """What a checkpoint holds besides (or with) the weights and the optimizer state."""
+    state = {"model": method.state_dict(), "optimizer": optimizer.state_dict()} if method else {}
+    return {
+        **state,
+        "step": step,
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        },
+        "config": config,
+        "git_sha": checkpoint.git_sha(),
+    }
+
+
+class _ShardedSave:
+    """``train.strategy=fsdp``: every rank writes its shards into ``checkpoints/last.dcp/``
+    (and ``step_N.dcp/``); periodic saves are asynchronous."""
+
+    def __init__(self, config, method, optimizer, run_dir: Path, rank: int) -> None:
+        self.config, self.run_dir = config, run_dir
+        self.saver = fsdp.ShardedSaver(method, optimizer, rank)
+
+    def __call__(self, step: int, periodic: bool = False) -> None:
+        paths = [runs.last_sharded(self.run_dir)]
+        if periodic:
+            paths.append(runs.step_sharded(self.run_dir, step))
+        self.saver.save(_state_meta(self.config, step), paths, asynchronous=periodic)
 
 
 class _StopFlag:

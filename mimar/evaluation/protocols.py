@@ -30,7 +30,7 @@ from torch import nn
 from mimar import runs
 from mimar.data import ImageSet, iterate_eval_batches
 from mimar.engine.checkpoint import save_atomic
-from mimar.errors import ConfigError
+from mimar.errors import ConfigError, Stopped
 from mimar.evaluation.attentive import attentive_probe, default_blocks, probe_heads
 from mimar.evaluation.features import (
     causal_mask,
@@ -240,6 +240,8 @@ def _finetune(cfg: EvalConfig) -> dict:
             scratch=scratch,
             resume=cfg.resume,
         )
+        if res.get("stopped_by"):
+            raise Stopped(res["stopped_by"], "fine-tuning")
         res["seconds"] = round(time.perf_counter() - tic, 1)
         notes = f"final epoch of {res.get('epochs')}"
         if res.get("best_top1") is not None:
@@ -272,6 +274,8 @@ def _dense(task: str) -> Callable[[EvalConfig], dict]:
                 neck=cfg.neck,
                 resume=cfg.resume,
             )
+            if res.get("stopped_by"):
+                raise Stopped(res["stopped_by"], task)
             scores = {k: v for k, v in res.items() if k in DENSE_SCORES}
             notes = ", ".join(f"{k} {v:.2f}" for k, v in scores.items() if v is not None)
             notes += f"; {res['n_train']} train / {res['n_test']} test at {res['img_size']} px"

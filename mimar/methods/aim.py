@@ -110,7 +110,9 @@ class AIM(nn.Module):
         n = self.num_patches
         valid = torch.arange(1, n, device=images.device) >= prefix_len[:, None]  # (B, N-1)
         loss = masked_mse(pred[:, :-1], target[:, 1:], valid)  # non-prefix targets only
-        return {"loss": loss, "prefix_len": prefix_len.float().mean()}
+        # loss_terms: the engine makes a multi-process loss the mean over the global batch's
+        # valid targets (ranks hold different numbers of them), as one process computes it.
+        return {"loss": loss, "prefix_len": prefix_len.float().mean(), "loss_terms": valid.sum()}
 
     def predict(self, images: torch.Tensor, prefix_len: torch.Tensor) -> torch.Tensor:
         """Encode the patches in ``order`` under the prefix-causal mask; decode each token."""

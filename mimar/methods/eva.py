@@ -102,6 +102,9 @@ class EVA(nn.Module):
             "loss": loss,
             "mask_ratio": mask.float().mean(),
             "teacher_ms": torch.tensor(target["ms"], device=images.device),  # teacher forward
+            # block masks hide a varying number of patches: the engine averages over all of
+            # the global batch's hidden tokens, as one process does (mimar/engine/loop.py)
+            "loss_terms": mask.sum(),
         }
 
     def predict(self, images: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

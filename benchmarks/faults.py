@@ -1,0 +1,221 @@
+"""The fault table: kill -9 mid-run then resume, corrupt checkpoints, bad config values.
+
+    python -m benchmarks.faults                  # 8 kills, every corruption, every key x value
+    python -m benchmarks.faults --kills 3 --parts kill
+
+- kill: a tiny SimMIM run (``train.checkpoint_every=3``, 1 thread) is SIGKILLed after a random
+  delay, resumed with ``--resume auto`` until it finishes, and its logged losses compared with
+  an uninterrupted run's: "resumed exactly" counts runs whose every loss is equal (bit for
+  bit; one process, fixed thread count).
+- corrupt: a finished run's ``last.pt`` and an FSDP run's ``last.dcp/`` get damaged (bytes
+  flipped in the tensor data at random offsets, truncations, an empty file, random bytes, a
+  foreign pickle, a torch file without our keys, a missing or altered DCP file); each is read
+  by ``mimar.engine.checkpoint.load`` (what resume, eval and export call): "refused clearly"
+  counts one-line ``CheckpointError`` / ``MissingFileError``; an accepted load or any other
+  exception is listed.
+- config: every key of every tiny recipe set to each of a list of bad and odd values through
+  ``load_config``: "clear error" counts one-line ``ConfigError``s, "valid" the values that make
+  a valid config; any other exception is listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import pickle
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = "configs/simmim/vit_tiny_fmnist.yaml"
+TINY = [
+    "data.name=synthetic", "data.synthetic_size=256", "data.batch_size=16", "data.img_size=16",
+    "backbone.img_size=16", "backbone.embed_dim=32", "backbone.depth=2", "backbone.num_heads=2",
+    "method.mask_patch_size=8", "train.precision=fp32", "train.progress=false",
+    "train.threads=1", "train.steps=60", "train.checkpoint_every=3",
+]  # fmt: skip
+BAD_VALUES = ["-1", "0", "1e30", ".nan", ".inf", "abc", "[]", "{}", "true", "null", "[1, 2, 3]",
+              "'", "[", "!!python/name:os.system", "2.5", "-0.5"]  # fmt: skip
+
+
+def pretrain(run: Path, *extra: str) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "mimar.cli", "pretrain", RECIPE, *TINY, *extra,
+           "--run-dir", str(run), "--resume", "auto"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.PIPE, text=True)  # fmt: skip
+
+
+def losses(run: Path) -> dict[int, float]:
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def part_kill(args, tmp: Path) -> tuple[int, int]:
+    ref = tmp / "ref"
+    assert pretrain(ref).wait() == 0
+    start = time.perf_counter()
+    assert pretrain(tmp / "timing").wait() == 0
+    duration = time.perf_counter() - start
+    rng, exact = random.Random(0), 0
+    for trial in range(args.kills):
+        run = tmp / f"kill{trial}"
+        proc = pretrain(run)
+        time.sleep(rng.uniform(0.3, 0.9) * duration)  # start-up included: some die early
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        logged = max(losses(run), default=0) if (run / "metrics.jsonl").is_file() else 0
+        while (proc := pretrain(run)).wait() != 0:  # --resume auto: continue or start over
+            raise SystemExit(f"resume of trial {trial} failed: {proc.stderr.read()[-500:]}")
+        same = losses(run) == losses(ref)
+        exact += same
+        outcome = "exactly" if same else "with DIFFERENT losses"
+        print(f"kill trial {trial}: killed after step {logged} of 60, resumed {outcome}")
+    return args.kills, exact
+
+
+def _write(path: Path, data: bytes) -> Path:
+    path.write_bytes(data)
+    return path
+
+
+def corruptions(last: Path, tmp: Path, rng: random.Random):
+    """(name, damaged path) pairs made from the checkpoint file ``last``."""
+    data = last.read_bytes()
+    for i in range(20):
+        bad = bytearray(data)
+        pos = rng.randrange(len(bad) // 4, len(bad) - 1024)  # past the zip header: tensor data
+        bad[pos] ^= 1 << rng.randrange(8)
+        yield f"flipped bit at {pos}", _write(tmp / f"flip{i}.pt", bytes(bad))
+    for i, frac in enumerate((0.0, 0.1, 0.5, 0.9, 0.999)):
+        yield (
+            f"truncated to {frac:.1%}",
+            _write(tmp / f"trunc{i}.pt", data[: int(len(data) * frac)]),
+        )
+    yield "random bytes", _write(tmp / "random.pt", rng.randbytes(4096))
+    yield "foreign pickle", _write(tmp / "foreign.pt", pickle.dumps(random.Random()))
+    torch.save({"weights": torch.zeros(3)}, tmp / "nokeys.pt")
+    yield "torch file without mimar keys", tmp / "nokeys.pt"
+    torch.save([1, 2, 3], tmp / "list.pt")
+    yield "torch file holding a list", tmp / "list.pt"
+
+
+def dcp_corruptions(folder: Path, tmp: Path, rng: random.Random):
+    shards = sorted(p.name for p in folder.glob("*.distcp"))
+    for i in range(10):
+        bad = tmp / f"dcp-flip{i}.dcp"
+        shutil.copytree(folder, bad)
+        shard = bad / rng.choice(shards)
+        data = bytearray(shard.read_bytes())
+        pos = rng.randrange(len(data))
+        data[pos] ^= 1 << rng.randrange(8)
+        shard.write_bytes(bytes(data))
+        yield f"DCP: flipped bit in {shard.name}", bad
+    for name in (*shards, "mimar.pt", ".metadata"):
+        bad = tmp / f"dcp-no{name}.dcp"
+        shutil.copytree(folder, bad)
+        (bad / name).unlink()
+        yield f"DCP: {name} missing", bad
+
+
+def part_corrupt(args, tmp: Path) -> tuple[int, int, list[str]]:
+    from mimar.engine import checkpoint
+    from mimar.errors import CheckpointError, MissingFileError
+
+    rng = random.Random(0)
+    ddp, sharded = tmp / "c-ddp", tmp / "c-fsdp"
+    assert pretrain(ddp, "train.steps=3").wait() == 0
+    assert pretrain(sharded, "train.steps=3", "train.strategy=fsdp").wait() == 0
+    cases = [
+        *corruptions(ddp / "checkpoints" / "last.pt", tmp, rng),
+        *dcp_corruptions(sharded / "checkpoints" / "last.dcp", tmp, rng),
+    ]
+    original = checkpoint.content_hash(checkpoint.load(ddp / "checkpoints" / "last.pt"))
+    clear, harmless, problems = 0, 0, []
+    for name, path in cases:
+        try:
+            state = checkpoint.load(path)
+            if checkpoint.content_hash(state) == original:  # zip padding, CRC fields, ...
+                harmless += 1
+            else:
+                problems.append(f"{name}: accepted")
+        except (CheckpointError, MissingFileError) as err:
+            if "\n" in str(err):
+                problems.append(f"{name}: a multi-line error")
+            else:
+                clear += 1
+        except Exception as err:  # noqa: BLE001 - what the table counts
+            problems.append(f"{name}: {type(err).__name__}: {str(err)[:100]}")
+    return len(cases), clear, harmless, problems
+
+
+def part_config() -> tuple[int, int, int, list[str]]:
+    import mimar
+    from mimar.config import ConfigError, to_dict
+
+    def keys(tree: dict, prefix: str = "") -> list[str]:
+        found = []
+        for key, value in tree.items():
+            full = f"{prefix}.{key}" if prefix else key
+            found.append(full)
+            if isinstance(value, dict):
+                found += keys(value, full)
+        return found
+
+    tried = clear = valid = 0
+    problems: list[str] = []
+    for recipe in sorted(ROOT.glob("configs/*/*_fmnist.yaml")):
+        for key in keys(to_dict(mimar.load_config(recipe))):
+            for value in BAD_VALUES:
+                tried += 1
+                try:
+                    mimar.load_config(recipe, [f"{key}={value}"])
+                    valid += 1
+                except ConfigError as err:
+                    clear += "\n" not in str(err)
+                except Exception as err:  # noqa: BLE001
+                    problems.append(f"{recipe.name} {key}={value}: {type(err).__name__}")
+    return tried, clear, valid, problems
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--parts", nargs="+", default=["kill", "corrupt", "config"])
+    parser.add_argument("--kills", type=int, default=8)
+    args = parser.parse_args()
+    rows = []
+    with tempfile.TemporaryDirectory(prefix="mimar-faults-") as tmp:
+        if "kill" in args.parts:
+            n, exact = part_kill(args, Path(tmp))
+            rows.append(
+                f"| kill -9 mid-run, then `--resume auto` | {n} | {exact} resumed exactly |"
+            )
+        if "corrupt" in args.parts:
+            n, clear, harmless, problems = part_corrupt(args, Path(tmp))
+            rows.append(
+                f"| corrupt checkpoints (file and DCP) | {n} | {clear} refused in one line, "
+                f"{harmless} harmless (the bytes hit no value: the loaded state is the saved "
+                f"one), {len(problems)} accepted or unclear |"
+            )
+            print(*problems, sep="\n")
+        if "config" in args.parts:
+            n, clear, valid, problems = part_config()
+            rows.append(f"| bad config values (every key x {len(BAD_VALUES)} values) | {n} | "
+                        f"{clear} one-line ConfigError, {valid} valid, "
+                        f"{len(problems)} other |")  # fmt: skip
+            print(*problems[:20], sep="\n")
+    print("\n| fault | tried | outcome |\n|---|---|---|")
+    print(*rows, sep="\n")
+
+
+if __name__ == "__main__":
+    main()
