@@ -20,6 +20,27 @@ TINY = [
     "train.threads=1",
 ]
 
+# 16 px, main patch 4 -> 16 main patches (4 kept); stages 8 / 16 / 32; neck 16; decoder 32
+ITPN_TINY = [
+    "data.name=synthetic",
+    "data.synthetic_size=128",
+    "data.batch_size=16",
+    "data.img_size=16",
+    "backbone.img_size=16",
+    "backbone.embed_dim=32",
+    "backbone.mlp_depth=1",
+    "backbone.depth=2",
+    "backbone.num_heads=2",
+    "method.fpn_dim=16",
+    "method.decoder_dim=32",
+    "method.decoder_depth=1",
+    "method.decoder_num_heads=2",
+    "train.precision=fp32",
+    "train.progress=false",
+    "train.threads=1",
+    "train.checkpoint_every=5",
+]
+
 
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

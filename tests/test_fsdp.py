@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY, losses
+from helpers import ITPN_TINY, TINY, losses
 
 from mimar.cli import main
 from mimar.engine import checkpoint, fsdp
@@ -33,18 +33,6 @@ AIM_TINY = [
     "method.head_depth=1",
 ]
 ITPN = "configs/itpn/hivit_tiny_fmnist.yaml"
-ITPN_TINY = [
-    *(w for w in TINY if not w.startswith(("method.", "backbone."))),
-    "backbone.img_size=16",
-    "backbone.embed_dim=32",
-    "backbone.mlp_depth=1",
-    "backbone.depth=2",
-    "backbone.num_heads=2",
-    "method.fpn_dim=16",
-    "method.decoder_dim=32",
-    "method.decoder_depth=1",
-    "method.decoder_num_heads=2",
-]
 EVA = "configs/eva/vit_tiny_fmnist.yaml"
 REL, ABS = 1e-5, 1e-6
 

@@ -5,7 +5,7 @@ import json
 
 import pytest
 import torch
-from helpers import loss_ends, losses
+from helpers import ITPN_TINY, loss_ends, losses
 
 import mimar
 from mimar.backbones.hivit import HiViT, HiViTConfig
@@ -17,26 +17,7 @@ from mimar.engine.optim import build_optimizer, param_groups
 from mimar.methods.itpn import ITPN, ITPNConfig
 
 RECIPE = "configs/itpn/hivit_tiny_fmnist.yaml"
-# 16 px, main patch 4 -> 16 main patches (4 kept); stages 8 / 16 / 32; neck 16; decoder 32
-TINY = [
-    "data.name=synthetic",
-    "data.synthetic_size=128",
-    "data.batch_size=16",
-    "data.img_size=16",
-    "backbone.img_size=16",
-    "backbone.embed_dim=32",
-    "backbone.mlp_depth=1",
-    "backbone.depth=2",
-    "backbone.num_heads=2",
-    "method.fpn_dim=16",
-    "method.decoder_dim=32",
-    "method.decoder_depth=1",
-    "method.decoder_num_heads=2",
-    "train.precision=fp32",
-    "train.progress=false",
-    "train.threads=1",
-    "train.checkpoint_every=5",
-]
+TINY = ITPN_TINY  # helpers.py: 16 px, 16 main patches (4 kept), neck 16, decoder 32
 BACKBONE = dict(
     img_size=16, patch_size=4, in_chans=1, embed_dim=32, mlp_depth=1, depth=2, num_heads=2
 )
