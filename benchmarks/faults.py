@@ -1,12 +1,12 @@
 """The fault table: kill -9 mid-run then resume, corrupt checkpoints, bad config values.
 
-    python -m benchmarks.faults                  # 8 kills, every corruption, every key x value
+    python -m benchmarks.faults                  # 10 kills, every corruption, every key x value
     python -m benchmarks.faults --kills 3 --parts kill
 
-- kill: a tiny SimMIM run (``train.checkpoint_every=3``, 1 thread) is SIGKILLed after a random
-  delay, resumed with ``--resume auto`` until it finishes, and its logged losses compared with
-  an uninterrupted run's: "resumed exactly" counts runs whose every loss is equal (bit for
-  bit; one process, fixed thread count).
+- kill: a tiny SimMIM run (``train.checkpoint_every=3``, 1 thread) is SIGKILLed once its
+  log reaches a random step between 1 and 59, resumed with ``--resume auto`` until it
+  finishes, and its logged losses compared with an uninterrupted run's: "resumed exactly"
+  counts runs whose every loss is equal (bit for bit; one process, fixed thread count).
 - corrupt: a finished run's ``last.pt`` and an FSDP run's ``last.dcp/`` get damaged (bytes
   flipped in the tensor data at random offsets, truncations, an empty file, random bytes, a
   foreign pickle, a torch file without our keys, a missing or altered DCP file); each is read
@@ -63,24 +63,29 @@ def losses(run: Path) -> dict[int, float]:
 def part_kill(args, tmp: Path) -> tuple[int, int]:
     ref = tmp / "ref"
     assert pretrain(ref).wait() == 0
-    start = time.perf_counter()
-    assert pretrain(tmp / "timing").wait() == 0
-    duration = time.perf_counter() - start
     rng, exact = random.Random(0), 0
     for trial in range(args.kills):
-        run = tmp / f"kill{trial}"
+        run, target = tmp / f"kill{trial}", rng.randrange(1, 60)  # a step strictly mid-run
         proc = pretrain(run)
-        time.sleep(rng.uniform(0.3, 0.9) * duration)  # start-up included: some die early
+        while proc.poll() is None and _last_step(run) < target:
+            time.sleep(0.01)
         proc.send_signal(signal.SIGKILL)
         proc.wait()
-        logged = max(losses(run), default=0) if (run / "metrics.jsonl").is_file() else 0
+        logged = _last_step(run)
         while (proc := pretrain(run)).wait() != 0:  # --resume auto: continue or start over
             raise SystemExit(f"resume of trial {trial} failed: {proc.stderr.read()[-500:]}")
         same = losses(run) == losses(ref)
         exact += same
         outcome = "exactly" if same else "with DIFFERENT losses"
-        print(f"kill trial {trial}: killed after step {logged} of 60, resumed {outcome}")
+        print(f"kill trial {trial}: SIGKILL after step {logged} of 60, resumed {outcome}")
     return args.kills, exact
+
+
+def _last_step(run: Path) -> int:
+    try:
+        return max(losses(run), default=0)
+    except (OSError, ValueError):  # not there yet, or a line being written
+        return 0
 
 
 def _write(path: Path, data: bytes) -> Path:
@@ -190,7 +195,7 @@ def part_config() -> tuple[int, int, int, list[str]]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--parts", nargs="+", default=["kill", "corrupt", "config"])
-    parser.add_argument("--kills", type=int, default=8)
+    parser.add_argument("--kills", type=int, default=10)
     args = parser.parse_args()
     rows = []
     with tempfile.TemporaryDirectory(prefix="mimar-faults-") as tmp:
