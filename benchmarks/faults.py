@@ -165,21 +165,12 @@ def part_corrupt(args, tmp: Path) -> tuple[int, int, list[str]]:
 
 def part_config() -> tuple[int, int, int, list[str]]:
     import mimar
-    from mimar.config import ConfigError, to_dict
-
-    def keys(tree: dict, prefix: str = "") -> list[str]:
-        found = []
-        for key, value in tree.items():
-            full = f"{prefix}.{key}" if prefix else key
-            found.append(full)
-            if isinstance(value, dict):
-                found += keys(value, full)
-        return found
+    from mimar.config import ConfigError, dotted_keys, to_dict
 
     tried = clear = valid = 0
     problems: list[str] = []
     for recipe in sorted(ROOT.glob("configs/*/*_fmnist.yaml")):
-        for key in keys(to_dict(mimar.load_config(recipe))):
+        for key in dotted_keys(to_dict(mimar.load_config(recipe))):
             for value in BAD_VALUES:
                 tried += 1
                 try:

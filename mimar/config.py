@@ -253,6 +253,17 @@ def config_diff(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, An
 MISSING = "<absent>"
 
 
+def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
+    """Every dotted key of a plain config mapping, sections and their leaves, in order."""
+    keys = []
+    for key, value in tree.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        keys.append(full)
+        if isinstance(value, dict):
+            keys += dotted_keys(value, full)
+    return keys
+
+
 def save_config(cfg: Any, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 

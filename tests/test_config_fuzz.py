@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
 import mimar
-from mimar.config import ConfigError, to_dict
+from mimar.config import ConfigError, dotted_keys, to_dict
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted(str(p.relative_to(ROOT)) for p in ROOT.glob("configs/*/*_fmnist.yaml"))
@@ -45,18 +45,7 @@ FUZZ = settings(
 )
 
 
-def _keys(tree: dict, prefix: str = "") -> list[str]:
-    """Every dotted key of a config mapping: sections and their leaves."""
-    keys = []
-    for key, value in tree.items():
-        full = f"{prefix}.{key}" if prefix else key
-        keys.append(full)
-        if isinstance(value, dict):
-            keys += _keys(value, full)
-    return keys
-
-
-KEYS = {recipe: _keys(to_dict(mimar.load_config(ROOT / recipe))) for recipe in RECIPES}
+KEYS = {recipe: dotted_keys(to_dict(mimar.load_config(ROOT / recipe))) for recipe in RECIPES}
 
 
 def _load(recipe: str, overrides: list[str]) -> None:
