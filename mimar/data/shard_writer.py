@@ -1,0 +1,163 @@
+"""``mimar data shard``: pack an image folder into WebDataset shards (``webdataset.TarWriter``).
+
+Each sample is ``{"__key__": 8-digit index, <ext>: the file's bytes, "cls": class index}``: the
+encoded bytes are kept as they are (no re-encoding), ``cls`` only when every image sits in a
+class sub-folder (sorted names, as the image-folder reader labels them). Samples are written
+in a random order drawn from ``seed``, so that every shard mixes the classes: the training
+loader shuffles shards and the samples inside each shard, never across shards.
+
+Beside the shards, ``shards.json`` holds the classes and each shard's sample count and size
+(the loader's epoch length without reading the tar headers). Shards of another split written
+to the same folder (``val-%06d.tar``) are added to it, labelled with the classes already there
+when theirs are among them (a held-out split that lacks a class keeps the train indices).
+Each shard is written under a temporary name and renamed when complete; a folder that already
+holds shards of the pattern is refused, so nothing already written is overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import time
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
+
+from mimar.data.image_folder import list_images
+from mimar.data.shards import INDEX, read_index, require_webdataset
+from mimar.errors import ConfigError, DataError, MissingFileError
+
+_NUMBER = re.compile(r"%0?\d*d")  # the shard number of a pattern: %d, %06d
+
+
+def write_shards(
+    folder: str | Path, pattern: str, *, shard_size: int = 1000, seed: int = 0, progress=True
+) -> dict:
+    """Write ``folder``'s images as shards ``pattern % 0, pattern % 1, ...`` of ``shard_size``
+    samples (the last one may be smaller); returns a summary with the brace pattern to train
+    with (``data.root``)."""
+    start = time.perf_counter()
+    wds = require_webdataset()
+    folder = Path(folder)
+    pre, post = _check_pattern(pattern)
+    if shard_size < 1:
+        raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
+    paths = _images_of(folder)
+    out = Path(pattern).parent
+    classes, labels = _classes(folder, paths, read_index(out).get("classes"))
+    existing = sorted(out.glob(_NUMBER.sub("*", Path(pattern).name)))
+    if existing:
+        raise ConfigError(
+            f"{out} already holds shards of {Path(pattern).name} ({existing[0].name} ...); "
+            "remove them or choose another pattern"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
+    written: dict[str, dict] = {}
+    columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn())
+    console = Console(stderr=True)
+    with Progress(*columns, console=console, disable=not (progress and console.is_terminal)) as bar:
+        task = bar.add_task("shards", total=len(paths))
+        for shard, first in enumerate(range(0, len(order), shard_size)):
+            picks = order[first : first + shard_size]
+            target = Path(pattern % shard)
+            samples = (_sample(i, paths[i], labels[i] if labels else None) for i in picks)
+            size = _write_shard(wds, target, samples, lambda: bar.advance(task))
+            written[target.name] = {"samples": len(picks), "bytes": size}
+    _update_index(out, classes, written)
+    n = len(written)
+    number = _NUMBER.search(pattern).group(0)  # type: ignore[union-attr]
+    root = pattern % 0 if n == 1 else f"{pre}{{{number % 0}..{number % (n - 1)}}}{post}"
+    return {
+        "shards": n,
+        "images": len(paths),
+        "classes": len(classes) if classes else 0,
+        "root": root,
+        "seconds": round(time.perf_counter() - start, 2),
+    }
+
+
+def _check_pattern(pattern: str) -> tuple[str, str]:
+    """The text before and after the pattern's one ``%d``-style shard number."""
+    numbers = _NUMBER.findall(pattern)
+    if len(numbers) != 1 or pattern.count("%") != 1 or "%" in str(Path(pattern).parent):
+        raise ConfigError(
+            f"shard pattern {pattern!r} needs exactly one %d-style shard number in its file "
+            "name, e.g. 'OUT_DIR/train-%06d.tar'"
+        )
+    if not pattern.endswith(".tar"):
+        raise ConfigError(f"shard pattern {pattern!r} must end in .tar")
+    pre, post = _NUMBER.split(pattern)
+    return pre, post
+
+
+def _images_of(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise MissingFileError(f"image folder {folder} does not exist or is not a directory")
+    splits = [name for name in ("val", "test") if (folder / name).is_dir()]
+    if (folder / "train").is_dir() and splits:
+        raise ConfigError(
+            f"{folder} holds splits (train/, {splits[0]}/): shard each one by itself, e.g. "
+            f"mimar data shard {folder / 'train'} 'OUT_DIR/train-%06d.tar', then "
+            f"{folder / splits[0]} 'OUT_DIR/{splits[0]}-%06d.tar'"
+        )
+    paths = list_images(folder)
+    if not paths:
+        raise MissingFileError(
+            f"no images found under {folder}: expected jpg, jpeg, png, webp or bmp files, "
+            "directly or in class sub-folders"
+        )
+    return paths
+
+
+def _classes(
+    folder: Path, paths: list[Path], reference: list[str] | None
+) -> tuple[list[str] | None, list[int]]:
+    """Sorted class sub-folders and each image's index; (None, []) for a flat folder."""
+    parts = [path.relative_to(folder).parts for path in paths]
+    if any(len(p) < 2 for p in parts):
+        return None, []
+    found = sorted({p[0] for p in parts})
+    if reference is not None and not set(found) <= set(reference):
+        extra = sorted(set(found) - set(reference))
+        raise DataError(
+            f"{folder} has classes {extra[:3]} that the {INDEX} of the output folder lacks; "
+            "write shards of another class set to another folder"
+        )
+    classes = reference or found
+    index = {name: i for i, name in enumerate(classes)}
+    return classes, [index[p[0]] for p in parts]
+
+
+def _sample(index: int, path: Path, label: int | None) -> dict:
+    # the original encoded bytes under the file's own extension: no re-encoding
+    sample = {"__key__": f"{index:08d}", path.suffix.lower().lstrip("."): path.read_bytes()}
+    return sample if label is None else sample | {"cls": str(label)}
+
+
+def _write_shard(wds, target: Path, samples, advance) -> int:
+    """Write one shard under a temporary name, then rename it; returns its size in bytes."""
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    try:
+        with partial.open("wb") as stream, wds.TarWriter(stream, mtime=0.0) as tar:
+            for sample in samples:
+                tar.write(sample)
+                advance()
+        os.replace(partial, target)
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    return target.stat().st_size
+
+
+def _update_index(out: Path, classes: list[str] | None, written: dict[str, dict]) -> None:
+    index = read_index(out)
+    index["shards"] = index.get("shards", {}) | written
+    if classes is not None:
+        index["classes"] = classes
+    partial = out / f".{INDEX}.partial-{os.getpid()}"
+    partial.write_text(json.dumps(index, indent=1, sort_keys=True))
+    os.replace(partial, out / INDEX)
