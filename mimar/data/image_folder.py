@@ -41,7 +41,7 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
             f"no images found under {folder}: expected files with extensions "
             f"{', '.join(IMAGE_EXTENSIONS)} (any case), directly or in class sub-folders"
         )
-    classes, labels = _class_labels(folder, paths, _reference_classes(Path(cfg.root), split))
+    classes, labels = class_labels(folder, paths, _reference_classes(Path(cfg.root), split))
     if cfg.max_images and len(paths) > cfg.max_images:
         # Files are sorted by class folder, so the first max_images would cover only the first
         # classes; an evenly spaced subset keeps them all. Skipped files still count.
@@ -141,7 +141,7 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
     return img.crop((left, top, left + size, top + size))
 
 
-def _class_labels(
+def class_labels(
     folder: Path, paths: list[Path], reference: list[str] | None
 ) -> tuple[list[str] | None, list[int]]:
     """Classes from first-level sub-folders when every image has one, else (None, [])."""

@@ -34,6 +34,17 @@ def derive_seed(*values: int) -> int:
     return int.from_bytes(digest.digest(), "little") & (2**63 - 1)
 
 
+def check_split(batch_size: int, rank: int, world_size: int) -> None:
+    """A global batch that ``world_size`` ranks can split evenly, and a valid ``rank``."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world={world_size}")
+    if batch_size % world_size:
+        raise ValueError(
+            f"data.batch_size={batch_size} (global) must be divisible by the world size "
+            f"{world_size}"
+        )
+
+
 class StepLoader:
     """This rank's augmented rows of the global batch for any step.
 
@@ -55,13 +66,7 @@ class StepLoader:
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world={world_size}")
-        if batch_size % world_size:
-            raise ValueError(
-                f"data.batch_size={batch_size} (global) must be divisible by the world size "
-                f"{world_size}"
-            )
+        check_split(batch_size, rank, world_size)
         if len(images) < batch_size:
             raise ValueError(
                 f"{images.source or 'the dataset'} has {len(images)} images, fewer than "

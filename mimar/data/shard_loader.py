@@ -47,7 +47,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mimar.data.augment import BatchAugment, CropParams
 from mimar.data.config import DataConfig
-from mimar.data.loader import STREAMS, derive_seed
+from mimar.data.loader import STREAMS, check_split, derive_seed
 from mimar.data.shards import (
     INDEX,
     ShardSet,
@@ -214,13 +214,7 @@ class ShardLoader:
         skip_bad: bool = False,
         pin_memory: bool = False,
     ) -> None:
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world={world_size}")
-        if batch_size % world_size:
-            raise ValueError(
-                f"data.batch_size={batch_size} (global) must be divisible by the world size "
-                f"{world_size}"
-            )
+        check_split(batch_size, rank, world_size)
         streams = max(1, num_workers)  # W: one stream per DataLoader worker
         if len(shards.paths) < world_size * streams:
             raise DataError(

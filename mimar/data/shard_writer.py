@@ -26,7 +26,7 @@ import torch
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from mimar.data.image_folder import list_images
+from mimar.data.image_folder import class_labels, list_images
 from mimar.data.shards import INDEX, read_index, require_webdataset
 from mimar.errors import ConfigError, DataError, MissingFileError
 
@@ -116,20 +116,16 @@ def _images_of(folder: Path) -> list[Path]:
 def _classes(
     folder: Path, paths: list[Path], reference: list[str] | None
 ) -> tuple[list[str] | None, list[int]]:
-    """Sorted class sub-folders and each image's index; (None, []) for a flat folder."""
-    parts = [path.relative_to(folder).parts for path in paths]
-    if any(len(p) < 2 for p in parts):
-        return None, []
-    found = sorted({p[0] for p in parts})
-    if reference is not None and not set(found) <= set(reference):
-        extra = sorted(set(found) - set(reference))
+    """The image folder reader's classes and labels (:func:`class_labels`); classes that the
+    output folder's index lacks are refused (its shards would number them differently)."""
+    classes, labels = class_labels(folder, paths, reference)
+    extra = sorted(set(classes or []) - set(reference or classes or []))
+    if extra:
         raise DataError(
             f"{folder} has classes {extra[:3]} that the {INDEX} of the output folder lacks; "
             "write shards of another class set to another folder"
         )
-    classes = reference or found
-    index = {name: i for i, name in enumerate(classes)}
-    return classes, [index[p[0]] for p in parts]
+    return classes, labels
 
 
 def _sample(index: int, path: Path, label: int | None) -> dict:
