@@ -230,8 +230,10 @@ def _children(pid: int) -> list[int]:
 
 @pytest.mark.dist
 def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path):
-    """A save that fails on rank 0 (here: a folder where step 2's file goes) ends both
-    processes with its one-line error instead of leaving rank 1 waiting at a collective."""
+    """A save that fails on rank 0 (here: a folder where step 2's file goes) ends the job with
+    its one-line error instead of leaving rank 1 waiting at a collective. Rank 1 raises the
+    same error, but torchrun may stop it first once rank 0 has exited, so its line is not
+    always printed."""
     run = tmp_path / "run"
     (run / "checkpoints" / "step_0000002.pt").mkdir(parents=True)
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
@@ -241,5 +243,5 @@ def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path):
     out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=240)
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if "mimar pretrain: error:" in line]
-    assert len(errors) == 2, out.stderr[-2000:]  # one line from each rank
+    assert 1 <= len(errors) <= 2, out.stderr[-2000:]  # rank 0's, and rank 1's if it printed
     assert "step_0000002.pt" in errors[0] and "previous checkpoint is intact" in out.stderr
