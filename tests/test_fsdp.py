@@ -244,4 +244,7 @@ def test_a_checkpoint_error_on_rank_0_stops_every_rank(tmp_path):
     assert out.returncode != 0
     errors = [line for line in out.stderr.splitlines() if "mimar pretrain: error:" in line]
     assert 1 <= len(errors) <= 2, out.stderr[-2000:]  # rank 0's, and rank 1's if it printed
-    assert "step_0000002.pt" in errors[0] and "previous checkpoint is intact" in out.stderr
+    for line in errors:  # rank 0's own error, or rank 1's pointer to it (either may print first)
+        assert ("step_0000002.pt" in line and "previous checkpoint is intact" in line) or (
+            "rank 0 could not write the checkpoint of step 2" in line
+        ), line
