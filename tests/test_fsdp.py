@@ -47,7 +47,7 @@ def two(recipe, words, run_dir, *extra, resume=False):
            "2", "-m", "mimar.cli", "pretrain", recipe, *words, *extra, "--run-dir", str(run_dir),
            *(["--resume"] if resume else [])]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
 
 
@@ -220,6 +220,38 @@ def test_torchrun_restarts_a_killed_worker_and_ends_with_the_same_losses(tmp_pat
     assert agent.returncode == 0, output[-3000:]
     assert sorted(losses(run)) == list(range(1, 41))
     assert_same_losses(ref, run, range(1, 41))
+
+
+RESTARTED = """
+import os, time, torch, torch.distributed as dist
+from mimar.engine import dist as mdist
+attempt, rank = int(os.environ["TORCHELASTIC_RESTART_COUNT"]), int(os.environ["RANK"])
+if attempt == 1 and rank == 1:
+    time.sleep(3)  # rank 0 looks up rank 1's address before rank 1 has published its new one
+mdist.init("cpu")
+x = torch.ones(1)
+dist.all_reduce(x)
+print(f"attempt {attempt} rank {rank} sum {x.item():.0f}", flush=True)
+if attempt == 0 and rank == 1:
+    os._exit(9)
+time.sleep(1)
+mdist.shutdown()
+"""
+
+
+@pytest.mark.dist
+def test_a_restarted_worker_group_does_not_read_the_killed_groups_addresses(tmp_path):
+    """torchrun's agent keeps one store across restarts; without a key prefix per attempt a
+    restarted rank 0 reads the dead rank 1's gloo address and fails with "Connection refused"
+    (what made the elastic test above flaky)."""
+    script = tmp_path / "worker.py"
+    script.write_text(RESTARTED)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node",
+           "2", "--max-restarts", "1", str(script)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "attempt 1 rank 0 sum 2" in done.stdout and "attempt 1 rank 1 sum 2" in done.stdout
 
 
 def _children(pid: int) -> list[int]:

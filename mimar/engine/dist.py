@@ -16,8 +16,25 @@ def init(device_kind: str) -> tuple[int, int, int]:
         return 0, 1, 0
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
-        dist.init_process_group(backend, timeout=timedelta(minutes=30))
+        rank, timeout = int(os.environ["RANK"]), timedelta(minutes=30)
+        store = _attempt_store(world, timeout)
+        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def _attempt_store(world: int, timeout: timedelta) -> dist.Store | None:
+    """The rendezvous store, with keys of their own for each torchrun restart.
+
+    torchrun's agent hosts one store for the whole job and (torch 2.14) hands it to every
+    restarted worker group without a per-attempt prefix, so a restarted rank can read the
+    address a killed rank published and fail in gloo's connect ("Connection refused").
+    None (env:// as usual) outside torchrun's shared store."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
+                          is_master=False, timeout=timeout)  # fmt: skip
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return dist.PrefixStore(f"mimar/attempt_{attempt}/", store)
 
 
 def initialized() -> bool:
