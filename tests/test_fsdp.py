@@ -165,6 +165,13 @@ def test_dcp_checkpoint_is_verified_and_resumes(dcp_run, tmp_path):
         checkpoint.load(bad)
 
 
+def test_the_bench_sees_a_dcp_checkpoint(dcp_run, tmp_path):
+    from mimar.bench.quality import run_state
+
+    assert run_state(dcp_run, 2) == "finished" and run_state(dcp_run, 3) == "unfinished"
+    assert run_state(tmp_path, 2) == "missing"
+
+
 def test_resume_auto_starts_then_continues(tmp_path, capsys):
     run = tmp_path / "run"
     words = ["pretrain", "configs/simmim/vit_tiny_fmnist.yaml", *TINY, "--run-dir", str(run)]

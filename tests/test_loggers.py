@@ -4,6 +4,7 @@ train.picture_every steps, one-line errors for unknown or missing loggers."""
 import glob
 import importlib.util
 import json
+import time
 
 import pytest
 from helpers import DEMO, TINY
@@ -23,12 +24,17 @@ def test_tensorboard_events_hold_every_logged_scalar_and_the_pictures(tmp_path):
 
     run = tmp_path / "run"
     args = ["train.steps=4", "train.loggers=[jsonl,tensorboard]", "train.picture_every=2"]
+    started = time.time()
     assert main(["pretrain", DEMO, *TINY, *args, "--run-dir", str(run)]) == 0
+    ended = time.time()
     (events,) = glob.glob(str(run / "tensorboard" / "events.out.tfevents.*"))
     acc = EventAccumulator(events, size_guidance={"images": 0})
     acc.Reload()
     rows = _rows(run)
-    assert {f"train/{k}" for k in rows[0] if k != "step"} == set(acc.Tags()["scalars"])
+    stamps = [r["time"] for r in rows]  # metrics.jsonl's own wall-clock stamp, not a scalar
+    assert started - 1e-3 <= stamps[0] and stamps == sorted(stamps) and stamps[-1] <= ended
+    scalars = {f"train/{k}" for k in rows[0] if k not in ("step", "time")}
+    assert scalars == set(acc.Tags()["scalars"])
     for key in ("loss", "lr", "grad_norm", "images_per_s"):
         logged = [(e.step, e.value) for e in acc.Scalars(f"train/{key}")]
         assert logged == [(r["step"], pytest.approx(r[key], rel=1e-6)) for r in rows]

@@ -18,8 +18,9 @@ The bench, in order (files under ``OUT``):
 
 Resume (``--resume``): ``bench.json`` holds the settings, ``calibration.json`` the measured
 step times; a run whose last checkpoint reached its planned steps (and drew its picture) is
-kept, an unfinished one continues from ``checkpoints/last.pt``, one that died before its first
-checkpoint starts again; an eval whose JSON exists is kept. Only the report is always rewritten.
+kept, an unfinished one continues from its newest checkpoint (``last.pt``, or ``last.dcp/``
+under ``train.strategy=fsdp``), one that died before its first checkpoint starts again; an eval
+whose JSON exists is kept. Only the report is always rewritten.
 
 Why one file of ~600 lines: it is one command's whole control flow (settings, planner, cells,
 calibration, the run loop and its progress display), read top to bottom; the numbers, tables
@@ -244,8 +245,8 @@ def run_state(run_dir: Path, steps: int) -> str:
     checkpoint to continue), or ``missing`` (nothing to continue)."""
     from mimar.engine import checkpoint
 
-    ckpt = runs.last_checkpoint(run_dir)
-    if not ckpt.is_file():
+    ckpt = runs.newest_checkpoint(run_dir)  # last.pt, or last.dcp/ under train.strategy=fsdp
+    if ckpt is None:
         return "missing"
     try:
         step = checkpoint.load(ckpt)["step"]

@@ -29,7 +29,8 @@ log = logging.getLogger("mimar")
 
 
 class MetricsLog:
-    """Appends one JSON object per logged step to ``metrics.jsonl``.
+    """Appends one JSON object per logged step to ``metrics.jsonl``, stamped with ``time``
+    (Unix seconds when it was written: where a run spent its wall time, restarts included).
 
     On resume, rows logged after the checkpoint's step (by a run that died between a log and
     its next checkpoint) are dropped, so the file never holds a step twice; so is a line that
@@ -47,7 +48,7 @@ class MetricsLog:
         self.file = path.open("a")
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps(row) + "\n")
+        self.file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
         self.file.flush()
 
     def close(self) -> None:
