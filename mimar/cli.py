@@ -156,7 +156,16 @@ def cmd_data_scenes(args) -> int:
 def cmd_data_shard(args) -> int:
     from mimar.data.shard_writer import write_shards
 
-    summary = write_shards(args.folder, args.pattern, shard_size=args.shard_size, seed=args.seed)
+    summary = write_shards(
+        args.folder,
+        args.pattern,
+        shard_size=args.shard_size,
+        seed=args.seed,
+        on_bad_image=args.on_bad_image,
+    )
+    if summary["skipped"]:
+        n, first = len(summary["skipped"]), summary["skipped"][0]
+        print(f"left out {n} unreadable image(s), e.g. {first}", file=sys.stderr)
     print(
         f"wrote {summary['shards']} shards ({summary['images']} images, "
         f"{summary['classes']} classes) in {summary['seconds']:.1f} s; train on them with: "
@@ -350,6 +359,12 @@ def _add_data_parser(sub) -> None:
     sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     sh.add_argument(
         "--seed", type=int, default=0, help="seed of the order the samples are written in"
+    )
+    sh.add_argument(
+        "--on-bad-image",
+        choices=("error", "skip"),
+        default="error",
+        help="an image PIL cannot read: stop with its path (error) or leave it out (skip)",
     )
     sh.set_defaults(func=cmd_data_shard)
 

@@ -1,6 +1,7 @@
 """WebDataset shards: `mimar data shard`, the streaming ShardLoader (layout, exact resume) and
 evaluation on shards (mimar/data/shards.py, mimar/data/shard_writer.py)."""
 
+import io
 import json
 import os
 import shutil
@@ -176,14 +177,15 @@ def test_pretraining_resumed_mid_epoch_logs_the_losses_of_an_uninterrupted_run(
     data["run"] = full
 
 
-def test_eval_reads_the_train_and_val_shards(data):
+def test_eval_reads_the_train_and_val_shards(data, tmp_path):
     cfg = DataConfig(name="webdataset", root=str(data["out"] / SHARDS), img_size=16, in_chans=3)
     train, test = load_images(cfg, "train"), load_images(cfg, "test")
     assert (len(train), len(test)) == (40, 8) and train.images.shape[1:] == (3, 16, 16)
     assert train.classes == ["a", "b"] and sorted(test.labels.tolist()) == [0] * 4 + [1] * 4
-    run = data.get("run")
+    run = data.get("run")  # the run of the test above, unless pytest-xdist ran it elsewhere
     if run is None:
-        pytest.skip("needs the pretraining run of the test above")
+        run = tmp_path / "run"
+        assert _pretrain(data, run, "train.steps=2") == 0
     assert main(["eval", "knn", "--checkpoint", str(run), "--k", "3", "--device", "cpu"]) == 0
     result = json.loads((run / "eval" / "knn.json").read_text())
     assert (result["n_train"], result["n_test"]) == (40, 8)
@@ -223,11 +225,24 @@ def _words(data, shards):
     return [f"data.root={data['out'] / shards}", "data.name=webdataset", *TINY[1:], *run]
 
 
+def _damage_one_png(shard: Path) -> None:
+    """Rewrite ``shard`` with the bytes of its first png replaced (images damaged after
+    packing: the writer checks what it packs)."""
+    with tarfile.open(shard) as tar:
+        members = [(m, tar.extractfile(m).read()) for m in tar.getmembers()]
+    damaged = next(i for i, (m, _) in enumerate(members) if m.name.endswith(".png"))
+    members[damaged] = (members[damaged][0], b"not a png")
+    with tarfile.open(shard, "w") as tar:
+        for member, payload in members:
+            member.size = len(payload)
+            tar.addfile(member, io.BytesIO(payload))
+
+
 def test_a_corrupt_image_names_its_sample(tmp_path):
     folder = _folder(tmp_path / "imgs", 4, seed=2)
-    (folder / "a" / "0.png").write_bytes(b"not a png")
     write_shards(folder, f"{tmp_path}/out/train-%06d.tar", shard_size=100, progress=False)
     root = str(tmp_path / "out/train-000000.tar")
+    _damage_one_png(Path(root))
     for policy, batch in (("error", 8), ("skip", 7)):
         cfg = DataConfig(
             name="webdataset", root=root, in_chans=3, batch_size=batch, on_bad_image=policy
@@ -238,6 +253,24 @@ def test_a_corrupt_image_names_its_sample(tmp_path):
                 loader.inputs(0)
         else:  # the 7 good images fill the batch
             assert loader.inputs(0)["images"].shape[0] == 7
+
+
+def test_the_writer_checks_every_image(tmp_path, capsys):
+    """An unreadable file stops `mimar data shard` in one line naming it, leaving no shards;
+    --on-bad-image skip leaves it out and says so."""
+    folder = _folder(tmp_path / "imgs", 6, seed=3)
+    (folder / "a" / "2.png").write_bytes(b"\x89PNG but not really")
+    out = tmp_path / "out"
+    argv = ["data", "shard", str(folder), f"{out}/train-%06d.tar", "--shard-size", "4"]
+    err = _error(argv, capsys)
+    assert f"cannot read {folder / 'a' / '2.png'}" in err and "--on-bad-image skip" in err
+    assert not list(out.glob("*.tar"))
+    assert main([*argv, "--on-bad-image", "skip"]) == 0
+    captured = capsys.readouterr()
+    assert "left out 1 unreadable image(s)" in captured.err and "(11 images" in captured.out
+    counts = json.loads((out / "shards.json").read_text())["shards"]
+    assert sum(c["samples"] for c in counts.values()) == 11 and len(counts) == 3
+    assert sum(len(_members(p)) for p in out.glob("*.tar")) == 11 * 2  # image + cls each
 
 
 def test_missing_webdataset_names_the_extra(data, monkeypatch):

@@ -12,10 +12,16 @@ to the same folder (``val-%06d.tar``) are added to it, labelled with the classes
 when theirs are among them (a held-out split that lacks a class keeps the train indices).
 Each shard is written under a temporary name and renamed when complete; a folder that already
 holds shards of the pattern is refused, so nothing already written is overwritten.
+
+Every image is checked with PIL's ``verify`` (its header and, for PNG, its checksums; not a
+full decode, so a truncated JPEG still reaches the loader, whose ``data.on_bad_image``
+applies): one that fails stops the writer with its path (``on_bad_image="error"``, after
+removing the shards this call wrote) or is left out and counted (``"skip"``).
 """
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import re
@@ -23,6 +29,7 @@ import time
 from pathlib import Path
 
 import torch
+from PIL import Image
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
@@ -34,17 +41,26 @@ _NUMBER = re.compile(r"%0?\d*d")  # the shard number of a pattern: %d, %06d
 
 
 def write_shards(
-    folder: str | Path, pattern: str, *, shard_size: int = 1000, seed: int = 0, progress=True
+    folder: str | Path,
+    pattern: str,
+    *,
+    shard_size: int = 1000,
+    seed: int = 0,
+    on_bad_image: str = "error",
+    progress=True,
 ) -> dict:
     """Write ``folder``'s images as shards ``pattern % 0, pattern % 1, ...`` of ``shard_size``
-    samples (the last one may be smaller); returns a summary with the brace pattern to train
-    with (``data.root``)."""
+    samples (the last one may be smaller, and so is one that lost unreadable images under
+    ``on_bad_image="skip"``); returns a summary with the brace pattern to train with
+    (``data.root``) and the skipped files."""
     start = time.perf_counter()
     wds = require_webdataset()
     folder = Path(folder)
     pre, post = _check_pattern(pattern)
     if shard_size < 1:
         raise ConfigError(f"--shard-size must be >= 1, got {shard_size}")
+    if on_bad_image not in ("error", "skip"):
+        raise ConfigError(f"--on-bad-image must be error or skip, got {on_bad_image!r}")
     paths = _images_of(folder)
     out = Path(pattern).parent
     classes, labels = _classes(folder, paths, read_index(out).get("classes"))
@@ -57,23 +73,30 @@ def write_shards(
     out.mkdir(parents=True, exist_ok=True)
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
     written: dict[str, dict] = {}
+    skipped: list[Path] = []
     columns = (*Progress.get_default_columns(), MofNCompleteColumn(), TimeElapsedColumn())
     console = Console(stderr=True)
     with Progress(*columns, console=console, disable=not (progress and console.is_terminal)) as bar:
         task = bar.add_task("shards", total=len(paths))
-        for shard, first in enumerate(range(0, len(order), shard_size)):
-            picks = order[first : first + shard_size]
-            target = Path(pattern % shard)
-            samples = (_sample(i, paths[i], labels[i] if labels else None) for i in picks)
-            size = _write_shard(wds, target, samples, lambda: bar.advance(task))
-            written[target.name] = {"samples": len(picks), "bytes": size}
+        try:
+            for shard, first in enumerate(range(0, len(order), shard_size)):
+                picks = order[first : first + shard_size]
+                target = Path(pattern % shard)
+                samples = _samples(picks, paths, labels, on_bad_image, skipped)
+                size, count = _write_shard(wds, target, samples, lambda: bar.advance(task))
+                written[target.name] = {"samples": count, "bytes": size}
+        except DataError:  # an unreadable image: leave no partial set of shards behind
+            for name in written:
+                (out / name).unlink(missing_ok=True)
+            raise
     _update_index(out, classes, written)
     n = len(written)
     number = _NUMBER.search(pattern).group(0)  # type: ignore[union-attr]
     root = pattern % 0 if n == 1 else f"{pre}{{{number % 0}..{number % (n - 1)}}}{post}"
     return {
         "shards": n,
-        "images": len(paths),
+        "images": len(paths) - len(skipped),
+        "skipped": [str(p) for p in skipped],
         "classes": len(classes) if classes else 0,
         "root": root,
         "seconds": round(time.perf_counter() - start, 2),
@@ -128,25 +151,55 @@ def _classes(
     return classes, labels
 
 
-def _sample(index: int, path: Path, label: int | None) -> dict:
+def _samples(picks, paths, labels, on_bad_image: str, skipped: list[Path]):
+    """The samples of ``picks`` (indices into ``paths``); an unreadable image raises, or is
+    appended to ``skipped`` and yields None (counted by the progress bar, not written)."""
+    for i in picks:
+        data = paths[i].read_bytes()
+        if _readable(data):
+            yield _sample(i, paths[i], data, labels[i] if labels else None)
+        elif on_bad_image == "error":
+            raise DataError(
+                f"cannot read {paths[i]}: not an image PIL can read (fix or remove it, or pass "
+                "--on-bad-image skip to leave such files out)"
+            )
+        else:
+            skipped.append(paths[i])
+            yield None
+
+
+def _readable(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+    except Exception:  # PIL raises many types for damaged files
+        return False
+    return True
+
+
+def _sample(index: int, path: Path, data: bytes, label: int | None) -> dict:
     # the original encoded bytes under the file's own extension: no re-encoding
-    sample = {"__key__": f"{index:08d}", path.suffix.lower().lstrip("."): path.read_bytes()}
+    sample = {"__key__": f"{index:08d}", path.suffix.lower().lstrip("."): data}
     return sample if label is None else sample | {"cls": str(label)}
 
 
-def _write_shard(wds, target: Path, samples, advance) -> int:
-    """Write one shard under a temporary name, then rename it; returns its size in bytes."""
+def _write_shard(wds, target: Path, samples, advance) -> tuple[int, int]:
+    """Write one shard under a temporary name, then rename it; returns its size in bytes and
+    its number of samples (None items are skipped)."""
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    count = 0
     try:
         with partial.open("wb") as stream, wds.TarWriter(stream, mtime=0.0) as tar:
             for sample in samples:
-                tar.write(sample)
+                if sample is not None:
+                    tar.write(sample)
+                    count += 1
                 advance()
         os.replace(partial, target)
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
-    return target.stat().st_size
+    return target.stat().st_size, count
 
 
 def _update_index(out: Path, classes: list[str] | None, written: dict[str, dict]) -> None:
