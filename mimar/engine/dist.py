@@ -16,9 +16,14 @@ def init(device_kind: str) -> tuple[int, int, int]:
         return 0, 1, 0
     if not dist.is_initialized():
         backend = "nccl" if device_kind == "cuda" else "gloo"
-        rank, timeout = int(os.environ["RANK"]), timedelta(minutes=30)
+        timeout = timedelta(minutes=30)
         store = _attempt_store(world, timeout)
-        dist.init_process_group(backend, store=store, rank=rank, world_size=world, timeout=timeout)
+        if store is None:  # env:// as usual
+            dist.init_process_group(backend, timeout=timeout)
+        else:
+            rank = int(os.environ["RANK"])  # torchrun sets it with the shared store
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world,
+                                    timeout=timeout)  # fmt: skip
     return dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0"))
 
 
@@ -28,7 +33,7 @@ def _attempt_store(world: int, timeout: timedelta) -> dist.Store | None:
     torchrun's agent hosts one store for the whole job and (torch 2.14) hands it to every
     restarted worker group without a per-attempt prefix, so a restarted rank can read the
     address a killed rank published and fail in gloo's connect ("Connection refused").
-    None (env:// as usual) outside torchrun's shared store."""
+    None outside torchrun's shared store."""
     if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         return None
     store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world,
