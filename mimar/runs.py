@@ -47,6 +47,20 @@ def newest_checkpoint(run_dir: str | Path) -> Path | None:
     return max(found, key=lambda p: p.stat().st_mtime_ns) if found else None
 
 
+def run_dir_of(source: str | Path) -> Path:
+    """The run folder that ``source`` belongs to: the one rule every command uses.
+
+    ``RUN/checkpoints/<name>.pt`` and ``RUN/checkpoints/<name>.dcp/`` (a folder) -> ``RUN``; any
+    other folder is a run folder itself; any other file (an export, a checkpoint copied
+    elsewhere) -> the folder it sits in. The checkpoint test comes first, so a DCP folder is
+    never taken for a run folder.
+    """
+    path = Path(source)
+    if path.parent.name == CHECKPOINTS and path.suffix in (".pt", ".dcp"):
+        return path.parent.parent
+    return path if path.is_dir() else path.parent
+
+
 def run_of_checkpoint(ckpt: str | Path) -> Path:
     """The run folder a checkpoint file (or DCP folder) belongs to (its folder's parent for
     ``checkpoints/*.pt`` and ``checkpoints/*.dcp``, else the folder it sits in)."""
