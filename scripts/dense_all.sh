@@ -1,9 +1,9 @@
 #!/usr/bin/env sh
 # Dense transfer of every method's tiny Fashion-MNIST run (the runs of scripts/finetune_all.sh):
 # segmentation and detection on the scene benchmark, pretrained vs random init, and for iTPN
-# also its pretrained trunk with a re-initialised neck; then the README table. Names after OUT
+# also its pretrained trunk with a re-initialised neck; then the table in results.md. Names after OUT
 # pick methods (default: all); TASKS picks the tasks; DENSE_ARGS is the budget. A finished run
-# is reused, so an interrupted call continues where it stopped. The README's table:
+# is reused, so an interrupted call continues where it stopped. That table:
 #   OMP_NUM_THREADS=1 sh scripts/dense_all.sh runs/finetune-all itpn &
 #   OMP_NUM_THREADS=1 sh scripts/dense_all.sh runs/finetune-all simmim-vit simmim-swin aim eva digpt
 set -eu

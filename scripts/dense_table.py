@@ -1,4 +1,4 @@
-"""The README's dense-transfer table from the run folders of scripts/dense_all.sh.
+"""The dense-transfer table of docs/results.md from the run folders of scripts/dense_all.sh.
 
 Usage: python3 scripts/dense_table.py runs/finetune-all
 Reads each method's RUN_DIR/eval/{segment,detect}[-scratch|-scratch-neck]/ metrics, so that

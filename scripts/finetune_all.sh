@@ -1,8 +1,8 @@
 #!/usr/bin/env sh
 # Every method's tiny Fashion-MNIST recipe: pretrain, fine-tune with the CPU recipe
 # (configs/finetune/fmnist.yaml) and the same recipe from scratch, robustness of both, then
-# the README table. Names after OUT pick methods (default: all, in this order); a step whose
-# output exists is skipped, so an interrupted call continues. The README's table ran as two
+# the table of docs/results.md. Names after OUT pick methods (default: all, in this order); a
+# step whose output exists is skipped, so an interrupted call continues. That table ran as two
 # halves side by side, one thread each (eva and digpt use the simmim-vit run as teacher):
 #   OMP_NUM_THREADS=1 sh scripts/finetune_all.sh runs/finetune-all simmim-vit eva digpt &
 #   OMP_NUM_THREADS=1 sh scripts/finetune_all.sh runs/finetune-all simmim-swin aim itpn

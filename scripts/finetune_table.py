@@ -1,4 +1,4 @@
-"""The README's per-method fine-tuning table from the runs of scripts/finetune_all.sh.
+"""The per-method fine-tuning table of docs/results.md from the runs of scripts/finetune_all.sh.
 
 python3 scripts/finetune_table.py runs/finetune-all
 """

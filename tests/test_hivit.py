@@ -299,8 +299,8 @@ def test_other_input_sizes_resample_positions_and_give_matching_maps():
 
 
 class PyramidForDetection(torch.nn.Module):
-    """The README's adapter: torchvision's detection-backbone protocol (an ``out_channels``
-    attribute; images -> OrderedDict of maps)."""
+    """The adapter of docs/downstream.md: torchvision's detection-backbone protocol (an
+    ``out_channels`` attribute; images -> OrderedDict of maps)."""
 
     def __init__(self, backbone: PyramidBackbone) -> None:
         super().__init__()
