@@ -26,8 +26,8 @@ import torch
 
 import mimar
 from mimar.data import iterate_eval_batches, load_images
+from mimar.engine.precision import autocast_dtype
 from mimar.evaluation import features
-from mimar.evaluation.precision import autocast_dtype
 
 SETTINGS = {  # name -> (CPU_CHUNK, CPU_WORKERS, CPU_FUSED)
     "batch 256, intra-op": (256, False, False),

@@ -17,7 +17,7 @@ from mimar import runs
 from mimar.config import ConfigError, PretrainConfig, config_diff, from_dict, to_dict
 from mimar.data import build_train_loader
 from mimar.engine import dist
-from mimar.engine.loop import RunResult, Session, fit
+from mimar.engine.loop import Hook, Run, RunResult, Session, StepView, fit
 from mimar.factory import build_method
 
 # What a resume may change without a flag: none of these changes the run's numbers
@@ -48,24 +48,14 @@ def pretrain(
             world_size=session.world,
             pin_memory=session.device.type == "cuda",
         )
-        result = fit(
-            session,
-            method,
-            loader,
-            optim=cfg.optim,
-            train=t,
-            run_dir=run_dir,
-            config=to_dict(cfg),
-            resume=resume,
-            config_changes=changes,
-            picture=lambda model, step: _draw(
-                model,
-                loader,
-                Path(run_dir),
-                session.device,
-                f"{runs.PICTURES}/step_{step:07d}.png",
-            ),
-        )
+
+        def picture(view: StepView) -> Path | None:  # every train.picture_every steps
+            name = f"{runs.PICTURES}/step_{view.step:07d}.png"
+            return _draw(view.model, loader, Path(run_dir), session.device, name)
+
+        run = Run(Path(run_dir), to_dict(cfg), resume=resume, changes=changes)
+        hooks = [Hook(t.picture_every, picture)] if t.picture_every else []
+        result = fit(session, method, loader, train=t, optim=cfg.optim, run=run, hooks=hooks)
         if result.stopped_by is None:
             if session.rank == 0:  # result.model: whole on rank 0, also under FSDP
                 _draw(result.model, loader, Path(run_dir), session.device)

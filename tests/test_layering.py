@@ -72,6 +72,8 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mimar.engine.contracts import MethodDefaults
+
 
 @dataclass(frozen=True, kw_only=True)
 class ToyConfig:
@@ -79,7 +81,7 @@ class ToyConfig:
     mask_ratio: float = 0.5
 
 
-class Toy(nn.Module):
+class Toy(MethodDefaults, nn.Module):
     """Predict hidden patch embeddings' pixels with a linear head: a method in one file."""
 
     def __init__(self, cfg, backbone):

@@ -223,6 +223,14 @@ def test_grad_checkpointing_gives_the_same_loss_and_gradients_with_drop_path(nam
     assert loss_of(12).item() != pytest.approx(loss_a, rel=1e-3)
 
 
+@pytest.mark.parametrize("name", ["vit", "hivit", "swin"])
+def test_every_backbone_declares_grad_checkpointing_to_the_engine(name):
+    """train.grad_checkpointing finds backbones by this base class (engine/loop.py)."""
+    from mimar.nn.layers import GradCheckpointing
+
+    assert isinstance(_checkpoint_backbones()[name](), GradCheckpointing)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_fused_cpu_linear_matches_linear_then_gelu_and_only_in_inference(dtype):
     """mimar.nn.fused.linear: inside fused_inference with autograd off, oneDNN's fused

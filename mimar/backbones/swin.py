@@ -30,7 +30,7 @@ from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
 from mimar.nn.init import trunc_normal_
-from mimar.nn.layers import replace_drop_paths
+from mimar.nn.layers import GradCheckpointing, replace_drop_paths
 
 _EMBED = ("mask_token", "model.patch_embed.", "model.absolute_pos_embed")
 _BLOCK = re.compile(r"model\.layers\.(\d+)\.blocks\.(\d+)\.")
@@ -97,7 +97,7 @@ class SwinConfig:
             )
 
 
-class Swin(nn.Module):
+class Swin(GradCheckpointing, nn.Module):
     """Swin Transformer implementing the Backbone contract of ``mimar.backbones.base``.
 
     ``forward`` returns ``{"tokens": (B, N, D)}``, the final-stage tokens after the final norm

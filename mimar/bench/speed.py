@@ -62,6 +62,7 @@ from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import mimar
 from mimar.engine.optim import build_optimizer
+from mimar.engine.precision import autocast, autocast_dtype
 from mimar.export import export_timm
 from mimar.nn import set_attention_kernel
 
@@ -105,9 +106,7 @@ class Stepper:
         self.optimizer = build_optimizer(model, cfg.optim, lr=1e-4)
         self.clip_grad = cfg.optim.clip_grad
         self.device = next(model.parameters()).device
-        bf16 = cfg.train.precision == "bf16"
-        autocast = torch.autocast(self.device.type, dtype=torch.bfloat16)
-        self.autocast = autocast if bf16 else nullcontext()
+        self.autocast = autocast(self.device, autocast_dtype(cfg.train.precision))
         self.steps = 0
 
     def step(self) -> float:

@@ -20,6 +20,7 @@ from torch import nn
 from mimar import names
 from mimar.dense.heads import DetectionHead, UPerNetHead, segmentation_loss, unpad_targets
 from mimar.dense.necks import DensePyramid
+from mimar.engine.contracts import MethodDefaults
 from mimar.errors import ConfigError
 from mimar.finetune.classifier import pretrained_weights
 from mimar.loading import method_backbone
@@ -27,7 +28,7 @@ from mimar.loading import method_backbone
 NECKS: tuple[str, ...] = ("pretrained", "scratch")
 
 
-class DenseModel(nn.Module):
+class DenseModel(MethodDefaults, nn.Module):
     """``forward(images, **targets)`` -> ``{"loss", ...}``; :meth:`predict` for evaluation:
     segment: ``(B, H, W)`` class indices; detect: torchvision's detections per image."""
 

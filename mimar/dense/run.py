@@ -27,9 +27,9 @@ from mimar.dense.heads import unpad_targets
 from mimar.dense.loader import DenseStepLoader, normalise, padded_boxes
 from mimar.dense.metrics import BoxScore, SegmentationScore
 from mimar.dense.model import DenseModel, build_dense_model, check_neck
-from mimar.engine.loop import Session, fit
+from mimar.engine.loop import Hook, Run, Session, fit
+from mimar.engine.precision import autocast, autocast_dtype
 from mimar.errors import ConfigError, MissingFileError
-from mimar.evaluation.precision import autocast, autocast_dtype
 from mimar.loading import load_run
 from mimar.runs import run_of_checkpoint
 
@@ -143,19 +143,10 @@ def dense_finetune(
             log.info("epoch %.2f: %s", loader.epoch_of(step), _describe(scores))
             return {f"test_{k}": v for k, v in scores.items() if not isinstance(v, list)}
 
-        result = fit(
-            session,
-            model,
-            loader,
-            optim=optim,
-            train=train,
-            run_dir=out,
-            config=config,
-            resume=resume,
-            evaluate=evaluate,
-            evaluate_every=every if dense.eval_every_epochs else 0,
-            name=task,
-        )
+        every = every if dense.eval_every_epochs else train.steps  # else at the end only
+        hooks = [Hook(every, lambda view: evaluate(view.model, view.step), at_end=True)]
+        run = Run(out, config, resume=resume, name=task)
+        result = fit(session, model, loader, train=train, optim=optim, run=run, hooks=hooks)
         if session.rank == 0 and result.stopped_by is None:
             picture(model, test_set, dense, mean, std, session.device, out / f"{task}.png")
     sizes = _sizes(train_set, test_set, img_size, dense, out, tic)

@@ -23,6 +23,8 @@ from typing import Any, BinaryIO
 
 import torch
 
+from mimar import runs
+from mimar.engine import dist
 from mimar.errors import CheckpointError, MissingFileError
 
 log = logging.getLogger("mimar")
@@ -132,6 +134,61 @@ def load(
     elif stored != content_hash(state):
         raise CheckpointError(f"checkpoint {path} is corrupt (content hash mismatch)")
     return state
+
+
+def restore(
+    run_dir: Path, model: torch.nn.Module, optimizer, *, resume: bool, sharded: bool, device
+) -> int:
+    """Tidy ``run_dir``'s checkpoints after a killed save (rank 0) and, when ``resume``, load
+    the run's last checkpoint (``last.pt``, or ``last.dcp/`` when ``sharded``) into ``model``
+    and ``optimizer`` with the global RNG state. Every rank calls it; returns the step the run
+    continues from (0 for a new run)."""
+    if dist.is_main():  # temp files of a save that was killed halfway
+        from mimar.engine import fsdp
+
+        fsdp.restore_interrupted(run_dir / runs.CHECKPOINTS)
+        remove_orphans(run_dir / runs.CHECKPOINTS)
+    dist.barrier()  # no rank looks for the checkpoint while rank 0 tidies
+    if not resume:
+        return 0
+    state = _load_sharded(run_dir, model, optimizer) if sharded else None
+    if state is None:
+        last = runs.last_checkpoint(run_dir)
+        state = load(last, require=RESUME_KEYS)
+        try:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+        except (RuntimeError, ValueError, KeyError) as err:  # e.g. another backbone width
+            problems = [line.strip() for line in str(err).splitlines()[1:] if line.strip()]
+            detail = problems[0] if problems else str(err).strip()
+            if len(problems) > 1:
+                detail += f" (and {len(problems) - 1} more)"
+            raise CheckpointError(
+                f"{last} does not fit the model of the config: {detail}"
+            ) from None
+    torch.set_rng_state(state["rng"]["torch"])
+    if device.type == "cuda" and state["rng"].get("cuda") is not None:
+        torch.cuda.set_rng_state(state["rng"]["cuda"].cpu(), device)
+    if dist.is_main():
+        log.info("resuming %s from step %d", run_dir, state["step"])
+    return state["step"]
+
+
+def _load_sharded(run_dir: Path, model: torch.nn.Module, optimizer) -> dict:
+    """A DCP folder, saved by any number of ranks, loaded into this rank's shards; its meta."""
+    from mimar.engine import fsdp
+
+    last = runs.last_sharded(run_dir)
+    if not fsdp.is_sharded_checkpoint(last):
+        raise CheckpointError(
+            f"train.strategy=fsdp resumes from {last}, which is missing"
+            + (
+                " (this run has checkpoints/last.pt: resume it with train.strategy=ddp)"
+                if runs.last_checkpoint(run_dir).is_file()
+                else ""
+            )
+        )
+    return fsdp.load_into(last, model, optimizer)
 
 
 def _first_sentence(err: BaseException) -> str:

@@ -6,7 +6,11 @@ Rules the engine keeps for every hook:
 - a hook never draws from the training RNG streams (the engine forks the RNG around it), so
   exact resume and ``1 process == N processes`` hold with any hooks on;
 - what ``fn`` returns is logged at that step: numbers go into ``metrics.jsonl`` and the
-  loggers, a ``Path`` is a picture sent to the loggers (``train.loggers``).
+  loggers, a ``Path`` is a picture sent to the loggers (``train.loggers``). A row hook's
+  (``every=0``) numbers join the step's row (``train/<key>`` in the loggers); the others' form
+  a row of their own, ``{"step", "epoch", ...}``, written after it (``eval/<key>``).
+
+The loop (``mimar.engine.loop.fit``) takes them as ``hooks=[Hook(every, fn), ...]``.
 """
 
 from __future__ import annotations
@@ -23,8 +27,9 @@ class StepView:
     """What a hook sees after a step.
 
     ``step``: optimizer steps done (1-based); ``total``: ``train.steps``; ``model``: the whole
-    trained module (rank 0; under FSDP an unsharded copy), in training mode: a hook that
-    switches it to eval mode switches it back; ``row``: the scalars logged for this step
+    trained module (rank 0; under FSDP an unsharded copy, or this rank's shards when no due
+    hook ``needs_model``), in training mode: a hook that switches it to eval mode switches it
+    back; ``row``: the scalars logged for this step
     (``loss``, ``lr``, ``images_per_s``, ``step_s``, ``data_wait_s``, ...), read-only;
     ``run_dir``: the run folder.
     """

@@ -10,8 +10,11 @@ import logging
 import os
 import sys
 import time
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.progress import (
     BarColumn,
@@ -26,6 +29,33 @@ from mimar import runs
 from mimar.errors import ConfigError
 
 log = logging.getLogger("mimar")
+
+CONFIG_CHANGES = "config_changes.jsonl"  # RUN/: changes a resume was forced to accept
+
+
+@dataclass(frozen=True)
+class Run:
+    """The run folder a training writes, and how: ``config`` (a plain dict) goes to
+    ``config.yaml`` and into every checkpoint; ``resume`` continues its last checkpoint;
+    ``changes`` (a forced resume's ``{"key", "old", "new"}`` rows) are appended, with the
+    step, to ``config_changes.jsonl``; ``name`` labels the progress bar."""
+
+    dir: Path
+    config: dict
+    resume: bool = False
+    changes: Sequence[dict] = ()
+    name: str = "pretrain"
+
+
+def open_run(run: Run, loggers: Sequence[str], start: int) -> RunLog:
+    """Rank 0: write the run folder's ``config.yaml`` (and the config changes of a forced
+    resume, from ``start`` on) and open its metrics and loggers."""
+    run.dir.mkdir(parents=True, exist_ok=True)
+    (run.dir / runs.CONFIG).write_text(yaml.safe_dump(run.config, sort_keys=False))
+    if run.changes:  # a forced resume: what changed, and from which step on
+        with (run.dir / CONFIG_CHANGES).open("a") as f:
+            f.writelines(json.dumps({"step": start, **c}) + "\n" for c in run.changes)
+    return RunLog(run.dir, loggers, run.config, start if run.resume else 0)
 
 
 class MetricsLog:

@@ -26,8 +26,8 @@ import torch
 from rich.progress import track
 from torch import nn
 
+from mimar.engine.precision import autocast
 from mimar.errors import ConfigError
-from mimar.evaluation.precision import autocast
 from mimar.nn.fused import fused_inference
 
 Pool = Literal["avg", "cls"]

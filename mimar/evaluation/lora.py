@@ -26,9 +26,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimar.data import ImageSet, eval_transform
+from mimar.engine.precision import autocast
 from mimar.errors import ConfigError
 from mimar.evaluation.features import pool_tokens
-from mimar.evaluation.precision import autocast
 from mimar.evaluation.train import fit
 
 

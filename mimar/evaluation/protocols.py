@@ -311,7 +311,7 @@ def _robustness(cfg: EvalConfig) -> dict:
     from mimar.config import build_section
     from mimar.data import DataConfig, load_images
     from mimar.evaluation import robustness as rob
-    from mimar.evaluation.precision import resolve_device
+    from mimar.engine.precision import resolve_device
     from mimar.finetune.run import load_finetuned
 
     run_dir, device = _run_folder(cfg.checkpoint), resolve_device(cfg.device)
@@ -344,7 +344,7 @@ def _in_precision(logits, device, precision: str):
     """``logits`` under the autocast of ``precision``, as the fine-tune evaluated its test set,
     so that the clean row equals its final top-1. In bf16 `mimar eval finetune robustness
     --max-train 1280 --max-test 500 --baselines` took 62 s instead of 124 s in fp32 here."""
-    from mimar.evaluation.precision import autocast, autocast_dtype
+    from mimar.engine.precision import autocast, autocast_dtype
 
     def classify(images):
         with autocast(device, autocast_dtype(precision)):

@@ -19,9 +19,9 @@ from pathlib import Path
 from mimar import runs
 from mimar.config import PretrainConfig
 from mimar.data import load_images
+from mimar.engine.precision import autocast_dtype, resolve_device
 from mimar.errors import DataError
 from mimar.evaluation.config import EvalConfig
-from mimar.evaluation.precision import autocast_dtype, resolve_device
 from mimar.evaluation.protocols import PROTOCOL_TABLE, EvalSetup, pooled_probes
 from mimar.evaluation.report import print_results, write_json
 from mimar.loading import load_run_backbone, random_init_backbone, resolve_checkpoint

@@ -23,10 +23,11 @@ from torch import nn
 
 from mimar.backbones import build_backbone
 from mimar.backbones.vit import expand_shared_rel_pos_bias
+from mimar.engine.contracts import MethodDefaults
 from mimar.errors import ConfigError
 
 
-class Classifier(nn.Module):
+class Classifier(MethodDefaults, nn.Module):
     """``backbone -> pool -> fc_norm -> head``; ``forward(images, targets)`` returns the
     soft-target cross-entropy (targets: ``(B, K)`` mixed / smoothed label distributions).
 

@@ -23,9 +23,9 @@ from mimar import runs
 from mimar.config import to_dict
 from mimar.data import ImageSet, iterate_eval_batches, load_images
 from mimar.engine import checkpoint
-from mimar.engine.loop import RunResult, Session, fit
+from mimar.engine.loop import Hook, Run, RunResult, Session, fit
+from mimar.engine.precision import autocast
 from mimar.errors import DataError, MissingFileError
-from mimar.evaluation.precision import autocast
 from mimar.finetune.classifier import Classifier, build_classifier, finetune_backbone_config
 from mimar.finetune.config import FinetuneConfig, load_finetune_config
 from mimar.finetune.loader import SupervisedStepLoader
@@ -111,19 +111,10 @@ def finetune(
             log.info("  without the weight average: %.2f", raw)
             return {"test_top1": top1, "test_top1_raw": raw}
 
-        result = fit(
-            session,
-            model,
-            loader,
-            optim=optim,
-            train=train,
-            run_dir=out,
-            config=config,
-            resume=resume,
-            evaluate=evaluate,
-            evaluate_every=every if ft.eval_every_epochs else 0,
-            name="finetune",
-        )
+        every = every if ft.eval_every_epochs else train.steps  # else at the end only
+        hooks = [Hook(every, lambda view: evaluate(view.model, view.step), at_end=True)]
+        run = Run(out, config, resume=resume, name="finetune")
+        result = fit(session, model, loader, train=train, optim=optim, run=run, hooks=hooks)
     return summarize(out, result, ft, len(train_set), len(test_set))
 
 

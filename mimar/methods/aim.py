@@ -27,6 +27,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mimar.engine.contracts import MethodDefaults
 from mimar.heads import AIMHead
 from mimar.losses import masked_mse
 from mimar.masking import ORDERS, patch_order, prefix_causal_mask, sample_prefix_len
@@ -66,7 +67,7 @@ class AIMConfig:
             )
 
 
-class AIM(nn.Module):
+class AIM(MethodDefaults, nn.Module):
     def __init__(self, cfg: AIMConfig, backbone: nn.Module) -> None:
         super().__init__()
         if backbone.num_prefix_tokens != 0 or backbone.stage_dims != ():

@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimar.engine.contracts import MethodDefaults
 from mimar.heads import DiGPTDecoder
 from mimar.losses import cosine_distance
 from mimar.masking import cluster_causal_mask, cluster_index, random_cluster_orders
@@ -92,7 +93,7 @@ def default_memory_layers(depth: int) -> tuple[int, ...]:
     return tuple(dict.fromkeys(start + round(i * (depth - start) / 3) for i in range(4)))
 
 
-class DiGPT(nn.Module):
+class DiGPT(MethodDefaults, nn.Module):
     """D-iGPT on a ViT with a class token; the teacher is a plain attribute (not trained, not
     in ``state_dict()``), as in :class:`~mimar.methods.eva.EVA`."""
 

@@ -31,6 +31,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mimar.engine.contracts import MethodDefaults
 from mimar.losses import neg_cosine
 from mimar.masking import BlockMasking
 from mimar.nn import trunc_normal_
@@ -59,7 +60,7 @@ class EVAConfig:
             raise ValueError(f"method.min_aspect must be in (0, 1], got {self.min_aspect}")
 
 
-class EVA(nn.Module):
+class EVA(MethodDefaults, nn.Module):
     """EVA-01 masked feature prediction on a ViT with a mask token.
 
     The frozen teacher (``mimar.teachers.FrozenTeacher``) is kept as a plain attribute, so it

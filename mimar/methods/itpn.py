@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimar.backbones.pyramid import pyramid_backbone
+from mimar.engine.contracts import MethodDefaults
 from mimar.heads import PyramidPixelDecoder
 from mimar.losses import masked_mse
 from mimar.masking import hidden_from_keep, random_keep
@@ -73,7 +74,7 @@ class ITPNConfig:
             )
 
 
-class ITPN(nn.Module):
+class ITPN(MethodDefaults, nn.Module):
     def __init__(self, cfg: ITPNConfig, backbone: nn.Module) -> None:
         super().__init__()
         self.cfg = cfg

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimar.backbones.pyramid import pyramid_backbone
+from mimar.engine.contracts import MethodDefaults
 from mimar.heads import PyramidFusionHead
 from mimar.losses import smooth_l1
 from mimar.masking import BlockMasking
@@ -68,7 +69,7 @@ class ITPNCLIPConfig:
             raise ValueError(f"method.aux_fraction must be in [0, 1), got {self.aux_fraction}")
 
 
-class ITPNCLIP(nn.Module):
+class ITPNCLIP(MethodDefaults, nn.Module):
     """iTPN-CLIP on HiViT with a mask token; the frozen teacher is a plain attribute (not a
     submodule: never trained, not in ``state_dict()``; see ``mimar.teachers``)."""
 

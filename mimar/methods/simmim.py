@@ -24,6 +24,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from mimar.engine.contracts import MethodDefaults
 from mimar.heads import PixelShuffleHead
 from mimar.losses import masked_l1
 from mimar.masking import SimMIMMasking
@@ -43,7 +44,7 @@ class SimMIMConfig:
             raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
 
 
-class SimMIM(nn.Module):
+class SimMIM(MethodDefaults, nn.Module):
     def __init__(self, cfg: SimMIMConfig, backbone: nn.Module) -> None:
         super().__init__()
         if backbone.mask_token is None:

@@ -47,6 +47,7 @@ from contextlib import nullcontext
 import torch
 import torch.nn.functional as F
 
+from mimar.engine.precision import autocast, autocast_dtype, full_precision
 from mimar.errors import ConfigError
 from mimar.teachers.config import TeacherConfig
 from mimar.teachers.loaders import (
@@ -219,12 +220,11 @@ def _stat(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(precision: str, device: torch.device):
-    if precision == "inherit":
+    if precision == "inherit":  # whatever autocast the training step runs under
         return nullcontext()
     if precision == "fp32":
-        return torch.autocast(device.type, enabled=False)
-    dtype = torch.bfloat16 if precision == "bf16" else torch.float16
-    return torch.autocast(device.type, dtype=dtype)
+        return full_precision(device)
+    return autocast(device, autocast_dtype(precision))
 
 
 def _now(device: torch.device) -> float:
