@@ -33,6 +33,7 @@ class Entry:
     ``tiny_recipe``: the method's CPU-sized Fashion-MNIST recipe, relative to the repository
     root (or absolute); ``tiny_variants``: more of them, as ``(suffix, recipe)`` pairs, each
     benched as ``<name>-<suffix>`` (SimMIM on Swin: ``simmim-swin``).
+    ``title``: how tables and reports write the name (``D-iGPT``).
     ``picture``: the dotted name of the method's picture function, ``rows(method, images,
     generator) -> {row title: images, "caption": str}`` (see :mod:`mimar.viz`), imported only
     when a picture is drawn; empty = the method has no picture.
@@ -46,6 +47,7 @@ class Entry:
     tiny_recipe: str = ""
     tiny_variants: tuple[tuple[str, str], ...] = ()
     picture: str = ""
+    title: str = ""
 
     def config_class(self) -> type:
         return getattr(importlib.import_module(self.module), self.config)
@@ -72,6 +74,7 @@ METHODS: dict[str, Entry] = {
         "mimar.methods.simmim",
         "SimMIMConfig",
         "SimMIM",
+        title="SimMIM",
         tiny_recipe="configs/simmim/vit_tiny_fmnist.yaml",
         tiny_variants=(("swin", "configs/simmim/swin_tiny_fmnist.yaml"),),
         picture="mimar.viz.simmim_rows",
@@ -80,6 +83,7 @@ METHODS: dict[str, Entry] = {
         "mimar.methods.eva",
         "EVAConfig",
         "EVA",
+        title="EVA",
         teacher="aligned",
         tiny_recipe="configs/eva/vit_tiny_fmnist.yaml",
         picture="mimar.viz.eva_rows",
@@ -88,6 +92,7 @@ METHODS: dict[str, Entry] = {
         "mimar.methods.itpn",
         "ITPNConfig",
         "ITPN",
+        title="iTPN",
         pyramid_neck=True,
         tiny_recipe="configs/itpn/hivit_tiny_fmnist.yaml",
         picture="mimar.viz.itpn_rows",
@@ -96,6 +101,7 @@ METHODS: dict[str, Entry] = {
         "mimar.methods.itpn_clip",
         "ITPNCLIPConfig",
         "ITPNCLIP",
+        title="iTPN-CLIP",
         teacher="aligned",
         pyramid_neck=True,
         tiny_recipe="configs/itpn/hivit_tiny_clip_fmnist.yaml",
@@ -105,6 +111,7 @@ METHODS: dict[str, Entry] = {
         "mimar.methods.aim",
         "AIMConfig",
         "AIM",
+        title="AIM",
         tiny_recipe="configs/aim/vit_tiny_fmnist.yaml",
         picture="mimar.viz.aim_rows",
     ),
@@ -112,15 +119,16 @@ METHODS: dict[str, Entry] = {
         "mimar.methods.digpt",
         "DiGPTConfig",
         "DiGPT",
+        title="D-iGPT",
         teacher="own_grid",
         tiny_recipe="configs/digpt/vit_tiny_fmnist.yaml",
         picture="mimar.viz.digpt_rows",
     ),
 }
 BACKBONES: dict[str, Entry] = {
-    "vit": Entry("mimar.backbones.vit", "ViTConfig", "ViT"),
-    "swin": Entry("mimar.backbones.swin", "SwinConfig", "Swin"),
-    "hivit": Entry("mimar.backbones.hivit", "HiViTConfig", "HiViT"),
+    "vit": Entry("mimar.backbones.vit", "ViTConfig", "ViT", title="ViT"),
+    "swin": Entry("mimar.backbones.swin", "SwinConfig", "Swin", title="Swin"),
+    "hivit": Entry("mimar.backbones.hivit", "HiViTConfig", "HiViT", title="HiViT"),
 }
 TABLES = {"method": METHODS, "backbone": BACKBONES}
 
