@@ -17,8 +17,8 @@ The bench, in order (files under ``OUT``):
 5. **report** (:mod:`mimar.bench.report`): ``report.md``, ``report.json`` and three plots.
 
 Resume (``--resume``): ``bench.json`` holds the settings, ``calibration.json`` the measured
-step times; a run whose last checkpoint reached its planned steps (and drew its picture) is
-kept, an unfinished one continues from its newest checkpoint (``last.pt``, or ``last.dcp/``
+step times; a run whose last checkpoint and last metrics row reached its planned steps is
+kept (its picture is not looked at), an unfinished one continues from its newest checkpoint (``last.pt``, or ``last.dcp/``
 under ``train.strategy=fsdp``), one that died before its first checkpoint starts again; an eval
 whose JSON exists is kept. Only the report is always rewritten.
 
