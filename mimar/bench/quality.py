@@ -18,9 +18,10 @@ The bench, in order (files under ``OUT``):
 
 Resume (``--resume``): ``bench.json`` holds the settings, ``calibration.json`` the measured
 step times; a run whose last checkpoint and last metrics row reached its planned steps is
-kept (its picture is not looked at), an unfinished one continues from its newest checkpoint (``last.pt``, or ``last.dcp/``
-under ``train.strategy=fsdp``), one that died before its first checkpoint starts again; an eval
-whose JSON exists is kept. Only the report is always rewritten.
+kept (its picture is not looked at), an unfinished one continues from its newest checkpoint
+(``last.pt``, or ``last.dcp/`` under ``train.strategy=fsdp``), one that died before its first
+checkpoint starts again; an eval whose JSON exists is kept. Only the report is always
+rewritten. The methods and their tiny recipes come from ``mimar.names`` (:func:`recipes`).
 
 Why one file of ~600 lines: it is one command's whole control flow (settings, planner, cells,
 calibration, the run loop and its progress display), read top to bottom; the numbers, tables
