@@ -4,8 +4,9 @@ One function per method kind, ``<kind>_rows(method, images, generator) -> dict``
 method's corruption from ``generator`` and returns ``{row title: (B, C, H, W) images in the
 data's normalisation}`` and a ``"caption"``. They call the methods' public steps only
 (``sample_corruption``, ``reconstruct``, ``predict``, ``target``, ...), so that the method files
-hold the paper's steps and nothing else. ``PICTURES`` maps each method class to its function;
-``save_reconstruction`` draws the rows of any of them as one PNG.
+hold the paper's steps and nothing else. Each method's entry in :data:`mimar.names.METHODS`
+names its function (``picture=``), so this module imports no method; ``picture_for(method)``
+finds it and ``save_reconstruction`` draws the rows of any of them as one PNG.
 
 Figures are built from ``matplotlib.figure.Figure`` on the Agg canvas, without pyplot: importing
 this module selects no matplotlib backend and nothing here needs a display.
@@ -23,13 +24,8 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from mimar import names
 from mimar.masking import hidden_from_keep
-from mimar.methods.aim import AIM
-from mimar.methods.digpt import DiGPT
-from mimar.methods.eva import EVA
-from mimar.methods.itpn import ITPN
-from mimar.methods.itpn_clip import ITPNCLIP
-from mimar.methods.simmim import SimMIM
 from mimar.targets import patchify, unpatchify, upsample_mask
 
 Rows = Callable[[nn.Module, torch.Tensor, torch.Generator | None], dict]
@@ -39,7 +35,7 @@ Rows = Callable[[nn.Module, torch.Tensor, torch.Generator | None], dict]
 
 
 @torch.no_grad()
-def simmim_rows(method: SimMIM, images: torch.Tensor, generator=None) -> dict:
+def simmim_rows(method: nn.Module, images: torch.Tensor, generator=None) -> dict:
     """Input, input with the hidden cells blanked, and the prediction pasted into the hidden
     cells (visible pixels are shown as given)."""
     mask = method.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
@@ -66,7 +62,7 @@ def _cosine_rows(method, images: torch.Tensor, mask: torch.Tensor, cos: torch.Te
 
 
 @torch.no_grad()
-def eva_rows(method: EVA, images: torch.Tensor, generator=None) -> dict:
+def eva_rows(method: nn.Module, images: torch.Tensor, generator=None) -> dict:
     """Input, input with the hidden patches blanked, and the per-patch cosine similarity of the
     student's prediction to the teacher feature (black -1, white +1)."""
     mask = method.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
@@ -81,7 +77,7 @@ def eva_rows(method: EVA, images: torch.Tensor, generator=None) -> dict:
 
 
 @torch.no_grad()
-def itpn_rows(method: ITPN, images: torch.Tensor, generator=None) -> dict:
+def itpn_rows(method: nn.Module, images: torch.Tensor, generator=None) -> dict:
     """Input, input with the dropped patches blanked, and the kept patches with the dropped
     ones replaced by the prediction, de-normalised with each target patch's own mean and std
     (the model predicts normalised pixels)."""
@@ -104,7 +100,7 @@ def itpn_rows(method: ITPN, images: torch.Tensor, generator=None) -> dict:
 
 
 @torch.no_grad()
-def itpn_clip_rows(method: ITPNCLIP, images: torch.Tensor, generator=None) -> dict:
+def itpn_clip_rows(method: nn.Module, images: torch.Tensor, generator=None) -> dict:
     """Input, input with the hidden patches blanked, and the per-patch cosine similarity of
     the main prediction to the teacher target (black -1, white +1)."""
     mask = method.sample_corruption(images.shape[0], generator)["mask"].to(images.device)
@@ -117,7 +113,7 @@ def itpn_clip_rows(method: ITPNCLIP, images: torch.Tensor, generator=None) -> di
 
 
 @torch.no_grad()
-def aim_rows(method: AIM, images: torch.Tensor, generator=None) -> dict:
+def aim_rows(method: nn.Module, images: torch.Tensor, generator=None) -> dict:
     """Input, the prefix (first half of the order), and the image with every later patch
     replaced by its one-step-ahead prediction (teacher forcing), de-normalised with the
     *target* patch's own mean and std, as the model predicts normalised pixels. The prefix
@@ -145,7 +141,7 @@ def aim_rows(method: AIM, images: torch.Tensor, generator=None) -> dict:
 
 
 @torch.no_grad()
-def digpt_rows(method: DiGPT, images: torch.Tensor, generator=None) -> dict:
+def digpt_rows(method: nn.Module, images: torch.Tensor, generator=None) -> dict:
     """Input; what the encoder sees (its clusters, the last one blacked out) with the reading
     order drawn as brightness (first cluster darkest); and the per-token cosine similarity of
     the generative prediction to the teacher feature (black -1, white +1) on the teacher's
@@ -177,18 +173,15 @@ def digpt_rows(method: DiGPT, images: torch.Tensor, generator=None) -> dict:
     }
 
 
-PICTURES: dict[type, Rows] = {
-    SimMIM: simmim_rows,
-    EVA: eva_rows,
-    ITPN: itpn_rows,
-    ITPNCLIP: itpn_clip_rows,
-    AIM: aim_rows,
-    DiGPT: digpt_rows,
-}
+def picture_for(method: nn.Module) -> Rows | None:
+    """The picture function that ``method``'s entry in ``names.METHODS`` names, or ``None``
+    (not a method of the table, or one without a picture)."""
+    entry = names.method_entry_of(method)
+    return entry.picture_function() if entry is not None else None
 
 
 def has_picture(method: nn.Module) -> bool:
-    return type(method) in PICTURES
+    return picture_for(method) is not None
 
 
 def reconstruction_rows(
@@ -196,9 +189,10 @@ def reconstruction_rows(
 ) -> dict:
     """The rows of ``method``'s picture: ``{title: (B, C, H, W) normalised images}`` (and a
     ``"caption"``), its corruption drawn from ``generator``."""
-    if not has_picture(method):
+    rows = picture_for(method)
+    if rows is None:
         raise ValueError(f"{type(method).__name__} has no reconstruction picture")
-    return PICTURES[type(method)](method, images, generator)
+    return rows(method, images, generator)
 
 
 # --- drawing ---------------------------------------------------------------------------------

@@ -7,14 +7,10 @@ import json
 import sys
 from pathlib import Path
 
-METHODS = {
-    "simmim-vit": "SimMIM ViT",
-    "simmim-swin": "SimMIM Swin",
-    "eva": "EVA (SimMIM-run teacher)",
-    "aim": "AIM",
-    "itpn": "iTPN (HiViT)",
-    "digpt": "D-iGPT (SimMIM-run teacher)",
-}
+import methods  # scripts/methods.py: the list from mimar/names.py
+
+# run folder -> row label, in the scripts' order
+METHODS = {name: methods.label(name) for name, *_ in methods.table()}
 
 
 def pair(a: float, b: float, a_note: str = "", b_note: str = "") -> str:

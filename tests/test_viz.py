@@ -11,7 +11,7 @@ import torch
 from helpers import images
 from tiny_methods import BUILDERS, fixed_weights, simmim
 
-from mimar import viz
+from mimar import names, viz
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +32,8 @@ def _method_rows(kind: str) -> dict:
     return _rows(method, images(2, seed=1))
 
 
+# every method whose names.METHODS entry names a picture needs its fingerprints here
+PICTURED = [name for name, entry in names.METHODS.items() if entry.picture]
 # fingerprints of the rows drawn before the picture code moved out of the method files
 EXPECTED = {
     "simmim": {
@@ -75,7 +77,7 @@ CAPTIONS = {
 }
 
 
-@pytest.mark.parametrize("kind", list(BUILDERS))
+@pytest.mark.parametrize("kind", PICTURED)
 def test_rows_are_the_same_pixels_as_before(kind):
     rows = _method_rows(kind)
     caption = rows.pop("caption", None)

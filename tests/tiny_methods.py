@@ -1,5 +1,6 @@
 """One tiny instance of every method (16 px, 1 channel, patch 4: a 4x4 grid), for tests that
-sweep all of them; ``fixed_weights`` makes their outputs independent of initialisation order."""
+sweep all of them (they sweep ``names.METHODS``: a method added there fails them until it has
+a builder here); ``fixed_weights`` makes their outputs independent of initialisation order."""
 
 import zlib
 

@@ -17,10 +17,11 @@ The bench, in order (files under ``OUT``):
 5. **report** (:mod:`mimar.bench.report`): ``report.md``, ``report.json`` and three plots.
 
 Resume (``--resume``): ``bench.json`` holds the settings, ``calibration.json`` the measured
-step times; a run whose last checkpoint reached its planned steps (and drew its picture) is
-kept, an unfinished one continues from its newest checkpoint (``last.pt``, or ``last.dcp/``
-under ``train.strategy=fsdp``), one that died before its first checkpoint starts again; an eval
-whose JSON exists is kept. Only the report is always rewritten.
+step times; a run whose last checkpoint and last metrics row reached its planned steps is
+kept (its picture is not looked at), an unfinished one continues from its newest checkpoint
+(``last.pt``, or ``last.dcp/`` under ``train.strategy=fsdp``), one that died before its first
+checkpoint starts again; an eval whose JSON exists is kept. Only the report is always
+rewritten. The methods and their tiny recipes come from ``mimar.names`` (:func:`recipes`).
 
 Why one file of ~600 lines: it is one command's whole control flow (settings, planner, cells,
 calibration, the run loop and its progress display), read top to bottom; the numbers, tables
@@ -54,17 +55,13 @@ from mimar.evaluation.protocols import PROTOCOLS
 
 log = logging.getLogger("mimar")
 
-CONFIGS = Path(__file__).resolve().parents[2] / "configs"
-# bench name -> the method's tiny Fashion-MNIST recipe (configs/<method>/<backbone>_fmnist.yaml)
-RECIPES: dict[str, str] = {
-    "simmim": "simmim/vit_tiny_fmnist.yaml",
-    "simmim-swin": "simmim/swin_tiny_fmnist.yaml",
-    "eva": "eva/vit_tiny_fmnist.yaml",
-    "itpn": "itpn/hivit_tiny_fmnist.yaml",
-    "itpn-clip": "itpn/hivit_tiny_clip_fmnist.yaml",
-    "aim": "aim/vit_tiny_fmnist.yaml",
-    "digpt": "digpt/vit_tiny_fmnist.yaml",
-}
+
+def recipes() -> dict[str, Path]:
+    """Bench name -> the method's tiny Fashion-MNIST recipe, from ``mimar.names`` (read at
+    call time: a method added to the name table is benched with no edit here)."""
+    return names.tiny_recipes()
+
+
 TEACHER_METHOD = "simmim"  # whose run of the same seed teaches EVA, D-iGPT and iTPN-CLIP
 SHORT_DATA_NAMES = {"fashion_mnist": "fmnist"}  # the default --out: runs/bench-fmnist
 BENCH_FILE, CALIBRATION_FILE, TIMINGS_FILE = "bench.json", "calibration.json", "timings.json"
@@ -78,7 +75,7 @@ class QualityConfig:
     method's only when written ``METHOD:key=value``.
     """
 
-    methods: tuple[str, ...] = tuple(RECIPES)
+    methods: tuple[str, ...] = field(default_factory=lambda: tuple(recipes()))
     budget_minutes: float | None = None  # one of the two budgets; neither given: 5 minutes
     budget_images: int | None = None
     protocols: tuple[str, ...] = ("knn", "linear")
@@ -97,7 +94,7 @@ class QualityConfig:
             object.__setattr__(self, name, tuple(getattr(self, name)))
         if self.budget_minutes is None and self.budget_images is None:
             object.__setattr__(self, "budget_minutes", 5.0)
-        _check_names("method", self.methods, tuple(RECIPES))
+        _check_names("method", self.methods, tuple(recipes()))
         _check_names("protocol", self.protocols, PROTOCOLS)
         if self.data not in get_args(DatasetName):
             choices = ", ".join(get_args(DatasetName))
@@ -189,7 +186,7 @@ class Cell:
 
     @property
     def recipe(self) -> Path:
-        return CONFIGS / RECIPES[self.method]
+        return recipes()[self.method]
 
     def config(self) -> PretrainConfig:
         """The run's config (the bench draws its own progress display, not the engine's)."""
@@ -231,7 +228,7 @@ def method_overrides(settings: QualityConfig, method: str) -> list[str]:
 
 def needs_teacher(settings: QualityConfig, method: str) -> bool:
     """Whether ``method``'s recipe asks for a mimar teacher the bench must supply."""
-    cfg = load_config(CONFIGS / RECIPES[method], method_overrides(settings, method))
+    cfg = load_config(recipes()[method], method_overrides(settings, method))
     entry = names.entry("method", cfg.method.name)
     return entry.teacher != "none" and cfg.teacher.kind == "mimar" and not cfg.teacher.path
 
@@ -241,8 +238,12 @@ def teacher_words(path: Path | str) -> list[str]:
 
 
 def run_state(run_dir: Path, steps: int) -> str:
-    """``finished`` (last checkpoint at ``steps`` and the picture drawn), ``unfinished`` (a
-    checkpoint to continue), or ``missing`` (nothing to continue)."""
+    """``finished`` (last checkpoint at ``steps`` and the metrics row of that step),
+    ``unfinished`` (a checkpoint to continue), or ``missing`` (nothing to continue).
+
+    The picture is not part of it: a run killed after its last checkpoint but before drawing
+    is finished (its report shows "no picture"), and a method without a picture can finish.
+    """
     from mimar.engine import checkpoint
 
     ckpt = runs.newest_checkpoint(run_dir)  # last.pt, or last.dcp/ under train.strategy=fsdp
@@ -252,8 +253,21 @@ def run_state(run_dir: Path, steps: int) -> str:
         step = checkpoint.load(ckpt)["step"]
     except Exception:  # a damaged file: start again
         return "missing"
-    done = step >= steps and (run_dir / runs.PICTURE).is_file()
+    done = step >= steps and last_logged_step(run_dir) >= steps
     return "finished" if done else "unfinished"
+
+
+def last_logged_step(run_dir: Path) -> int:
+    """The ``step`` of the last complete row of ``RUN/metrics.jsonl`` (0 when none)."""
+    path = run_dir / runs.METRICS
+    if not path.is_file():
+        return 0
+    for line in reversed(path.read_text().splitlines()):
+        try:
+            return int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):  # a torn last line: look at the one before
+            continue
+    return 0
 
 
 def pretrain_cell(cell: Cell) -> tuple[str | None, float]:
@@ -310,7 +324,7 @@ def calibrate(settings: QualityConfig, out: Path, method: str, teacher: Path | N
     words = [*method_overrides(settings, method), "train.seed=0", "train.log_every=1"]
     words += [f"train.steps={settings.calibration_steps}", "train.checkpoint_every=0"]
     words += teacher_words(teacher) if teacher is not None else []
-    cfg = load_config(CONFIGS / RECIPES[method], [*words, "train.progress=false"])
+    cfg = load_config(recipes()[method], [*words, "train.progress=false"])
     pretrain(cfg, run_dir)
     per_step = images_per_step(cfg)
     timed = [seconds for _, seconds in step_seconds(run_dir, per_step)]
@@ -345,7 +359,8 @@ def calibrate_all(settings: QualityConfig, out: Path, order: list[str], bar: Ben
         if method in stored:
             bar.skip(("calibrate", method, 0), f"calibrate {method}")
             continue
-        teacher = calibration_teacher(settings, out, method, stored) if method != "simmim" else None
+        taught = method != TEACHER_METHOD
+        teacher = calibration_teacher(settings, out, method, stored) if taught else None
         with bar.phase(("calibrate", method, 0), f"calibrate {method}"):
             stored[method] = calibrate(settings, out, method, teacher)
         path.write_text(json.dumps(stored, indent=2) + "\n")
@@ -393,7 +408,8 @@ def plan_cells(settings: QualityConfig, out: Path, calibration: dict, order: lis
             words = [*method_overrides(settings, method), f"train.seed={seed}"]
             words.append(f"train.steps={steps}")
             if needs_teacher(settings, method):
-                words += teacher_words(settings.teacher or out / "runs" / f"simmim-seed{seed}")
+                teacher = settings.teacher or out / "runs" / f"{TEACHER_METHOD}-seed{seed}"
+                words += teacher_words(teacher)
             evaluated = not (method == TEACHER_METHOD and teacher_only)
             run_dir = out / "runs" / f"{method}-seed{seed}"
             cells.append(Cell(method, seed, run_dir, tuple(words), steps, evaluated))

@@ -24,7 +24,6 @@ every concrete choice not in the paper is marked "ours" below.
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,6 +37,7 @@ from mimar.heads import PyramidPixelDecoder
 from mimar.losses import masked_mse
 from mimar.masking import hidden_from_keep, random_keep
 from mimar.targets import normalize_patches, patchify
+from mimar.teachers.ema import ema_teacher, ema_update_
 
 SUB_TOKENS = (4, 2, 1)  # sub-token grid side per main patch of P4, P8, P16
 
@@ -99,7 +99,7 @@ class ITPN(MethodDefaults, nn.Module):
             # Ours: the teacher is an EMA copy of backbone + neck (the paper's "EMA of the
             # student"), a registered submodule so that checkpoints carry it; requires_grad is
             # off, so the optimizer never sees it and it gets no gradient.
-            self.ema = copy.deepcopy(self.backbone).requires_grad_(False)
+            self.ema = ema_teacher(self.backbone)
             # Ours: one linear head per pyramid level on the decoder tokens, predicting the
             # s x s sub-token features (width fpn_dim) of that level for each main patch.
             self.mfm_heads = nn.ModuleList(
@@ -161,11 +161,7 @@ class ITPN(MethodDefaults, nn.Module):
         (constant momentum m, ours: the paper gives only its value)."""
         if self.ema is None:
             return
-        m = self.cfg.ema_momentum
-        for teacher, student in zip(self.ema.parameters(), self.backbone.parameters()):
-            teacher.mul_(m).add_(student.detach(), alpha=1 - m)
-        for teacher, student in zip(self.ema.buffers(), self.backbone.buffers()):
-            teacher.copy_(student)
+        ema_update_(self.ema, self.backbone, self.cfg.ema_momentum)
 
     def train(self, mode: bool = True) -> ITPN:
         super().train(mode)
