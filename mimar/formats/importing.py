@@ -18,8 +18,14 @@ from pathlib import Path
 import torch
 
 from mimar import runs
-from mimar.config import PretrainConfig, apply_overrides, from_dict, read_recipe, save_config
-from mimar.config import to_dict
+from mimar.config import (
+    PretrainConfig,
+    apply_overrides,
+    from_dict,
+    read_recipe,
+    save_config,
+    to_dict,
+)
 from mimar.engine import checkpoint
 from mimar.errors import CheckpointError, ConfigError
 from mimar.formats import Format, detect_format, get_format
@@ -112,13 +118,30 @@ def import_config(
     for key in ("img_size", "in_chans"):  # the data follows the backbone unless told
         if f"data.{key}" not in given:
             data[key] = raw["backbone"][key]
-    untold = ("num_heads", "norm_eps", "img_size", "drop_path_rate")
+    fitted = _fit_mask_cells(raw, given)
+    cfg = from_dict(raw)
+    untold = ("num_heads", "norm_eps", "img_size")  # what a ViT's tensors cannot tell
     from_recipe = {
-        f"backbone.{k}": raw["backbone"].get(k)
+        f"backbone.{k}": getattr(cfg.backbone, k)
         for k in untold
-        if k not in fields and f"backbone.{k}" not in given and k in raw["backbone"]
+        if k not in fields and f"backbone.{k}" not in given and hasattr(cfg.backbone, k)
     }
-    return from_dict(raw), from_recipe
+    return cfg, from_recipe | fitted
+
+
+def _fit_mask_cells(raw: dict, given: set[str]) -> dict:
+    """SimMIM's mask cells must tile the image and hold whole patches: a recipe's 32-px cells
+    on a smaller import become the largest size that fits (reported; override it)."""
+    method, backbone = raw.get("method", {}), raw["backbone"]
+    cell = method.get("mask_patch_size")
+    if not cell or "method.mask_patch_size" in given:
+        return {}
+    size, patch = backbone["img_size"], backbone["patch_size"]
+    if size % cell == 0 and cell % patch == 0:
+        return {}
+    fits = [m for m in range(patch, min(cell, size) + 1, patch) if size % m == 0]
+    method["mask_patch_size"] = max(fits, default=patch)
+    return {"method.mask_patch_size": method["mask_patch_size"]}
 
 
 def check_fit(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor]) -> None:

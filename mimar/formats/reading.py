@@ -158,7 +158,9 @@ def _pickle_globals(path: Path) -> set[str]:
         return found
     found = set()
     with path.open("rb") as stream:  # a legacy torch file (pickles, then raw bytes) or a pickle
-        for _ in range(5):  # legacy: magic number, protocol, sys info, the object, storage keys
+        if not _scan_one(stream, found):
+            raise CheckpointError(f"cannot read {path}: not a torch file (nor a pickle)")
+        for _ in range(4):  # legacy: magic number, protocol, sys info, the object, storage keys
             if not _scan_one(stream, found):
                 break
     return found

@@ -9,12 +9,15 @@ bias, LayerScale ``gamma_1`` / ``gamma_2``, and a per-block
 ``attn.relative_position_bias_table``.
 
 Refused, because mimar's ViT cannot express them: EVA-02 and other ``Eva`` variants with
-rotary position embeddings (``rope``), SwiGLU MLPs (``mlp.fc1_g`` / ``fc1_x``) or a norm
-inside the attention / MLP (``attn.norm``, ``mlp.norm``); timm ViTs with register tokens
-(``reg_token``), a pre-norm (``norm_pre``) or a position table without the class token's row
-(``no_embed_class``); Swin (mimar's Swin keeps timm's names under ``model.*`` but its import is
-not written yet). The classifier (``head.*``) and the pooled classifier's norm (``fc_norm.*``,
-which ``forward_features`` does not apply) are left out and listed.
+SwiGLU MLPs (``mlp.fc1_g`` / ``fc1_x``, or packed: ``fc1`` twice as wide as ``fc2``'s input)
+or a norm inside the attention / MLP (``attn.norm``, ``mlp.norm``). Rotary position
+embeddings (EVA-02) are non-persistent buffers, invisible in the weights: an ``Eva`` with
+RoPE but a plain MLP would import as a ViT without it (EVA-02's SwiGLU refuses every released
+one). Also refused: timm ViTs with register tokens (``reg_token``), a pre-norm
+(``norm_pre``) or a position table without the class token's row (``no_embed_class``); Swin
+(mimar's Swin keeps timm's names under ``model.*``, but its import is not written yet). The
+classifier (``head.*``) and the pooled classifier's norm (``fc_norm.*``, which
+``forward_features`` does not apply) are left out and listed.
 """
 
 from __future__ import annotations
@@ -82,6 +85,13 @@ def to_mimar(weights: dict[str, torch.Tensor], extra: dict) -> Converted:
     for fragment, why in _REFUSED.items():
         if hit := next((k for k in weights if fragment in k), None):
             raise CheckpointError(f"this timm model has {why} ({hit}): mimar's ViT cannot hold it")
+    fc1, fc2 = weights.get("blocks.0.mlp.fc1.weight"), weights.get("blocks.0.mlp.fc2.weight")
+    if fc1 is not None and fc2 is not None and fc1.shape[0] == 2 * fc2.shape[1]:
+        raise CheckpointError(
+            f"this timm model has a gated MLP packed in fc1 ({tuple(fc1.shape)} vs fc2 "
+            f"{tuple(fc2.shape)}: EVA-02's SwiGLU, whose rotary position embeddings are not "
+            "in the weights either): mimar's ViT cannot hold it"
+        )
     ignored = {k: why for k in weights for p, why in _IGNORED.items() if k.startswith(p)}
     ignored |= {
         k: "derived buffer (recomputed from the grid)"

@@ -1,0 +1,365 @@
+"""Released checkpoints in and out (mimar.formats): every format's official key names and
+shapes at a tiny size -> ``mimar import`` -> the run holds exactly those tensors; export
+gives them back; ``--format auto`` names the layout; foreign pickles are read safely."""
+
+import json
+import os
+import pickle
+import signal
+import sys
+import types
+
+import pytest
+import torch
+from helpers import DEMO, TINY, losses
+from safetensors.torch import save_file
+
+import mimar
+from mimar.cli import main
+from mimar.engine import checkpoint
+from mimar.engine.logger import MetricsLog
+from mimar.errors import CheckpointError
+from mimar.formats.importing import import_release
+from mimar.formats.reading import read_release
+from mimar.loading import load_run
+
+D, HEADS, DEPTH, PATCH, GRID, CHANS = 32, 2, 2, 4, 4, 3
+IMG = PATCH * GRID
+
+
+def beit_index(grid: int) -> torch.Tensor:
+    """BEiT's / SimMIM's relative_position_index, transcribed from the official
+    ``RelativePositionBias.__init__`` (models/vision_transformer.py @ d3e29bca)."""
+    coords = torch.stack(torch.meshgrid(torch.arange(grid), torch.arange(grid), indexing="ij"))
+    flat = coords.flatten(1)
+    rel = (flat[:, :, None] - flat[:, None, :]).permute(1, 2, 0)
+    rel[:, :, 0] += grid - 1
+    rel[:, :, 1] += grid - 1
+    rel[:, :, 0] *= 2 * grid - 1
+    n = (2 * grid - 1) ** 2 + 3
+    index = torch.zeros(grid * grid + 1, grid * grid + 1, dtype=torch.long)
+    index[1:, 1:] = rel.sum(-1)
+    index[0, 0:], index[0:, 0], index[0, 0] = n - 3, n - 2, n - 1
+    return index
+
+
+def official_simmim_vit(shared: bool = True, ape: bool = False, ls: bool = True) -> dict:
+    """``SimMIM(VisionTransformerForSimMIM)``'s state dict at a tiny size, random values."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    table = ((2 * GRID - 1) ** 2 + 3, HEADS)
+    sd = {
+        "encoder.cls_token": r(1, 1, D),
+        "encoder.mask_token": r(1, 1, D),
+        "encoder.patch_embed.proj.weight": r(D, CHANS, PATCH, PATCH),
+        "encoder.patch_embed.proj.bias": r(D),
+    }
+    if ape:
+        sd["encoder.pos_embed"] = r(1, GRID * GRID + 1, D)
+    if shared:
+        sd["encoder.rel_pos_bias.relative_position_bias_table"] = r(*table)
+        sd["encoder.rel_pos_bias.relative_position_index"] = beit_index(GRID)
+    for i in range(DEPTH):
+        b = f"encoder.blocks.{i}."
+        if ls:
+            sd[b + "gamma_1"], sd[b + "gamma_2"] = r(D), r(D)
+        sd |= {b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D)}
+        sd |= {b + "attn.q_bias": r(D), b + "attn.v_bias": r(D), b + "attn.qkv.weight": r(3 * D, D)}
+        if not shared:
+            sd[b + "attn.relative_position_bias_table"] = r(*table)
+            sd[b + "attn.relative_position_index"] = beit_index(GRID)
+        sd |= {b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D)}
+        sd |= {b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D)}
+        sd |= {b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc1.bias": r(4 * D)}
+        sd |= {b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D)}
+    sd |= {"encoder.norm.weight": 1 + r(D), "encoder.norm.bias": r(D)}
+    sd |= {"decoder.0.weight": r(PATCH**2 * 3, D, 1, 1), "decoder.0.bias": r(PATCH**2 * 3)}
+    return sd
+
+
+def save_like_simmim(sd: dict, path) -> None:
+    """As ``utils.save_checkpoint``: the model beside optimizer state and a yacs CfgNode."""
+    cfg_node = type("CfgNode", (dict,), {"__module__": "yacs.config"})
+    yacs, yacs_config = types.ModuleType("yacs"), types.ModuleType("yacs.config")
+    yacs.config, yacs_config.CfgNode = yacs_config, cfg_node
+    sys.modules |= {"yacs": yacs, "yacs.config": yacs_config}  # yacs is not installed here
+    try:
+        config = cfg_node(MODEL=cfg_node(TYPE="vit"), DATA=cfg_node(MASK_PATCH_SIZE=32))
+        optimizer = {"state": {0: {"exp_avg": torch.zeros(3)}}, "param_groups": []}
+        torch.save(
+            {"model": sd, "optimizer": optimizer, "lr_scheduler": {}, "max_accuracy": 0.0,
+             "epoch": 799, "config": config},
+            path,
+        )  # fmt: skip
+    finally:
+        del sys.modules["yacs"], sys.modules["yacs.config"]
+
+
+def run_weights(run) -> dict:
+    return checkpoint.load(run / "checkpoints" / "last.pt")["model"]
+
+
+@pytest.mark.parametrize(
+    "kind", [dict(shared=True, ls=True), dict(shared=False, ape=True, ls=False)]
+)
+def test_simmim_vit_release_imports_exactly_and_exports_back(tmp_path, kind, capsys):
+    sd = official_simmim_vit(**kind)
+    release = tmp_path / "simmim_pretrain__vit_base__img224__800ep.pth"
+    save_like_simmim(sd, release)
+    run = tmp_path / "run"
+    assert main(["import", str(release), "--out", str(run), "backbone.num_heads=2"]) == 0
+    report = json.loads((run / "import.json").read_text())
+    assert report["format"] == "simmim-vit" and report["detected"]
+    assert report["imported_parts"] == ["backbone", "head"] and report["fresh"] == []
+    assert "optimizer" in report["ignored"] and "config" in report["ignored"]
+    got = run_weights(run)
+    for key, value in sd.items():
+        if key.endswith("relative_position_index"):
+            continue
+        name = report["keys"][key]
+        if name.endswith("[q]"):
+            assert torch.equal(got[name[:-3]][:D], value), key
+        elif name.endswith("[v]"):
+            assert torch.equal(got[name[:-3]][2 * D :], value), key
+        else:
+            assert torch.equal(got[name], value), key
+    assert isinstance(load_run(run)[0], mimar.PretrainConfig)  # a full config of the method
+    back = tmp_path / "back.pth"
+    assert (
+        main(["export", "--checkpoint", str(run), "--format", "simmim-vit", "--out", str(back)])
+        == 0
+    )
+    exported = read_release(back)[0]["model"]
+    assert exported.keys() == sd.keys()
+    for key, value in sd.items():
+        assert torch.equal(exported[key], value), key
+
+
+def test_simmim_vit_tokens_equal_timm_beit(tmp_path):
+    """SimMIM's ViT is BEiT's code: the same weights in timm's Beit give the same tokens."""
+    import timm
+
+    sd = official_simmim_vit(shared=True, ls=True)
+    release = tmp_path / "r.pth"
+    torch.save({"model": sd}, release)
+    import_release(release, tmp_path / "run", overrides=["backbone.num_heads=2"])
+    beit = timm.create_model(
+        "beit_base_patch16_224", pretrained=False, num_classes=0, img_size=IMG, patch_size=PATCH,
+        embed_dim=D, depth=DEPTH, num_heads=HEADS, use_abs_pos_emb=False, use_rel_pos_bias=False,
+        use_shared_rel_pos_bias=True, init_values=0.1, global_pool="token", use_fc_norm=False,
+    ).eval()  # fmt: skip
+    encoder = {k.removeprefix("encoder."): v for k, v in sd.items() if k.startswith("encoder.")}
+    encoder.pop("mask_token")
+    encoder.pop("rel_pos_bias.relative_position_index")  # timm's buffer is not saved
+    beit.load_state_dict(encoder, strict=True)
+    x = torch.randn(2, CHANS, IMG, IMG)
+    with torch.no_grad():
+        want = beit.forward_features(x)
+        got = mimar.load_backbone(tmp_path / "run")(x)["tokens"]
+    assert (got - want).abs().max() < 1e-5
+
+
+def test_demo_run_round_trips_through_simmim_vit_and_auto_detects(tmp_path, caplog):
+    run = tmp_path / "run"
+    assert main(["pretrain", DEMO, *TINY, "train.steps=2", "--run-dir", str(run)]) == 0
+    out = tmp_path / "official.pth"
+    assert (
+        main(["export", "--checkpoint", str(run), "--format", "simmim-vit", "--out", str(out)]) == 0
+    )
+    with caplog.at_level("INFO", logger="mimar"):
+        assert (
+            main(["import", str(out), "--out", str(tmp_path / "imp"), "backbone.num_heads=2"]) == 0
+        )
+    assert "format: simmim-vit (detected)" in caplog.text
+    a, b = run_weights(run), run_weights(tmp_path / "imp")
+    assert a.keys() == b.keys()
+    for key in a:
+        if not key.endswith("qkv.bias"):
+            assert torch.equal(a[key], b[key]), key
+        else:  # the k bias is not in SimMIM's layout (softmax-invariant): zero after import
+            assert torch.equal(a[key][:32], b[key][:32]) and not b[key][32:64].any()
+    x = torch.randn(2, 1, 16, 16)
+    with torch.no_grad():
+        want = mimar.load_backbone(run)(x)["tokens"]
+        got = mimar.load_backbone(tmp_path / "imp")(x)["tokens"]
+    assert (got - want).abs().max() < 1e-5
+
+
+def _timm_models():
+    small = dict(img_size=IMG, patch_size=PATCH, embed_dim=D, depth=DEPTH, num_heads=HEADS)
+    return {
+        "vit-cls": ("vit_base_patch16_224", small),
+        "vit-avg": ("vit_base_patch16_224", small | dict(class_token=False, global_pool="avg")),
+        "vit-ls": ("vit_base_patch16_224", small | dict(init_values=0.1, qkv_bias=False)),
+        "beit": ("beit_base_patch16_224", small | dict(init_values=0.1)),
+        "eva01": ("eva_giant_patch14_224", small | dict(mlp_ratio=4.0)),
+    }
+
+
+@pytest.mark.parametrize("kind", list(_timm_models()))
+def test_timm_models_import_with_equal_tokens(tmp_path, kind):
+    import timm
+
+    name, kwargs = _timm_models()[kind]
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=5, **kwargs).eval()
+    with torch.no_grad():  # non-trivial values everywhere (biases, LayerScale, tables)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    path = tmp_path / f"{kind}.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    report = import_release(path, tmp_path / "run", overrides=[f"backbone.num_heads={HEADS}"])
+    assert report["format"] == "timm"
+    assert "head.weight" in report["ignored"]
+    x = torch.randn(2, CHANS, IMG, IMG)
+    with torch.no_grad():
+        want = model.forward_features(x)
+        got = mimar.load_backbone(tmp_path / "run")(x)["tokens"]
+    assert (got - want).abs().max() < 1e-5
+
+
+@pytest.mark.parametrize(
+    "name,why",
+    [("eva02_tiny_patch14_224", "rotary"), ("swin_tiny_patch4_window7_224", "Swin")],
+)
+def test_timm_variants_mimar_cannot_hold_are_refused_in_one_line(tmp_path, name, why):
+    import timm
+
+    model = timm.create_model(name, pretrained=False, num_classes=0)
+    path = tmp_path / "m.safetensors"
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    with pytest.raises(CheckpointError, match=why):
+        import_release(path, tmp_path / "run", fmt="timm")
+
+
+def _evil_pickles(tmp_path):
+    marker = tmp_path / "pwned"
+
+    class Evil:
+        def __reduce__(self):
+            return (os.system, (f"touch {marker}",))
+
+    plain = tmp_path / "plain.pth"
+    with plain.open("wb") as f:
+        pickle.dump({"model": Evil()}, f)
+    zipped = tmp_path / "zipped.pth"
+    torch.save({"model": Evil()}, zipped)
+    return marker, [plain, zipped]
+
+
+def test_a_code_executing_pickle_is_refused_and_never_runs(tmp_path, capsys):
+    marker, files = _evil_pickles(tmp_path)
+    for path in files:
+        assert (
+            main(["import", str(path), "--format", "simmim-vit", "--out", str(tmp_path / "r")]) == 2
+        )
+        err = capsys.readouterr().err
+        assert "refused" in err and "system" in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1
+        with pytest.raises(CheckpointError, match="refused"):  # train.init reads alike
+            from mimar.formats.init import release_weights
+
+            release_weights(path)
+    assert not marker.exists()
+
+
+def test_foreign_objects_load_as_inert_placeholders(tmp_path):
+    import argparse
+
+    import numpy as np
+
+    path = tmp_path / "r.pth"
+    save_like_simmim(official_simmim_vit(), path)
+    obj = read_release(path)[0]
+    assert obj["config"].__dict__["placeholder_for"] == "yacs.config.CfgNode"
+    assert obj["config"]["MODEL"]["TYPE"] == "vit"  # its items stay readable
+    torch.save(
+        {"args": argparse.Namespace(lr=1), "acc": np.float64(80.1), "w": torch.ones(1)}, path
+    )
+    obj = read_release(path)[0]
+    assert obj["args"].lr == 1 and float(obj["acc"]) == 80.1
+
+
+def test_bad_files_are_one_line_each(tmp_path, capsys):
+    good = tmp_path / "good.pth"
+    save_like_simmim(official_simmim_vit(), good)
+    truncated = tmp_path / "truncated.pth"
+    truncated.write_bytes(good.read_bytes()[:2000])
+    text = tmp_path / "notes.pth"
+    text.write_text("not a checkpoint\n")
+    cases = {
+        truncated: ([], "truncated"),
+        text: ([], "not a torch file"),
+        good: (["backbone.num_heads=2", "backbone.mlp_ratio=2"], "mlp.fc1.weight: the release"),
+    }
+    for path, (extra, words) in cases.items():
+        out = str(tmp_path / f"run-{path.stem}")
+        assert main(["import", str(path), "--out", out, *extra]) == 2
+        err = capsys.readouterr().err
+        assert words in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_unknown_keys_are_an_error_naming_them(tmp_path):
+    sd = official_simmim_vit() | {"encoder.blocks.0.attn.lora_A": torch.zeros(2)}
+    path = tmp_path / "r.pth"
+    torch.save({"model": sd}, path)
+    with pytest.raises(CheckpointError, match="lora_A"):
+        import_release(path, tmp_path / "run", overrides=["backbone.num_heads=2"])
+
+
+def test_img_size_resamples_the_position_tables(tmp_path):
+    path = tmp_path / "r.pth"
+    torch.save({"model": official_simmim_vit(shared=True, ape=True)}, path)
+    report = import_release(
+        path, tmp_path / "run", img_size=2 * IMG, overrides=["backbone.num_heads=2"]
+    )
+    keys = {row["key"] for row in report["resampled"]}
+    assert keys == {"backbone.pos_embed", "backbone.rel_pos_bias.relative_position_bias_table"}
+    assert mimar.load_backbone(tmp_path / "run").img_size == 2 * IMG
+
+
+def test_train_init_starts_from_the_imported_weights_and_resumes_exactly(tmp_path, monkeypatch):
+    from mimar.config import load_config
+    from mimar.data import build_train_loader
+    from mimar.factory import build_method
+
+    src = tmp_path / "src"
+    assert main(["pretrain", DEMO, *TINY, "train.steps=2", "--run-dir", str(src)]) == 0
+    release = tmp_path / "official.pth"
+    assert (
+        main(["export", "--checkpoint", str(src), "--format", "simmim-vit", "--out", str(release)])
+        == 0
+    )
+    imported = tmp_path / "imp"
+    import_release(release, imported, overrides=["backbone.num_heads=2"])
+    init = [*TINY, "train.seed=1", f"train.init={imported}"]
+    full, cut = tmp_path / "full", tmp_path / "cut"
+    assert main(["pretrain", DEMO, *init, "train.steps=4", "--run-dir", str(full)]) == 0
+    # the first loss is the imported model's loss on the first batch
+    cfg = load_config(DEMO, [*TINY, "train.seed=1"])
+    method = build_method(cfg)
+    method.load_state_dict(run_weights(imported))
+    loader = build_train_loader(cfg.data, seed=1, rank=0, world_size=1)
+    corruption = method.sample_corruption(cfg.data.batch_size, loader.generator_for(0))
+    method.train()
+    with torch.no_grad():
+        first = method(**loader.inputs(0), **corruption)["loss"].item()
+    assert losses(full)[1] == pytest.approx(first, abs=1e-6)
+    assert checkpoint.load(full / "checkpoints" / "last.pt")["step"] == 4
+    # --resume: the run's own checkpoint wins over train.init, and the losses are the same
+    write = MetricsLog.write
+
+    def write_then_signal(self, row):
+        write(self, row)
+        if row["step"] == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_signal)
+    args = ["pretrain", DEMO, *init, "train.steps=4", "--run-dir", str(cut)]
+    assert main(args) == 128 + signal.SIGTERM
+    monkeypatch.setattr(MetricsLog, "write", write)
+    assert main([*args, "--resume"]) == 0
+    assert losses(cut) == losses(full)
