@@ -363,3 +363,40 @@ def test_train_init_starts_from_the_imported_weights_and_resumes_exactly(tmp_pat
     monkeypatch.setattr(MetricsLog, "write", write)
     assert main([*args, "--resume"]) == 0
     assert losses(cut) == losses(full)
+
+
+@pytest.mark.parametrize("kind", ["vit", "vit_mae"])
+def test_transformers_folders_import_with_equal_tokens_and_export_back(tmp_path, kind):
+    import transformers as hf
+
+    shape = dict(hidden_size=D, num_hidden_layers=DEPTH, num_attention_heads=HEADS)
+    shape |= dict(intermediate_size=4 * D, image_size=IMG, patch_size=PATCH, num_channels=CHANS)
+    torch.manual_seed(0)
+    if kind == "vit":
+        model = hf.ViTModel(hf.ViTConfig(**shape))
+    else:
+        model = hf.ViTMAEModel(hf.ViTMAEConfig(**shape, mask_ratio=0.0))
+    with torch.no_grad():  # non-trivial values everywhere (HF initialises biases to zero)
+        for name, p in model.named_parameters():
+            if "position" not in name:  # ViTMAE's table is fixed sin-cos
+                p.add_(torch.randn_like(p) * 0.05)
+    folder = tmp_path / "hf"
+    model.save_pretrained(folder)
+    report = import_release(folder, tmp_path / "run")  # heads and eps from config.json
+    assert report["format"] == "transformers" and report["detected"]
+    x = torch.randn(2, CHANS, IMG, IMG)
+    keep_order = {"noise": torch.arange(GRID * GRID).float().expand(2, -1)} if kind != "vit" else {}
+    backbone = mimar.load_backbone(tmp_path / "run")
+    with torch.no_grad():
+        want = model.eval()(pixel_values=x, **keep_order).last_hidden_state
+        got = backbone(x)["tokens"]
+    assert (got - want).abs().max() < 1e-5
+    back = tmp_path / "back"
+    args = ["export", "--checkpoint", str(tmp_path / "run"), "--format", "transformers"]
+    assert main([*args, "--out", str(back)]) == 0
+    again = hf.ViTModel.from_pretrained(back, add_pooling_layer=False).eval()
+    with torch.no_grad():
+        assert (again(pixel_values=x).last_hidden_state - got).abs().max() < 1e-5
+    import_release(back, tmp_path / "again")
+    a, b = run_weights(tmp_path / "run"), run_weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone."))

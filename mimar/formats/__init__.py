@@ -14,10 +14,11 @@ from mimar.errors import ConfigError
 from mimar.formats.family import Converted, Format
 from mimar.formats.simmim import SIMMIM_VIT
 from mimar.formats.timm import TIMM
+from mimar.formats.transformers import TRANSFORMERS
 
 # --format name -> its layout; detection tries them in this order (most specific first)
-FORMATS: dict[str, Format] = {f.name: f for f in (SIMMIM_VIT, TIMM)}
-PLANNED = ("simmim-swin", "eva", "itpn", "aim", "aim-l3m", "digpt", "transformers")
+FORMATS: dict[str, Format] = {f.name: f for f in (SIMMIM_VIT, TRANSFORMERS, TIMM)}
+PLANNED = ("simmim-swin", "eva", "itpn", "aim", "aim-l3m", "digpt")
 
 
 def get_format(name: str) -> Format:

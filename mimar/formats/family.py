@@ -18,6 +18,7 @@ class Converted:
     weights: dict[str, torch.Tensor]
     keys: dict[str, str]  # release name -> mimar name (q/v biases: "...qkv.bias[q]")
     ignored: dict[str, str] = field(default_factory=dict)  # release name -> why not imported
+    fields: dict = field(default_factory=dict)  # backbone.* the release's own config tells
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,8 @@ class Format:
     to_mimar: Callable[[dict[str, torch.Tensor], dict], Converted]
     export: Callable[[dict[str, torch.Tensor], dict], dict] | None = None
     parts: tuple[str, ...] = ("backbone",)  # method parts a release of this format may hold
+    # how an exported object is written (default: torch.save of the official wrapper)
+    write: Callable[[dict, Path], None] | None = None
 
     @property
     def recipe_path(self) -> Path:

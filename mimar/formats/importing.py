@@ -58,7 +58,9 @@ def import_release(
     layout = detect_format(weights) if fmt == "auto" else get_format(fmt)
     log.info("format: %s (%s)", layout.name, "detected" if fmt == "auto" else "given")
     converted = layout.to_mimar(weights, obj)
-    cfg, untold_values = import_config(layout, converted.weights, recipe, img_size, overrides)
+    cfg, untold_values = import_config(
+        layout, converted.weights, recipe, img_size, overrides, converted.fields
+    )
     method = _build_method(cfg)
     target = method.state_dict()
     resampled = fit_positions(converted.weights, target, _prefix_tokens(cfg))
@@ -94,9 +96,11 @@ def import_config(
     recipe: str | Path | None,
     img_size: int | None,
     overrides: list[str] | tuple[str, ...],
+    told: dict | None = None,
 ) -> tuple[PretrainConfig, dict]:
     """The run's config: the format's method, the architecture the weights tell, the rest
-    from the recipe, ``overrides`` last. Also returns what came from the recipe."""
+    from the recipe (``told``: what the release's own config says), ``overrides`` last. Also
+    returns what came from neither the weights nor the release."""
     raw = read_recipe(recipe or layout.recipe_path)
     if raw.get("method", {}).get("name") != layout.method:
         raise ConfigError(
@@ -109,6 +113,7 @@ def import_config(
     if fields["embed_dim"] != backbone.get("embed_dim"):  # the recipe's heads do not fit
         heads = max(fields["embed_dim"] // HEAD_WIDTH, 1)
         backbone["num_heads"] = heads if fields["embed_dim"] % heads == 0 else 1
+    fields |= told or {}
     backbone.update(fields)
     if img_size:
         backbone["img_size"] = img_size
@@ -206,5 +211,8 @@ def export_release(source: str | Path, fmt: str, out: str | Path) -> Path:
         )
     release = layout.export(state["model"], to_dict(cfg.backbone))
     out = Path(out)
-    checkpoint.save_atomic(release, out)
+    if layout.write is not None:
+        layout.write(release, out)
+    else:
+        checkpoint.save_atomic(release, out)
     return out
