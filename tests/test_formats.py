@@ -400,3 +400,49 @@ def test_transformers_folders_import_with_equal_tokens_and_export_back(tmp_path,
     import_release(back, tmp_path / "again")
     a, b = run_weights(tmp_path / "run"), run_weights(tmp_path / "again")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone."))
+
+
+def test_simmim_swin_release_imports_with_equal_tokens_and_exports_back(tmp_path):
+    """Microsoft's Swin names (patch merging at the end of a stage) at a tiny size, written
+    from timm's SwinTransformer (the same weights, merging at the start of the next stage)."""
+    import re
+
+    from timm.models.swin_transformer import SwinTransformer
+
+    torch.manual_seed(0)
+    shape = dict(img_size=32, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4))
+    swin = SwinTransformer(**shape, window_size=4, num_classes=0).eval()
+    with torch.no_grad():
+        for p in swin.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    merging = re.compile(r"layers\.(\d+)\.downsample")
+    official = {
+        "encoder." + merging.sub(lambda m: f"layers.{int(m[1]) - 1}.downsample", k): v
+        for k, v in swin.state_dict().items()
+    }
+    official["encoder.mask_token"] = torch.randn(1, 1, 16)
+    stride = 8  # patch 4 x one merging
+    official["decoder.0.weight"] = torch.randn(stride**2 * 3, 32, 1, 1)
+    official["decoder.0.bias"] = torch.randn(stride**2 * 3)
+    release = tmp_path / "simmim_pretrain__swin_base__img192_window6__800ep.pth"
+    torch.save({"model": official, "epoch": 99}, release)
+    report = import_release(release, tmp_path / "run", overrides=["backbone.img_size=32"])
+    assert report["format"] == "simmim-swin" and report["fresh"] == []
+    cfg = load_run(tmp_path / "run")[0].backbone
+    assert (cfg.depths, cfg.num_heads, cfg.window_size) == ((2, 2), (2, 4), 4)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        want = swin.forward_features(x).flatten(1, 2)  # (B, H, W, C) -> (B, N, C)
+        got = mimar.load_backbone(tmp_path / "run")(x)["tokens"]
+    assert (got - want).abs().max() < 1e-5
+    back = tmp_path / "back.pth"
+    args = ["export", "--checkpoint", str(tmp_path / "run"), "--format", "simmim-swin"]
+    assert main([*args, "--out", str(back)]) == 0
+    exported = read_release(back)[0]["model"]
+    kept = {
+        k: v
+        for k, v in official.items()
+        if not k.endswith(("relative_position_index", "attn_mask"))
+    }
+    assert exported.keys() == kept.keys()
+    assert all(torch.equal(exported[k], v) for k, v in kept.items())

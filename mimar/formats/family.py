@@ -36,6 +36,9 @@ class Format:
     parts: tuple[str, ...] = ("backbone",)  # method parts a release of this format may hold
     # how an exported object is written (default: torch.save of the official wrapper)
     write: Callable[[dict, Path], None] | None = None
+    # backbone.* fields from the weights (``backbone.`` removed) and the recipe's backbone
+    # section; None: a ViT's (mimar.formats.vit_shapes.vit_fields)
+    architecture: Callable[[dict[str, torch.Tensor], dict], dict] | None = None
 
     @property
     def recipe_path(self) -> Path:

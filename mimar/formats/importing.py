@@ -109,8 +109,9 @@ def import_config(
         )
     backbone = raw.setdefault("backbone", {})
     body = {k.removeprefix("backbone."): v for k, v in weights.items()}
-    fields = vit_fields(body, backbone)
-    if fields["embed_dim"] != backbone.get("embed_dim"):  # the recipe's heads do not fit
+    fields = (layout.architecture or vit_fields)(body, backbone)
+    # the recipe's heads do not fit another width: 64-wide heads (ViT-S/B/L/H, AIM)
+    if "num_heads" not in fields and fields["embed_dim"] != backbone.get("embed_dim"):
         heads = max(fields["embed_dim"] // HEAD_WIDTH, 1)
         backbone["num_heads"] = heads if fields["embed_dim"] % heads == 0 else 1
     fields |= told or {}
