@@ -446,3 +446,58 @@ def test_simmim_swin_release_imports_with_equal_tokens_and_exports_back(tmp_path
     }
     assert exported.keys() == kept.keys()
     assert all(torch.equal(exported[k], v) for k, v in kept.items())
+
+
+def test_aim_release_imports_exactly_and_exports_back(tmp_path):
+    """apple/ml-aim's layout (preprocessor / trunk / attentive-probe head), tiny, saved as the
+    Hugging Face pytorch_model.bin is (a plain state dict)."""
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    sd = {
+        "preprocessor.patchifier.proj.weight": r(D, CHANS, PATCH, PATCH),
+        "preprocessor.patchifier.proj.bias": r(D),
+        "preprocessor.patchifier.norm.weight": 1 + r(D),
+        "preprocessor.patchifier.norm.bias": r(D),
+        "trunk.post_trunk_norm.weight": 1 + r(D),
+        "trunk.post_trunk_norm.bias": r(D),
+        "head.cls_token": r(1, 1, D),
+        "head.k.weight": r(D, D),
+        "head.v.weight": r(D, D),
+        "head.linear.weight": r(10, D),
+        "head.linear.bias": r(10),
+    }
+    for i in range(DEPTH):
+        b = f"trunk.blocks.{i}."
+        sd |= {b + "norm_1.weight": 1 + r(D), b + "norm_1.bias": r(D)}
+        sd |= {b + "attn.qkv.weight": r(3 * D, D), b + "attn.proj.weight": r(D, D)}
+        sd |= {b + "norm_2.weight": 1 + r(D), b + "norm_2.bias": r(D)}
+        sd |= {b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc2.weight": r(D, 4 * D)}
+    release = tmp_path / "pytorch_model.bin"
+    torch.save(sd, release)
+    overrides = [f"backbone.num_heads={HEADS}", f"backbone.img_size={IMG}", "method.head_width=16"]
+    report = import_release(release, tmp_path / "run", overrides=overrides)
+    assert report["format"] == "aim" and report["method"] == "aim"
+    # fresh: AIM's pretraining head, and the sin-cos table (fixed, computed, never stored)
+    assert {k for k in report["fresh"] if not k.startswith("head.")} == {"backbone.pos_embed"}
+    assert set(report["ignored"]) == {k for k in sd if k.startswith("head.")}
+    cfg = load_run(tmp_path / "run")[0].backbone
+    assert (cfg.norm_eps, cfg.pos_embed, cfg.proj_bias, cfg.qkv_bias) == (
+        1e-6,
+        "sincos",
+        False,
+        False,
+    )
+    got = run_weights(tmp_path / "run")
+    for key, value in sd.items():
+        if not key.startswith("head."):
+            assert torch.equal(got[report["keys"][key]], value), key
+    back = tmp_path / "back.bin"
+    args = ["export", "--checkpoint", str(tmp_path / "run"), "--format", "aim", "--out", str(back)]
+    assert main(args) == 0
+    exported = read_release(back)[0]
+    trunk = {k: v for k, v in sd.items() if not k.startswith("head.")}
+    assert exported.keys() == trunk.keys()
+    assert all(torch.equal(exported[k], v) for k, v in trunk.items())

@@ -1,6 +1,7 @@
 """SimMIM releases: formats ``simmim-vit`` and ``simmim-swin`` (below).
 
-``simmim-vit`` (``simmim_pretrain__vit_base__img224__800ep.pth``): names from microsoft/SimMIM @ d3e29bcac950b83edc34ca33fe4404f38309052c: ``models/simmim.py``
+``simmim-vit`` (``simmim_pretrain__vit_base__img224__800ep.pth``): names from
+microsoft/SimMIM @ d3e29bcac950b83edc34ca33fe4404f38309052c: ``models/simmim.py``
 (``SimMIM``: ``encoder`` = ``VisionTransformerForSimMIM`` with its ``mask_token``;
 ``decoder`` = ``Sequential(Conv2d(D, stride^2 * 3, 1), PixelShuffle)``),
 ``models/vision_transformer.py`` (BEiT-style blocks: ``qkv`` without bias plus ``q_bias`` /

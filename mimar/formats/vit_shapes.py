@@ -54,8 +54,8 @@ def vit_fields(weights: dict[str, torch.Tensor], recipe: dict) -> dict:
     if "pos_embed" in weights:  # a fixed sin-cos table loads as a learned one would
         sincos = recipe.get("pos_embed") == "sincos"
         fields["pos_embed"] = "sincos" if sincos else "learn"
-    else:
-        fields["pos_embed"] = "none"
+    else:  # a fixed sin-cos table need not be stored (ml-aim computes it on the fly)
+        fields["pos_embed"] = "sincos" if recipe.get("pos_embed") == "sincos" else "none"
     if (grid := weights_grid(weights, class_token)) is not None:
         fields["img_size"] = grid * int(patch)
     return fields
