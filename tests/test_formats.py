@@ -501,3 +501,65 @@ def test_aim_release_imports_exactly_and_exports_back(tmp_path):
     trunk = {k: v for k, v in sd.items() if not k.startswith("head.")}
     assert exported.keys() == trunk.keys()
     assert all(torch.equal(exported[k], v) for k, v in trunk.items())
+
+
+def test_aim_l3m_checkpoint_imports_trunk_and_head_and_exports_back(tmp_path):
+    """apple/ml-l3m's MetaModel names: separate q/k/v projections, the MLP head
+    (SimpleDecoder with identity attention: norm_1 is the h += LN(h) residual)."""
+    g = torch.Generator().manual_seed(0)
+    W, N = 24, GRID * GRID
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    pre, head = "preprocessor.blocks.0.", "head."
+    sd = {
+        pre + "patchifier.proj.weight": r(D, CHANS, PATCH, PATCH),
+        pre + "patchifier.proj.bias": r(D),
+        pre + "patchifier.norm.weight": 1 + r(D),
+        pre + "patchifier.norm.bias": r(D),
+        pre + "pos_embed": r(1, N, D),
+        "trunk.post_trunk_norm.weight": 1 + r(D),
+        "trunk.post_trunk_norm.bias": r(D),
+        head + "decoder_projection.weight": r(W, D),
+        head + "decoder_projection.bias": r(W),
+        head + "decoder_pos_embed": r(1, N, W),
+        head + "decoder_norm.weight": 1 + r(W),
+        head + "decoder_norm.bias": r(W),
+        head + "decoder_pred.weight": r(PATCH * PATCH * CHANS, W),
+        head + "decoder_pred.bias": r(PATCH * PATCH * CHANS),
+    }
+    for i in range(DEPTH):
+        b = f"trunk.blocks.{i}."
+        sd |= {b + "norm_1.weight": 1 + r(D), b + "norm_1.bias": r(D)}
+        sd |= {b + f"attn.{n}.weight": r(D, D) for n in ("q_proj", "k_proj", "v_proj")}
+        sd |= {b + "attn.proj.weight": r(D, D)}
+        sd |= {b + "norm_2.weight": 1 + r(D), b + "norm_2.bias": r(D)}
+        sd |= {b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc2.weight": r(D, 4 * D)}
+    for i in range(3):
+        b = f"head.decoder_blocks.{i}."
+        sd |= {b + "norm_1.weight": 1 + r(W), b + "norm_1.bias": r(W)}
+        sd |= {b + "norm_2.weight": 1 + r(W), b + "norm_2.bias": r(W)}
+        sd |= {b + "mlp.fc1.weight": r(2 * W, W), b + "mlp.fc2.weight": r(W, 2 * W)}
+    release = tmp_path / "model.pt"
+    torch.save({"model": sd, "optimizer": {}, "iteration": 10}, release)
+    overrides = [f"backbone.num_heads={HEADS}", f"backbone.img_size={IMG}"]
+    report = import_release(release, tmp_path / "run", overrides=overrides)
+    assert report["format"] == "aim-l3m" and report["fresh"] == []
+    method = load_run(tmp_path / "run")[0].method
+    assert (method.head_width, method.head_depth, method.head_mlp_ratio) == (W, 3, 2.0)
+    got = run_weights(tmp_path / "run")
+    qkv = got["backbone.blocks.1.attn.qkv.weight"]
+    assert torch.equal(qkv[D : 2 * D], sd["trunk.blocks.1.attn.k_proj.weight"])
+    for key, value in sd.items():
+        name = report["keys"].get(key)
+        if name and "[" not in name:
+            assert torch.equal(got[name], value), key
+    back = tmp_path / "back.pt"
+    args = ["export", "--checkpoint", str(tmp_path / "run"), "--format", "aim-l3m"]
+    assert main([*args, "--out", str(back)]) == 0
+    exported = read_release(back)[0]["model"]
+    assert exported.keys() == sd.keys()
+    table = "head.decoder_pos_embed"  # fixed sin-cos: mimar writes its own
+    assert all(torch.equal(exported[k], v) for k, v in sd.items() if k != table)
+    assert exported[table].shape == sd[table].shape

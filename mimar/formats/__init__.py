@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 
 from mimar.errors import ConfigError
-from mimar.formats.aim import AIM_V1
+from mimar.formats.aim import AIM_L3M, AIM_V1
 from mimar.formats.family import Converted, Format
 from mimar.formats.simmim import SIMMIM_SWIN, SIMMIM_VIT
 from mimar.formats.timm import TIMM
@@ -19,9 +19,9 @@ from mimar.formats.transformers import TRANSFORMERS
 
 # --format name -> its layout; detection tries them in this order (most specific first)
 FORMATS: dict[str, Format] = {
-    f.name: f for f in (SIMMIM_VIT, SIMMIM_SWIN, AIM_V1, TRANSFORMERS, TIMM)
+    f.name: f for f in (SIMMIM_VIT, SIMMIM_SWIN, AIM_V1, AIM_L3M, TRANSFORMERS, TIMM)
 }
-PLANNED = ("eva", "itpn", "aim-l3m", "digpt")
+PLANNED = ("eva", "itpn", "digpt")
 
 
 def get_format(name: str) -> Format:

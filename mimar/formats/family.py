@@ -19,6 +19,7 @@ class Converted:
     keys: dict[str, str]  # release name -> mimar name (q/v biases: "...qkv.bias[q]")
     ignored: dict[str, str] = field(default_factory=dict)  # release name -> why not imported
     fields: dict = field(default_factory=dict)  # backbone.* the release's own config tells
+    method_fields: dict = field(default_factory=dict)  # method.* its weights tell (head shape)
 
 
 @dataclass(frozen=True)

@@ -59,8 +59,9 @@ def import_release(
     log.info("format: %s (%s)", layout.name, "detected" if fmt == "auto" else "given")
     converted = layout.to_mimar(weights, obj)
     cfg, untold_values = import_config(
-        layout, converted.weights, recipe, img_size, overrides, converted.fields
-    )
+        layout, converted.weights, recipe, img_size, overrides, converted.fields,
+        converted.method_fields,
+    )  # fmt: skip
     method = _build_method(cfg)
     target = method.state_dict()
     resampled = fit_positions(converted.weights, target, _prefix_tokens(cfg))
@@ -97,6 +98,7 @@ def import_config(
     img_size: int | None,
     overrides: list[str] | tuple[str, ...],
     told: dict | None = None,
+    method_told: dict | None = None,
 ) -> tuple[PretrainConfig, dict]:
     """The run's config: the format's method, the architecture the weights tell, the rest
     from the recipe (``told``: what the release's own config says), ``overrides`` last. Also
@@ -116,6 +118,7 @@ def import_config(
         backbone["num_heads"] = heads if fields["embed_dim"] % heads == 0 else 1
     fields |= told or {}
     backbone.update(fields)
+    raw.setdefault("method", {}).update(method_told or {})
     if img_size:
         backbone["img_size"] = img_size
     apply_overrides(raw, overrides)
