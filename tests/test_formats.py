@@ -563,3 +563,54 @@ def test_aim_l3m_checkpoint_imports_trunk_and_head_and_exports_back(tmp_path):
     table = "head.decoder_pos_embed"  # fixed sin-cos: mimar writes its own
     assert all(torch.equal(exported[k], v) for k, v in sd.items() if k != table)
     assert exported[table].shape == sd[table].shape
+
+
+def test_eva_release_imports_student_and_head_and_exports_back(tmp_path):
+    """EVA-01's VisionTransformerForMaskedImageModeling names (BEiT-style blocks, lm_head),
+    saved as its save_model does (with an argparse.Namespace); no teacher is needed."""
+    import argparse
+
+    g = torch.Generator().manual_seed(0)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g) * 0.1
+
+    T = 20  # the teacher's width: lm_head's output
+    sd = {
+        "cls_token": r(1, 1, D),
+        "mask_token": r(1, 1, D),
+        "pos_embed": r(1, GRID * GRID + 1, D),
+        "patch_embed.proj.weight": r(D, CHANS, PATCH, PATCH),
+        "patch_embed.proj.bias": r(D),
+        "norm.weight": 1 + r(D),
+        "norm.bias": r(D),
+        "lm_head.weight": r(T, D),
+        "lm_head.bias": r(T),
+    }
+    for i in range(DEPTH):
+        b = f"blocks.{i}."
+        sd |= {b + "norm1.weight": 1 + r(D), b + "norm1.bias": r(D)}
+        sd |= {b + "attn.q_bias": r(D), b + "attn.v_bias": r(D), b + "attn.qkv.weight": r(3 * D, D)}
+        sd |= {b + "attn.proj.weight": r(D, D), b + "attn.proj.bias": r(D)}
+        sd |= {b + "norm2.weight": 1 + r(D), b + "norm2.bias": r(D)}
+        sd |= {b + "mlp.fc1.weight": r(4 * D, D), b + "mlp.fc1.bias": r(4 * D)}
+        sd |= {b + "mlp.fc2.weight": r(D, 4 * D), b + "mlp.fc2.bias": r(D)}
+    release = tmp_path / "eva_psz14.pt"
+    torch.save({"model": sd, "epoch": 149, "args": argparse.Namespace(model="eva_g")}, release)
+    overrides = [f"backbone.num_heads={HEADS}", "method.num_mask_patches=6"]
+    overrides += ["method.min_num_patches=2"]
+    report = import_release(release, tmp_path / "run", overrides=overrides)
+    assert report["format"] == "eva" and report["method"] == "eva" and report["fresh"] == []
+    got = run_weights(tmp_path / "run")
+    assert torch.equal(got["lm_head.weight"], sd["lm_head.weight"])
+    assert torch.equal(got["backbone.blocks.1.attn.qkv.bias"][2 * D :], sd["blocks.1.attn.v_bias"])
+    for key, value in sd.items():
+        name = report["keys"][key]
+        if "[" not in name:
+            assert torch.equal(got[name], value), key
+    back = tmp_path / "back.pt"
+    args = ["export", "--checkpoint", str(tmp_path / "run"), "--format", "eva", "--out", str(back)]
+    assert main(args) == 0
+    exported = read_release(back)[0]["model"]
+    assert exported.keys() == sd.keys()
+    assert all(torch.equal(exported[k], v) for k, v in sd.items())

@@ -12,6 +12,7 @@ import torch
 
 from mimar.errors import ConfigError
 from mimar.formats.aim import AIM_L3M, AIM_V1
+from mimar.formats.eva import EVA01
 from mimar.formats.family import Converted, Format
 from mimar.formats.simmim import SIMMIM_SWIN, SIMMIM_VIT
 from mimar.formats.timm import TIMM
@@ -19,9 +20,9 @@ from mimar.formats.transformers import TRANSFORMERS
 
 # --format name -> its layout; detection tries them in this order (most specific first)
 FORMATS: dict[str, Format] = {
-    f.name: f for f in (SIMMIM_VIT, SIMMIM_SWIN, AIM_V1, AIM_L3M, TRANSFORMERS, TIMM)
+    f.name: f for f in (SIMMIM_VIT, SIMMIM_SWIN, EVA01, AIM_V1, AIM_L3M, TRANSFORMERS, TIMM)
 }
-PLANNED = ("eva", "itpn", "digpt")
+PLANNED = ("itpn", "digpt")
 
 
 def get_format(name: str) -> Format:

@@ -20,6 +20,7 @@ class Converted:
     ignored: dict[str, str] = field(default_factory=dict)  # release name -> why not imported
     fields: dict = field(default_factory=dict)  # backbone.* the release's own config tells
     method_fields: dict = field(default_factory=dict)  # method.* its weights tell (head shape)
+    teacher_dim: int | None = None  # a teacher method's target width, from its head's shape
 
 
 @dataclass(frozen=True)

@@ -62,7 +62,7 @@ def import_release(
         layout, converted.weights, recipe, img_size, overrides, converted.fields,
         converted.method_fields,
     )  # fmt: skip
-    method = _build_method(cfg)
+    method = _build_method(cfg, converted.teacher_dim)
     target = method.state_dict()
     resampled = fit_positions(converted.weights, target, _prefix_tokens(cfg))
     check_fit(converted.weights, target)
@@ -166,11 +166,32 @@ def check_fit(weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor])
             )
 
 
-def _build_method(cfg: PretrainConfig) -> torch.nn.Module:
-    from mimar.factory import build_method  # the one factory (fresh parts: the run's seed)
+def _build_method(cfg: PretrainConfig, teacher_dim: int | None) -> torch.nn.Module:
+    """The method of ``cfg``, seeded as a run is (the fresh parts). A method with a teacher
+    (EVA) is built around a stand-in of the teacher's width: the teacher is never part of a
+    release or a checkpoint, and importing must not need its files."""
+    from mimar import names
+    from mimar.backbones import build_backbone
+    from mimar.factory import build_method  # the one factory
 
     torch.manual_seed(cfg.train.seed)
-    return build_method(cfg)
+    entry = names.entry("method", cfg.method.name)
+    if entry.teacher == "none":
+        return build_method(cfg)
+    if teacher_dim is None:
+        raise CheckpointError("the release holds no head that tells the teacher's width")
+    backbone = build_backbone(cfg.backbone)
+    return entry.module_class()(cfg.method, backbone, TeacherWidth(teacher_dim))
+
+
+class TeacherWidth:
+    """Stands in for a frozen teacher while an import builds the method: its width only."""
+
+    def __init__(self, dim: int) -> None:
+        self.dim = dim
+
+    def __call__(self, images):
+        raise RuntimeError("an imported run's method has no teacher: set teacher.* to train")
 
 
 def _prefix_tokens(cfg: PretrainConfig) -> int:
