@@ -178,5 +178,4 @@ AIM_L3M = Format(
     detect=detect_l3m,
     to_mimar=l3m_to_mimar,
     export=l3m_export,
-    parts=("backbone", "head"),
 )

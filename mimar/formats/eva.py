@@ -95,5 +95,4 @@ EVA01 = Format(
     detect=detect,
     to_mimar=to_mimar,
     export=export,
-    parts=("backbone", "lm_head"),
 )

@@ -35,7 +35,6 @@ class Format:
     detect: Callable[[dict[str, torch.Tensor]], bool]
     to_mimar: Callable[[dict[str, torch.Tensor], dict], Converted]
     export: Callable[[dict[str, torch.Tensor], dict], dict] | None = None
-    parts: tuple[str, ...] = ("backbone",)  # method parts a release of this format may hold
     # how an exported object is written (default: torch.save of the official wrapper)
     write: Callable[[dict, Path], None] | None = None
     # backbone.* fields from the weights (``backbone.`` removed) and the recipe's backbone

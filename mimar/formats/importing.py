@@ -66,8 +66,12 @@ def import_release(
     target = method.state_dict()
     resampled = fit_positions(converted.weights, target, _prefix_tokens(cfg))
     check_fit(converted.weights, target)
-    method.load_state_dict(converted.weights, strict=False)
-    fresh = sorted(k for k in target if k not in converted.weights)
+    # assign: the module takes the release's tensors (memory-mapped for zip files) instead of
+    # copying them into its random ones, which are freed: one copy of the weights, not two
+    weights = {k: v.to(target[k].dtype) for k, v in converted.weights.items()}
+    method.load_state_dict(weights, strict=False, assign=True)
+    del target, weights
+    fresh = sorted(k for k in method.state_dict() if k not in converted.weights)
     state = {"model": method.state_dict(), "step": 0, "config": to_dict(cfg)}
     checkpoint.save(state, runs.last_checkpoint(out))
     save_config(cfg, out / runs.CONFIG)

@@ -117,7 +117,6 @@ SIMMIM_VIT = Format(
     detect=detect_vit,
     to_mimar=vit_to_mimar,
     export=vit_export,
-    parts=("backbone", "head"),
 )
 
 
@@ -232,6 +231,5 @@ SIMMIM_SWIN = Format(
     detect=detect_swin,
     to_mimar=swin_to_mimar,
     export=swin_export,
-    parts=("backbone", "head"),
     architecture=swin_fields,
 )
