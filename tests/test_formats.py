@@ -614,3 +614,32 @@ def test_eva_release_imports_student_and_head_and_exports_back(tmp_path):
     exported = read_release(back)[0]["model"]
     assert exported.keys() == sd.keys()
     assert all(torch.equal(exported[k], v) for k, v in sd.items())
+
+
+def test_train_init_takes_a_release_file_as_well_as_its_import(tmp_path, caplog):
+    from mimar.config import load_config
+    from mimar.factory import build_method
+    from mimar.formats.init import init_from
+
+    release = tmp_path / "official.pth"
+    save_like_simmim(official_simmim_vit(shared=True, ls=True), release)
+    import_release(release, tmp_path / "imp", overrides=["backbone.num_heads=2"])
+    tiny = [
+        "backbone.pos_embed=none",
+        "backbone.rel_pos_bias=per_block",
+        "backbone.init_values=0.1",
+    ]
+    cfg = load_config(DEMO, [*TINY, "data.in_chans=3", "backbone.in_chans=3", *tiny])
+    states = []
+    for source in (release, tmp_path / "imp"):
+        method = build_method(cfg)
+        with caplog.at_level("INFO", logger="mimar"):
+            report = init_from(method, str(source))
+        # the shared table is copied into every block of this per-block recipe
+        assert (
+            "backbone.blocks.1.attn.rel_pos_bias.relative_position_bias_table" in report["loaded"]
+        )
+        states.append(method.state_dict())
+    assert "is a simmim-vit release" in caplog.text
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    assert init_from(build_method(cfg), str(release), resume=True) is None  # --resume wins
