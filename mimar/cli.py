@@ -26,7 +26,7 @@ def main(argv: list[str] | None = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if extra:
-        if args.command == "pretrain":
+        if args.command in ("pretrain", "import"):
             args.overrides = [*args.overrides, *extra]
         elif args.command == "eval":
             args.protocols = [*args.protocols, *extra]
@@ -107,9 +107,34 @@ def cmd_export(args) -> int:
     from mimar.export import export_timm
     from mimar.finetune.run import load_for_export
 
+    if args.format != "timm":  # a paper's release layout (mimar.formats)
+        from mimar.formats.importing import export_release
+
+        print(f"wrote {export_release(args.checkpoint, args.format, args.out)}")
+        return 0
     out, meta = export_timm(load_for_export(args.checkpoint), args.out)
     print(f"wrote {out} and {meta}")
     return 0
+
+
+def cmd_import(args) -> int:
+    from mimar.formats.importing import import_release
+
+    import_release(args.source, args.out, args.format, args.recipe, args.img_size, args.overrides)
+    return 0
+
+
+def _add_import_parser(sub) -> None:
+    from mimar.formats import FORMATS, PLANNED
+
+    im = sub.add_parser("import", help="a released checkpoint (paper, timm) -> a run folder")
+    im.add_argument("source", metavar="FILE|FOLDER", help="the release (.pth, .safetensors, ...)")
+    im.add_argument("--format", default="auto", choices=["auto", *FORMATS, *PLANNED])
+    im.add_argument("--recipe", help="recipe YAML for what the weights cannot tell")
+    im.add_argument("--img-size", type=int, help="resample the position tables to this size")
+    im.add_argument("--out", required=True, help="the run folder to write")
+    im.add_argument("overrides", nargs="*", help="dotted.key=value, e.g. backbone.num_heads=4")
+    im.set_defaults(func=cmd_import)
 
 
 def cmd_visualize(args) -> int:
@@ -206,9 +231,10 @@ def _parser() -> argparse.ArgumentParser:
 
     ex = sub.add_parser("export", help="export the backbone to another library")
     ex.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
-    ex.add_argument("--format", choices=["timm"], default="timm")
+    ex.add_argument("--format", default="timm", help="timm, or a release format of `mimar import`")
     ex.add_argument("--out", required=True, help="FILE.safetensors (FILE.json is written beside)")
     ex.set_defaults(func=cmd_export)
+    _add_import_parser(sub)
 
     vi = sub.add_parser("visualize", help="draw original / masked / reconstruction rows")
     vi.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")

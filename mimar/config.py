@@ -104,6 +104,7 @@ class TrainConfig:
     # tensorboard (RUN/tensorboard/), wandb (offline unless wandb is configured); extras.
     loggers: tuple[str, ...] = ("jsonl",)
     picture_every: int = 0  # also draw (and log) the run's picture every this many steps
+    init: str = ""  # start from these weights: a run, checkpoint or release (mimar.formats.init)
 
     def __post_init__(self) -> None:
         check_loggers(self.loggers, "train")

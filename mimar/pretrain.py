@@ -19,11 +19,12 @@ from mimar.data import build_train_loader
 from mimar.engine import dist
 from mimar.engine.loop import Hook, Run, RunResult, Session, StepView, fit
 from mimar.factory import build_method
+from mimar.formats.init import init_from
 
 # What a resume may change without a flag: none of these changes the run's numbers
 # (train.steps extends the run; its schedule then ends at the new step count).
 RESUME_SAFE = ("progress", "log_every", "checkpoint_every", "loggers", "picture_every")
-RESUME_SAFE = tuple(f"train.{key}" for key in (*RESUME_SAFE, "threads", "device", "steps"))
+RESUME_SAFE = tuple(f"train.{key}" for key in (*RESUME_SAFE, "threads", "device", "steps", "init"))
 
 
 def pretrain(
@@ -41,6 +42,7 @@ def pretrain(
     with Session(t) as session:
         torch.manual_seed(t.seed)
         method = build_method(cfg)
+        init_from(method, t.init, resume)  # train.init: weights only, not on --resume
         loader = build_train_loader(
             cfg.data,
             seed=t.seed,
