@@ -13,8 +13,6 @@ from torch import nn
 
 from mimar.engine.checkpoint import atomic_write, save_atomic
 from mimar.evaluation import (
-    PROTOCOLS,
-    EvalConfig,
     extract_features,
     knn_classify,
     knn_predict,
@@ -25,8 +23,8 @@ from mimar.evaluation import (
 )
 from mimar.evaluation.knn import _Groups
 from mimar.evaluation.linear import _train_heads
-from mimar.evaluation.protocols import PROTOCOL_TABLE
 from mimar.evaluation.train import fit
+from mimar.protocols import PROTOCOL_TABLE, PROTOCOLS, request
 
 # --------------------------------------------------------------------------- feature extraction
 
@@ -541,29 +539,74 @@ def test_fit_equals_the_plain_adamw_cosine_loop_bitwise():
 # ------------------------------------------------------------------------ config and protocols
 
 
-def test_eval_config_normalises_and_rejects_bad_values():
-    cfg = EvalConfig(protocols=["knn", "linear"], checkpoint="run", blocks=[0, 1])
-    assert cfg.protocols == ("knn", "linear") and cfg.blocks == (0, 1)
-    assert (cfg.device, cfg.attention, cfg.layer) == ("auto", "bidirectional", None)
+def test_each_protocol_checks_its_own_options():
+    made = request(["knn", "attentive"], checkpoint="run", blocks=[0, 1], k=5)
+    assert made.protocols == ("knn", "attentive") and made.options["attentive"].blocks == (0, 1)
+    assert made.options["knn"].k == 5 and made.run.checkpoint == "run"
+    assert (made.run.device, made.options["knn"].attention, made.options["knn"].layer) == (
+        "auto",
+        "bidirectional",
+        None,
+    )
     bad = [
-        ({"protocols": ()}, "protocols must be among"),
-        ({"protocols": ("knn", "svm")}, "protocols must be among"),
-        ({"protocols": ("knn", "knn")}, "distinct"),
-        ({"layer": "last"}, "layer"),
-        ({"layer": True}, "layer"),
-        ({"pool": "max"}, "pool"),
-        ({"attention": "sparse"}, "attention"),
-        ({"blocks": ()}, "blocks"),
-        ({"max_train": -1}, "max_train"),
-        ({"batch_size": 0}, "batch_size"),
-        ({"k": 0}, "k must"),
-        ({"lora_rank": 0}, "lora_rank"),
-        ({"epochs": 0}, "epochs"),
-        ({"device": "gpu0"}, "device"),
+        ((), {}, "protocols must be among"),
+        (("knn", "svm"), {}, "protocols must be among"),
+        (("knn", "knn"), {}, "distinct"),
+        (("knn",), {"layer": "last"}, "layer"),
+        (("linear",), {"layer": True}, "layer"),
+        (("knn",), {"pool": "max"}, "pool"),
+        (("lora",), {"attention": "sparse"}, "attention"),
+        (("attentive",), {"blocks": ()}, "blocks"),
+        (("knn",), {"max_train": -1}, "max_train"),
+        (("finetune",), {"batch_size": 0}, "batch_size"),
+        (("knn",), {"k": 0}, "k must"),
+        (("lora",), {"lora_rank": 0}, "lora_rank"),
+        (("linear",), {"epochs": 0}, "epochs"),
+        (("knn",), {"device": "gpu0"}, "device"),
+        (("segment",), {"neck": "fresh"}, "neck"),
+        (("knn",), {"no_such_option": 1}, "unknown evaluation option"),
+        (("knn",), {"k": 50, "max_train": 20}, "lower --k"),
     ]
-    for change, message in bad:
+    for protocols, change, message in bad:
         with pytest.raises(ValueError, match=message):
-            EvalConfig(**({"protocols": ("knn",), "checkpoint": "run"} | change))
+            request(protocols, **({"checkpoint": "run"} | change))
+    request(["linear"], checkpoint="run", k=50, max_train=20)  # no kNN: k is not read
+
+
+def test_options_no_requested_protocol_reads_are_ignored_with_a_warning(caplog):
+    """As before the options were declared per protocol: `eval knn --epochs 5` still runs."""
+    made = request(["knn"], checkpoint="run", epochs=5, lora_rank=4)
+    assert set(made.options) == {"knn"}
+    assert "epochs" in caplog.text and "lora_rank" in caplog.text
+    request(["knn"], checkpoint="run", epochs=None, lora_rank=8)  # defaults: no warning
+    assert len(caplog.records) == 2
+
+
+def test_overrides_go_to_the_protocols_that_declare_them():
+    from mimar.protocols import overrides_of
+
+    both = request(["finetune", "segment"], ["finetune.epochs=1", "dense.epochs=2"], checkpoint="r")
+    assert overrides_of(both, "finetune") == ("finetune.epochs=1",)
+    assert overrides_of(both, "segment") == ("dense.epochs=2",)
+    dense = request(["segment", "detect"], ["dense.epochs=2", "data.x=1"], checkpoint="r")
+    assert overrides_of(dense, "detect") == ("dense.epochs=2", "data.x=1")  # one recipe kind
+    with pytest.raises(ValueError, match=r"apply to the finetune, segment, detect protocols"):
+        request(["knn"], ["finetune.epochs=1"], checkpoint="r")
+    with pytest.raises(ValueError, match=r"start with none of"):
+        request(["finetune", "detect"], ["foo.x=1"], checkpoint="r")
+
+
+def test_every_shared_option_is_declared_alike():
+    """A field several protocols declare is one flag: same type, default and help."""
+    import dataclasses
+
+    from mimar.protocols import option_classes
+
+    seen = {}
+    for cls in option_classes():
+        for f in dataclasses.fields(cls):
+            spec = (f.type, f.default, f.metadata.get("help"), f.metadata.get("flag"))
+            assert seen.setdefault(f.name, spec) == spec, f.name
 
 
 def test_protocol_table_drives_names_epochs_and_pixel_rows():

@@ -19,7 +19,6 @@ from mimar.data.synthetic import make_synthetic
 from mimar.evaluation import (
     AttentiveClassifier,
     AttentivePooler,
-    EvalConfig,
     add_lora,
     attentive_params,
     attentive_probe,
@@ -33,7 +32,8 @@ from mimar.evaluation import (
     merge_lora,
     save_adapter,
 )
-from mimar.evaluation.runner import build_setup
+from mimar.evaluation.frozen import frozen_request
+from mimar.evaluation.runner import build_setup, run_source
 from mimar.loading import load_backbone, load_run
 from mimar.masking import patch_order
 
@@ -388,8 +388,8 @@ def test_causal_eval_of_a_spiral_aim_run_reads_patches_in_spiral_order(tmp_path)
     top1 = json.loads((run / "eval" / "knn.json").read_text())["rows"][0]["top1"]
 
     run_cfg, _ = load_run(run)
-    cfg = EvalConfig(protocols=("knn",), checkpoint=run, attention="causal", device="cpu")
-    setup = build_setup(run_cfg, cfg)
+    cfg = frozen_request(["knn"], checkpoint=run, attention="causal", device="cpu")
+    setup = build_setup(run_source(run_cfg, None), cfg)
     backbone = load_backbone(run)  # 4x4 patches, no class token
     spiral = causal_mask(16, patch_order("spiral", 4))
     assert torch.equal(setup.attn_mask(backbone), spiral)
@@ -405,7 +405,7 @@ def test_pooled_features_are_cached_by_content_and_reused(run, monkeypatch, caps
     """A second kNN of the same run reads RUN_DIR/eval/features/ instead of extracting and
     gives the same rows; another tap (or --no-feature-cache) extracts again; a damaged cache
     file is recomputed."""
-    from mimar.evaluation import protocols
+    from mimar.evaluation import frozen
 
     cache = run / "eval" / "features"
     before = set(cache.glob("*.pt"))  # other tests of this module's run cache theirs
@@ -419,7 +419,7 @@ def test_pooled_features_are_cached_by_content_and_reused(run, monkeypatch, caps
         raise AssertionError("extracted although cached")
 
     with monkeypatch.context() as m:
-        m.setattr(protocols, "extract_layer_features", no_extraction)
+        m.setattr(frozen, "extract_layer_features", no_extraction)
         assert main(args) == 0
         assert json.loads((run / "eval" / "knn.json").read_text())["rows"] == first
         with pytest.raises(AssertionError, match="extracted"):  # the cache is bypassed

@@ -9,14 +9,10 @@ from PIL import Image
 
 from mimar.data import DataConfig, ImageSet, eval_transform
 from mimar.data.synthetic import make_synthetic
-from mimar.evaluation import robustness
-from mimar.evaluation.robustness import (
-    CORRUPTIONS,
-    corrupt,
-    evaluate_robustness,
-    plot_corruptions,
-    plot_robustness,
-)
+from mimar.evaluation import corruptions
+from mimar.evaluation.corruptions import CORRUPTIONS, corrupt
+from mimar.evaluation.robustness import evaluate_robustness
+from mimar.evaluation.robustness_plots import plot_corruptions, plot_robustness
 
 # corruptions whose pixels depend on the seed; the others are fixed functions of the image
 RANDOM = {
@@ -213,7 +209,7 @@ def test_an_oracle_is_perfect_on_clean_images():
     assert out["n_test"] == 20 and out["severities"] == [1, 2, 3, 4, 5]
     assert set(out["per_corruption"]) == set(CORRUPTIONS)
     assert set(out["per_corruption"]["contrast"]) == {"1", "2", "3", "4", "5", "mean"}
-    assert out["implementation"] == robustness.IMPLEMENTATION
+    assert out["implementation"] == corruptions.IMPLEMENTATION
 
 
 def test_a_constant_classifier_scores_the_class_frequency_everywhere():

@@ -51,7 +51,7 @@ from mimar.bench.report import step_seconds, write_report
 from mimar.config import PretrainConfig, load_config, to_dict
 from mimar.data.config import DatasetName
 from mimar.errors import ConfigError
-from mimar.evaluation.protocols import PROTOCOLS
+from mimar.protocols import PROTOCOLS
 
 log = logging.getLogger("mimar")
 
@@ -292,14 +292,14 @@ def missing_evals(cell: Cell, protocols: tuple[str, ...]) -> list[str]:
 def evaluate_cell(cell: Cell, settings: QualityConfig) -> float:
     """Run the protocols whose ``RUN/eval/<protocol>.json`` is missing, with baselines;
     returns the seconds spent."""
-    from mimar.evaluation import EvalConfig, evaluate
+    from mimar.protocols import evaluate, request
 
     todo = missing_evals(cell, settings.protocols)
     if not todo:
         return 0.0
     tic = time.perf_counter()
-    cfg = EvalConfig(
-        protocols=todo,
+    cfg = request(
+        todo,
         checkpoint=cell.run_dir,
         baselines=True,
         max_train=settings.max_train,

@@ -1,98 +1,170 @@
-"""``mimar eval``: a run's backbone (and controls) -> the protocols of :mod:`.protocols`.
+"""The frozen-backbone protocols of a request: a run's (or an export's) backbone and its
+controls -> the protocols of :mod:`.frozen`; and the one way every protocol's results are
+printed and written (``RUN_DIR/eval/<protocol>.json``).
 
-:func:`evaluate` loads the run, the data and the models once, runs every protocol through
-the protocol table, prints one table and writes ``RUN_DIR/eval/<protocol>.json`` each.
-
-* ``attention="causal"``: every protocol (LoRA training included) replaces full attention by
-  a causal mask over the whole token sequence, prefix tokens first, patches in the order the
-  model was pretrained to read them (AIM's ``method.order``; raster for every other method),
-  as AIM Table 3d compares. The mask stays in the backbone's raster token layout.
+* ``attention="causal"``: every frozen protocol (LoRA training included) replaces full
+  attention by a causal mask over the whole token sequence, prefix tokens first, patches in the
+  order the model was pretrained to read them (AIM's ``method.order``; raster for every other
+  method), as AIM Table 3d compares. The mask stays in the backbone's raster token layout.
 * The random-init control is the very same backbone at its initialisation (same seed, so it is
-  the network the run started from).
+  the network the run started from; an export, which keeps no seed: seed 0).
+* An exported ``.safetensors`` carries no data section: its data defaults to Fashion-MNIST at
+  the backbone's size, in fp32 (``--data`` names other images), as ``eval finetune`` reads it.
 """
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 
+import torch
+from torch import nn
+
 from mimar import runs
-from mimar.config import PretrainConfig
-from mimar.data import load_images
-from mimar.engine.precision import autocast_dtype, resolve_device
+from mimar.data import DataConfig, load_images
 from mimar.errors import DataError
-from mimar.evaluation.config import EvalConfig
-from mimar.evaluation.protocols import PROTOCOL_TABLE, EvalSetup, pooled_probes
+from mimar.evaluation.frozen import FROZEN_TABLE, EvalProtocol, EvalSetup, pooled_probes
+from mimar.evaluation.options import EvalRequest
+from mimar.evaluation.precision import autocast_dtype, resolve_device
 from mimar.evaluation.report import print_results, write_json
-from mimar.loading import load_run_backbone, random_init_backbone, resolve_checkpoint
+
+EXPORTED = ".safetensors"
 
 
-def run_folder(checkpoint: str | Path) -> Path:
-    """Where ``eval/`` goes: the run folder itself, or the one a checkpoint file sits in."""
-    path = Path(checkpoint)
-    if path.is_dir():
-        return path
-    return runs.run_of_checkpoint(resolve_checkpoint(path))
+def eval_dir(checkpoint: str | Path) -> Path:
+    """Where results go: ``eval/`` of the run a checkpoint belongs to (:func:`runs.run_dir_of`),
+    or ``eval/`` beside an exported file."""
+    return runs.run_dir_of(checkpoint) / runs.EVAL
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
-    """Run ``cfg.protocols``, print one table, write ``RUN_DIR/eval/<protocol>.json`` each.
+@dataclass(frozen=True)
+class Source:
+    """What the frozen protocols need to know of what they evaluate."""
 
-    Returns the rows per protocol.
-    """
-    specs = {p: PROTOCOL_TABLE[p] for p in cfg.protocols}
-    title = f"{Path(cfg.checkpoint).name}: test top-1 (%)"
-    results: dict[str, dict] = {}
-    header = {"checkpoint": str(cfg.checkpoint), "pool": cfg.pool, "layer": cfg.layer}
-    header["attention"] = cfg.attention
-    if any(spec.alone is None for spec in specs.values()):  # frozen-backbone protocols
-        run_cfg, pretrained = load_run_backbone(cfg.checkpoint)  # the checkpoint is read once
-        title = f"{run_cfg.method.name} {run_cfg.backbone.name}: {run_cfg.data.name} test top-1 (%)"
-        setup = build_setup(run_cfg, cfg)
-        models = [("pretrained", pretrained)]
-        if cfg.baselines:
-            models.insert(0, ("random init", random_init_backbone(run_cfg)))
-        models = [(name, backbone.to(setup.device)) for name, backbone in models]
-        pooled = [p for p, spec in specs.items() if spec.probe is not None]
-        results |= pooled_probes(pooled, models, setup, cfg) if pooled else {}
-        for p, spec in specs.items():
-            if spec.run is not None:
-                results[p] = spec.run(models, setup, cfg, spec.epochs(cfg.epochs))
-        header |= {"n_train": len(setup.train), "n_test": len(setup.test)}
-    for p, spec in specs.items():
-        if spec.alone is not None:  # fine-tuning and robustness load what they need
-            results[p] = spec.alone(cfg)
-
-    for p, spec in specs.items():
-        payload = {"protocol": p, **header, "epochs": spec.epochs(cfg.epochs)}
-        write_json(run_folder(cfg.checkpoint) / runs.EVAL / f"{p}.json", payload | results[p])
-    print_results([r for p in cfg.protocols for r in results[p]["rows"]], title)
-    return {p: results[p]["rows"] for p in cfg.protocols}
+    title: str  # the table's title up to "test top-1"
+    data: DataConfig  # the images (the run's own, or an export's defaults)
+    precision: str  # train.precision the backbone was trained in: the features' autocast
+    order: str  # the model's patch order (masking.patch_order kinds): what causal follows
+    order_seed: int
+    pretrained: nn.Module
+    random_init: Callable[[], nn.Module]  # the control: the backbone as it was initialised
 
 
-def build_setup(run_cfg: PretrainConfig, cfg: EvalConfig) -> EvalSetup:
-    """The data (``cfg.data_root`` or the run's), device, precision and attention of a run."""
-    data = run_cfg.data if cfg.data_root is None else replace(run_cfg.data, root=cfg.data_root)
-    train = load_images(replace(data, max_images=cfg.max_train), "train")
-    test = load_images(replace(data, max_images=cfg.max_test), "test")
-    if train.labels is None or test.labels is None:
-        raise DataError(f"{data.root} has no labels (class sub-folders) to evaluate with")
-    causal = cfg.attention == "causal"
-    notes = [_subsample_note(len(train), len(test), cfg.max_train, cfg.max_test)]
-    return EvalSetup(
-        train=train,
-        test=test,
-        img_size=data.img_size,
-        batch_size=cfg.batch_size,
-        autocast_dtype=autocast_dtype(run_cfg.train.precision),  # as the run was trained
-        device=resolve_device(cfg.device),
-        causal=causal,
+def run_source(run_cfg, pretrained: nn.Module) -> Source:
+    """A pretraining run's backbone: its data, precision and patch order."""
+    from mimar.loading import random_init_backbone
+
+    return Source(
+        title=f"{run_cfg.method.name} {run_cfg.backbone.name}: {run_cfg.data.name}",
+        data=run_cfg.data,
+        precision=run_cfg.train.precision,
         # Only AIM reads its patches in a configurable order; every other method is raster.
         # Sniffing the method config here keeps evaluation free of method imports.
         order=getattr(run_cfg.method, "order", "raster"),
         order_seed=getattr(run_cfg.method, "order_seed", 0),
+        pretrained=pretrained,
+        random_init=lambda: random_init_backbone(run_cfg),
+    )
+
+
+def load_source(checkpoint: str | Path) -> Source:
+    """A run folder, a checkpoint (``.pt`` or ``.dcp/``) or a ``mimar export`` file."""
+    from mimar.backbones import build_backbone
+    from mimar.loading import load_backbone, load_run_backbone
+
+    path = Path(checkpoint)
+    if path.suffix != EXPORTED:
+        return run_source(*load_run_backbone(path))  # the checkpoint is read once
+    backbone = load_backbone(path)
+    c = backbone.cfg
+
+    def random_init() -> nn.Module:
+        torch.manual_seed(0)
+        return build_backbone(c).eval()
+
+    data = DataConfig(img_size=c.img_size, in_chans=c.in_chans)
+    return Source(f"{path.name}: {data.name}", data, "fp32", "raster", 0, backbone, random_init)
+
+
+def run_frozen(request: EvalRequest, protocols: list[str]) -> tuple[dict, dict, str]:
+    """Run the frozen ``protocols`` of ``request`` on the source's backbone and controls.
+
+    Returns (results per protocol, JSON header fields, table title).
+    """
+    source = load_source(request.run.checkpoint)
+    setup = build_setup(source, request)
+    models = [("pretrained", source.pretrained)]
+    if request.run.baselines:
+        models.insert(0, ("random init", source.random_init()))
+    models = [(name, backbone.to(setup.device)) for name, backbone in models]
+    specs = {p: FROZEN_TABLE[p] for p in protocols}
+    pooled = [p for p, spec in specs.items() if spec.probe is not None]
+    results = pooled_probes(pooled, models, setup, request, request.run.baselines) if pooled else {}
+    for p, spec in specs.items():
+        if spec.run is not None:
+            opts = request.options[p]
+            results[p] = spec.run(models, setup, opts, spec.epochs(opts.epochs))
+    header = {"n_train": len(setup.train), "n_test": len(setup.test)}
+    return results, header, f"{source.title} test top-1 (%)"
+
+
+def report(
+    request: EvalRequest,
+    table: dict[str, EvalProtocol],
+    results: dict[str, dict],
+    header: dict,
+    title: str,
+) -> dict[str, list[dict]]:
+    """Print one table of every protocol's rows, then write ``eval/<protocol>.json`` each
+    (printed first: a failing write loses no result). Returns the rows per protocol."""
+    print_results([r for p in request.protocols for r in results[p]["rows"]], title)
+    out = eval_dir(request.run.checkpoint)
+    for p in request.protocols:
+        opts = request.options[p]
+        payload = {"protocol": p, "checkpoint": str(request.run.checkpoint)}
+        payload |= {"pool": getattr(opts, "pool", "avg"), "layer": getattr(opts, "layer", None)}
+        payload |= {"attention": getattr(opts, "attention", "bidirectional"), **header}
+        payload["epochs"] = table[p].epochs(getattr(opts, "epochs", None))
+        write_json(out / f"{p}.json", payload | results[p])
+    return {p: results[p]["rows"] for p in request.protocols}
+
+
+def evaluate(request: EvalRequest) -> dict[str, list[dict]]:
+    """Run a request of frozen protocols only (:func:`mimar.protocols.evaluate` runs every
+    kind), print one table, write ``eval/<protocol>.json`` each; returns the rows."""
+    results, header, title = run_frozen(request, list(request.protocols))
+    return report(request, FROZEN_TABLE, results, header, title)
+
+
+def build_setup(source: Source, request: EvalRequest) -> EvalSetup:
+    """The data (``--data`` or the source's), device, precision and attention."""
+    run = request.run
+    data = source.data if run.data_root is None else replace(source.data, root=run.data_root)
+    train = load_images(replace(data, max_images=run.max_train), "train")
+    test = load_images(replace(data, max_images=run.max_test), "test")
+    if train.labels is None or test.labels is None:
+        raise DataError(f"{data.root} has no labels (class sub-folders) to evaluate with")
+    # the frozen protocols of one request share the attention option (one flag)
+    attentions = {request.options[p].attention for p in request.protocols if p in FROZEN_TABLE}
+    causal = attentions == {"causal"}
+    pooled = [p for p in request.protocols if FROZEN_TABLE.get(p) and FROZEN_TABLE[p].probe]
+    cache = bool(pooled) and request.options[pooled[0]].feature_cache
+    notes = [_subsample_note(len(train), len(test), run.max_train, run.max_test)]
+    out = eval_dir(run.checkpoint)
+    return EvalSetup(
+        train=train,
+        test=test,
+        img_size=data.img_size,
+        batch_size=run.batch_size,
+        autocast_dtype=autocast_dtype(source.precision),  # as the backbone was trained
+        device=resolve_device(run.device),
+        causal=causal,
+        order=source.order,
+        order_seed=source.order_seed,
         notes="; ".join(notes + ["causal attention"] * causal),
-        cache=run_folder(cfg.checkpoint) / runs.EVAL / "features" if cfg.feature_cache else None,
+        out=out,
+        cache=out / "features" if cache else None,
     )
 
 
