@@ -23,6 +23,7 @@ from mimar.factory import build_method
 # What a resume may change without a flag: none of these changes the run's numbers
 # (train.steps extends the run; its schedule then ends at the new step count).
 RESUME_SAFE = ("progress", "log_every", "checkpoint_every", "loggers", "picture_every")
+RESUME_SAFE += ("monitor_every", "monitor", "monitor_bank", "monitor_queries")  # reads only
 RESUME_SAFE = tuple(f"train.{key}" for key in (*RESUME_SAFE, "threads", "device", "steps"))
 
 

@@ -91,8 +91,8 @@ class RunLog:
     def write(self, row: dict) -> None:
         self.metrics.write(row)
         prefix = "train" if "loss" in row else "eval"
-        scalars = {
-            f"{prefix}/{key}": float(value)
+        scalars = {  # keys with their own group (monitor/*, perf/*) keep it
+            key if "/" in key else f"{prefix}/{key}": float(value)
             for key, value in row.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         }

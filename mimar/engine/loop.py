@@ -24,7 +24,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from mimar import runs
 from mimar.engine import checkpoint, dist, fsdp
+from mimar.engine.hooks import Hook, StepView
 from mimar.engine.logger import ProgressBar, RunLog, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
 from mimar.errors import CheckpointError, ConfigError
@@ -109,6 +110,7 @@ def fit(
     picture: Callable[[nn.Module, int], Path | None] | None = None,
     name: str = "pretrain",
     config_changes: list[dict] | None = None,
+    hooks: Sequence[Hook] = (),
 ) -> RunResult:
     """Train ``model`` for ``train.steps`` optimizer steps with AdamW (``optim``: lr or base_lr
     scaled by the global batch, weight decay rules, layer decay, clipping) and the warm-up +
@@ -118,7 +120,8 @@ def fit(
     draws a PNG and returns its path (or None); it runs every ``train.picture_every`` steps
     and the picture goes to the loggers (``train.loggers``). ``config_changes`` (a resume's
     ``{"key", "old", "new"}`` rows the caller allowed) are appended, with the step, to
-    ``config_changes.jsonl``."""
+    ``config_changes.jsonl``. ``hooks`` (mimar/engine/hooks.py) run on rank 0 after the
+    row of a step is logged, with the RNG forked around them; their numbers are logged."""
     run_dir, t, device, rank = Path(run_dir), train, session.device, session.rank
     sharded = t.strategy == "fsdp"
     if rank == 0:  # temp files of a save that was killed halfway
@@ -144,7 +147,7 @@ def fit(
     # FSDP over several ranks: rank 0 keeps an unsharded copy for pictures and evaluations,
     # which run on rank 0 alone and cannot gather the other ranks' shards.
     sharding = sharded and session.world > 1
-    wants_view = evaluate is not None or picture is not None
+    wants_view = evaluate is not None or picture is not None or any(h.needs_model for h in hooks)
     replica = copy.deepcopy(model) if sharding and wants_view and rank == 0 else None
     if sharding:
         fsdp.shard(model, t.precision, device)
@@ -189,6 +192,7 @@ def fit(
     warmup = warmup_steps(optim, t.steps)
     step = start
     save = _saver(config, model, optimizer, run_dir, rank, sharded, device)
+    loader = _TimedLoader(loader)  # data_wait_s: how long each step waited for its inputs
 
     def view() -> nn.Module:  # every rank calls it: the whole model, on rank 0
         if replica is not None or sharding:
@@ -210,11 +214,12 @@ def fit(
             step += 1
             window.append(out)
             every = evaluate_every and step % evaluate_every == 0
+            due = [h for h in hooks if h.every > 0 and h.due(step, t.steps)]
             periodic = t.checkpoint_every and step % t.checkpoint_every == 0 and step < t.steps
             draw = picture is not None and t.picture_every and step % t.picture_every == 0
             # The host reads the device only here: every log_every steps, before an evaluation,
             # a picture or a checkpoint, and at the end (GPUs run ahead in between).
-            if not (step % t.log_every == 0 or step == t.steps or every or periodic or draw):
+            if not (step % t.log_every == 0 or step == t.steps or every or periodic or draw or due):
                 continue
             values = _read(window, step)  # raises NonFiniteLoss before anything is saved
             seconds = time.perf_counter() - tic  # the window's steps (not evals or saves)
@@ -224,11 +229,25 @@ def fit(
                 "lr": lr,
                 **values,
                 "images_per_s": len(window) * loader.batch_size * t.accum_steps / seconds,
+                "step_s": seconds / len(window),
+                "data_wait_s": loader.take_wait() / len(window),
             }
             window = []
+            if rank == 0:  # hooks with every=0 read the row: their figures join it
+                row |= _run_hooks(
+                    [h for h in hooks if h.every == 0], step, t.steps, row, model, run_dir
+                )
             if metrics is not None:
                 metrics.write(row)
             bar.update(row)
+            if due:
+                whole = view()  # every rank takes part in a gather
+                scores = _run_hooks(due, step, t.steps, row, whole, run_dir) if rank == 0 else {}
+                for key in [k for k, v in scores.items() if isinstance(v, Path)]:
+                    metrics.picture(scores.pop(key), step)
+                if scores:
+                    metrics.write({"step": step, "epoch": row["epoch"], **scores})
+                dist.barrier()  # the other ranks wait while rank 0 works on the whole model
             if evaluate is not None and (every or step == t.steps):
                 whole = view()
                 scores = evaluate(whole, step) if rank == 0 else {}
@@ -256,6 +275,38 @@ def fit(
         stop.restore()
         if metrics is not None:
             metrics.close()
+
+
+def _run_hooks(hooks, step: int, total: int, row: dict, model, run_dir: Path) -> dict:
+    """What ``hooks`` return at ``step``, one dict; the RNG is forked around each hook, so
+    no hook moves the training streams."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
+    out: dict = {}
+    for hook in hooks:
+        with torch.random.fork_rng(devices=devices):
+            out |= hook.fn(StepView(step, total, model, dict(row), run_dir)) or {}
+    return out
+
+
+class _TimedLoader:
+    """The step loader, with the seconds its ``inputs`` took summed until ``take_wait``."""
+
+    def __init__(self, loader) -> None:
+        self._loader, self._wait = loader, 0.0
+
+    def inputs(self, index: int) -> dict:
+        tic = time.perf_counter()
+        try:
+            return self._loader.inputs(index)
+        finally:
+            self._wait += time.perf_counter() - tic
+
+    def take_wait(self) -> float:
+        wait, self._wait = self._wait, 0.0
+        return wait
+
+    def __getattr__(self, name: str):
+        return getattr(self._loader, name)
 
 
 def _compiled(model: nn.Module, device: torch.device) -> nn.Module:
