@@ -19,6 +19,7 @@ from mimar.data import build_train_loader
 from mimar.engine import dist
 from mimar.engine.loop import RunResult, Session, fit
 from mimar.factory import build_method
+from mimar.monitor import training_hooks
 
 # What a resume may change without a flag: none of these changes the run's numbers
 # (train.steps extends the run; its schedule then ends at the new step count).
@@ -59,6 +60,7 @@ def pretrain(
             config=to_dict(cfg),
             resume=resume,
             config_changes=changes,
+            hooks=training_hooks(cfg, method, loader, run_dir, session.device, session.rank),
             picture=lambda model, step: _draw(
                 model,
                 loader,

@@ -44,7 +44,7 @@ ITPN_TINY = [
 
 def losses(run_dir: Path) -> dict[int, float]:
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
-    return {r["step"]: r["loss"] for r in rows}
+    return {r["step"]: r["loss"] for r in rows if "loss" in r}  # not the monitor's rows
 
 
 def loss_ends(run_dir: Path, k: int) -> tuple[float, float]:
