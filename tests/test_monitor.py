@@ -254,3 +254,44 @@ def test_data_wait_rises_with_a_slow_loader(tmp_path, monkeypatch, caplog):
     # the slow loader's run (the last): said once, with the knobs
     warned = [r.message for r in caplog.records if "data loader holds back" in r.message]
     assert len(warned) == 1 and "data.num_workers" in warned[0]
+
+
+# --- the bench reads the monitor ---------------------------------------------------------------
+
+
+def _fake_run(run_dir: Path, knn: dict[int, float]) -> None:
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.yaml").write_text("data: {batch_size: 10}\ntrain: {accum_steps: 1}\n")
+    rows = []
+    for step in range(1, max(knn) + 1):
+        rows.append({"step": step, "loss": 1.0, "images_per_s": 100.0})  # 0.1 s a step
+        if step in knn:
+            rows.append({"step": step, "monitor/knn_top1": knn[step]})
+    (run_dir / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_bench_report_says_which_methods_still_climb(tmp_path):
+    from mimar.bench import quality, report
+
+    runs_ = {}
+    for seed in (0, 1):
+        climbing, flat = tmp_path / f"aim-seed{seed}", tmp_path / f"eva-seed{seed}"
+        _fake_run(climbing, {5: 40.0, 10: 50.0 + seed})
+        _fake_run(flat, {5: 60.0, 10: 60.2})
+        runs_[climbing.name] = {"method": "aim", "seed": seed, "run_dir": str(climbing)}
+        runs_[flat.name] = {"method": "eva", "seed": seed, "run_dir": str(flat)}
+    online = report.knn_summary(runs_, ["aim", "eva"])
+    assert online["aim"]["climbing"] is True and online["eva"]["climbing"] is False
+    curve = online["aim"]["curves"]["0"]
+    assert curve["seconds"] == pytest.approx([0.5, 1.0]) and curve["top1"] == [40.0, 50.0]
+    assert online["aim"]["last"]["mean"] == 50.5
+    lines = "\n".join(report._online_knn_lines(online))
+    assert "| aim | " in lines and "still climbing" in lines and "| eva |" in lines
+    report.plot_knn_vs_time({"online_knn": online, "seeds": [0, 1]}, tmp_path / "k.png")
+    assert (tmp_path / "k.png").stat().st_size > 0
+    settings = quality.QualityConfig(budget_minutes=1.0, max_train=500, max_test=100)
+    assert quality.monitor_words(settings, 41) == [
+        "train.monitor_every=10",
+        "train.monitor_bank=500",
+        "train.monitor_queries=100",
+    ]
