@@ -209,6 +209,10 @@ class ProgressBar:
 
     def update(self, row: dict) -> None:
         stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
+        if "perf/mfu" in row:  # the monitor's efficiency figures (mimar/monitor/)
+            stats += f"  MFU {row['perf/mfu']:.1%}"
+        if "data_wait_s" in row and row.get("step_s"):
+            stats += f"  data wait {row['data_wait_s'] / row['step_s']:.0%}"
         if self.progress is not None:
             self.progress.update(self.task, completed=row["step"], stats=stats)
         elif self.enabled and (
