@@ -295,3 +295,17 @@ def test_bench_report_says_which_methods_still_climb(tmp_path):
         "train.monitor_bank=500",
         "train.monitor_queries=100",
     ]
+
+
+def test_gpu_script_runs_in_its_cpu_form(tmp_path):
+    """benchmarks/gpu.sh --device cpu --tiny: the GPU check's own code path, so it cannot rot."""
+    env = {**os.environ, "PYTHON": sys.executable, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    cmd = ["bash", "benchmarks/gpu.sh", "--device", "cpu", "--tiny", "--out", str(tmp_path)]
+    out = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    doc = json.loads((tmp_path / "gpu.json").read_text())
+    kinds = [r["what"] for r in doc["rows"]]
+    assert any(k.startswith("bench speed") for k in kinds) and "pretrain (monitor on)" in kinds
+    (pre,) = [r for r in doc["rows"] if r["what"] == "pretrain (monitor on)"]
+    assert 0 < pre["mfu"] and pre["online_knn"] is not None
+    assert "| what |" in (tmp_path / "gpu.md").read_text()
