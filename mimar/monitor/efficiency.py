@@ -119,30 +119,43 @@ def count_step(method: nn.Module, data, loader, precision: str, accum_steps: int
     (forward and backward, ``accum_steps`` micro-batches; images of ``data``'s shape, whose
     values no FLOP depends on; the corruption drawn by a private generator) and its GEMM
     FLOPs by shape ``(M, K, N)``, counted under a FakeTensorMode (shapes only)."""
+
+    b = loader.batch_size // loader.world_size  # this rank's rows of the global batch
+    device = next(method.parameters()).device
+    corruption = {}
+    if hasattr(method, "sample_corruption"):  # real draws (some read values), private RNG
+        drawn = method.sample_corruption(b, torch.Generator().manual_seed(0))
+        corruption = {k: v.to(device) for k, v in drawn.items()}
+    try:
+        counter, gemms = _count(method, data, b, corruption, precision, device, fake=True)
+    except Exception as err:  # a forward that reads a value (.item()): one real step instead
+        log.info("perf: counting FLOPs with real tensors (%s)", type(err).__name__)
+        counter, gemms = _count(method, data, b, corruption, precision, device, fake=False)
+    shapes = Counter({k: v * accum_steps for k, v in gemms.flops.items()})
+    return {"flops": counter.get_total_flops() * accum_steps, "gemms": shapes}
+
+
+def _count(method, data, b: int, corruption: dict, precision: str, device, fake: bool):
+    """One forward and backward of ``method`` under the FLOP and GEMM counters; the
+    gradients it leaves are dropped (the real ones, if any, stay) and no RNG stream moves."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from mimar.bench.speed import MODEL_FLOPS, GemmShapes
 
-    b = loader.batch_size // loader.world_size  # this rank's rows of the global batch
     counter = FlopCounterMode(display=False, custom_mapping=MODEL_FLOPS)
     gemms = GemmShapes()
-    device = next(method.parameters()).device
     bf16 = torch.autocast(device.type, dtype=torch.bfloat16) if precision == "bf16" else None
+    mode = FakeTensorMode(allow_non_fake_inputs=True) if fake else nullcontext()
     grads = {p: p.grad for p in method.parameters()}
     try:
-        with torch.random.fork_rng(devices=[]), FakeTensorMode(allow_non_fake_inputs=True):
+        with torch.random.fork_rng(devices=[]), mode:
             images = torch.zeros(b, data.in_chans, data.img_size, data.img_size, device=device)
-            corruption = {}
-            if hasattr(method, "sample_corruption"):
-                drawn = method.sample_corruption(b, torch.Generator().manual_seed(0))
-                corruption = {k: v.to(device) for k, v in drawn.items()}
             with counter, gemms, bf16 or nullcontext():
                 method(images=images, **corruption)["loss"].backward()
     finally:
-        for p, g in grads.items():  # the fake gradients go; the real ones (if any) stay
+        for p, g in grads.items():
             p.grad = g
-    shapes = Counter({k: v * accum_steps for k, v in gemms.flops.items()})
-    return {"flops": counter.get_total_flops() * accum_steps, "gemms": shapes}
+    return counter, gemms
 
 
 class Efficiency:
