@@ -105,9 +105,17 @@ class TrainConfig:
     loggers: tuple[str, ...] = ("jsonl",)
     picture_every: int = 0  # also draw (and log) the run's picture every this many steps
     init: str = ""  # start from these weights: a run, checkpoint or release (mimar.formats.init)
+    # The online monitor (mimar/monitor/): every monitor_every steps and at the last one, the
+    # backbone's features of a fixed subset (monitor_bank train + monitor_queries test images,
+    # drawn once by a fixed seed) give a kNN top-1 and RankMe; 0 = off.
+    monitor_every: int = 0
+    monitor: tuple[str, ...] = ("knn", "rankme")  # which probes: knn, rankme
+    monitor_bank: int = 5000  # train images: the kNN memory bank and the health metrics
+    monitor_queries: int = 1000  # test images the kNN classifies
 
     def __post_init__(self) -> None:
         check_loggers(self.loggers, "train")
+        check_monitor(self)
         for key in ("steps", "log_every", "accum_steps"):
             check_range(f"train.{key}", getattr(self, key), getattr(self, key) >= 1, ">= 1")
         check_range(
@@ -125,6 +133,19 @@ def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
     float ``value`` is finite: comparisons with nan are all false, inf passes bounds)."""
     if not ok or (isinstance(value, float) and not math.isfinite(value)):
         raise ConfigError(f"{key} must be {allowed}, got {value!r}")
+
+
+MONITORS = ("knn", "rankme")
+
+
+def check_monitor(t: TrainConfig) -> None:
+    """The monitor keys of ``train``: known probes, sensible subset sizes."""
+    unknown = [name for name in t.monitor if name not in MONITORS]
+    if unknown:
+        raise ConfigError(f"train.monitor: unknown {unknown}; choose from {list(MONITORS)}")
+    check_range("train.monitor_every", t.monitor_every, t.monitor_every >= 0, ">= 0 (0: off)")
+    check_range("train.monitor_bank", t.monitor_bank, t.monitor_bank >= 2, ">= 2")
+    check_range("train.monitor_queries", t.monitor_queries, t.monitor_queries >= 1, ">= 1")
 
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")

@@ -20,10 +20,12 @@ from mimar.engine import dist
 from mimar.engine.loop import Hook, Run, RunResult, Session, StepView, fit
 from mimar.factory import build_method
 from mimar.formats.init import init_from
+from mimar.monitor import training_hooks
 
 # What a resume may change without a flag: none of these changes the run's numbers
 # (train.steps extends the run; its schedule then ends at the new step count).
 RESUME_SAFE = ("progress", "log_every", "checkpoint_every", "loggers", "picture_every")
+RESUME_SAFE += ("monitor_every", "monitor", "monitor_bank", "monitor_queries")  # reads only
 RESUME_SAFE = tuple(f"train.{key}" for key in (*RESUME_SAFE, "threads", "device", "steps", "init"))
 
 
@@ -57,6 +59,7 @@ def pretrain(
 
         run = Run(Path(run_dir), to_dict(cfg), resume=resume, changes=changes)
         hooks = [Hook(t.picture_every, picture)] if t.picture_every else []
+        hooks += training_hooks(cfg, method, loader, run_dir, session.device, session.rank)
         result = fit(session, method, loader, train=t, optim=cfg.optim, run=run, hooks=hooks)
         if result.stopped_by is None:
             if session.rank == 0:  # result.model: whole on rank 0, also under FSDP

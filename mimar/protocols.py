@@ -133,7 +133,7 @@ def _robustness(request: EvalRequest) -> dict:
     from mimar.config import build_section
     from mimar.data import DataConfig, load_images
     from mimar.evaluation.corruptions import CORRUPTIONS
-    from mimar.evaluation.precision import resolve_device
+    from mimar.engine.precision import resolve_device
     from mimar.evaluation.robustness import evaluate_robustness
     from mimar.evaluation.robustness_plots import plot_corruptions, plot_robustness
     from mimar.finetune.run import load_finetuned
@@ -169,7 +169,7 @@ def _in_precision(logits, device, precision: str):
     """``logits`` under the autocast of ``precision``, as the fine-tune evaluated its test set,
     so that the clean row equals its final top-1. In bf16 `mimar eval finetune robustness
     --max-train 1280 --max-test 500 --baselines` took 62 s instead of 124 s in fp32 here."""
-    from mimar.evaluation.precision import autocast, autocast_dtype
+    from mimar.engine.precision import autocast, autocast_dtype
 
     def classify(images):
         with autocast(device, autocast_dtype(precision)):

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from helpers import DEMO, TINY, loss_ends, losses, tiny_vit
+from torch._subclasses.fake_tensor import FakeTensor
 
 from mimar.cli import main
 from mimar.engine import checkpoint
@@ -102,7 +103,7 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(
 
     def poisoned(self, images, **corruption):
         out = forward(self, images, **corruption)
-        calls["n"] += 1
+        calls["n"] += not isinstance(images, FakeTensor)  # not the monitor's FLOP count
         if calls["n"] == 7:
             out["loss"] = out["loss"] * float("nan")
         return out

@@ -393,6 +393,18 @@ def method_order(settings: QualityConfig) -> tuple[list[str], bool]:
     return order, teacher_only
 
 
+MONITOR_POINTS = 4  # online kNN points per run (the report's kNN-vs-time curve)
+
+
+def monitor_words(settings: QualityConfig, steps: int) -> list[str]:
+    """The online monitor of every run: MONITOR_POINTS probes (the last at the end), on the
+    evaluation's subset sizes when --max-train / --max-test are given."""
+    words = [f"train.monitor_every={max(1, steps // MONITOR_POINTS)}"]
+    words += [f"train.monitor_bank={settings.max_train}"] if settings.max_train >= 2 else []
+    words += [f"train.monitor_queries={settings.max_test}"] if settings.max_test else []
+    return words
+
+
 def plan_cells(settings: QualityConfig, out: Path, calibration: dict, order: list[str]):
     """Every cell of the bench, seed by seed, each method's steps from the planner."""
     cells = []
@@ -407,6 +419,7 @@ def plan_cells(settings: QualityConfig, out: Path, calibration: dict, order: lis
             )
             words = [*method_overrides(settings, method), f"train.seed={seed}"]
             words.append(f"train.steps={steps}")
+            words += monitor_words(settings, steps)
             if needs_teacher(settings, method):
                 teacher = settings.teacher or out / "runs" / f"{TEACHER_METHOD}-seed{seed}"
                 words += teacher_words(teacher)

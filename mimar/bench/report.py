@@ -2,9 +2,10 @@
 
 Per protocol and method: mean ± sample std (N - 1) over seeds; the method with the best mean
 is marked, and so is every method *within noise of the best* (:data:`NOISE_RULE`). Writes
-``report.json``, ``report.md`` and three plots: ``accuracy.png`` (bars with error bars and the
+``report.json``, ``report.md`` and four plots: ``accuracy.png`` (bars with error bars and the
 baselines), ``loss_vs_time.png`` (each method's loss against its training wall time) and
-``pictures.png`` (each method's run picture). Figures use ``matplotlib.figure.Figure`` on the
+``pictures.png`` (each method's run picture), ``knn_vs_time.png`` (the online monitor's kNN
+against training time, all methods). Figures use ``matplotlib.figure.Figure`` on the
 Agg canvas, without pyplot, as :mod:`mimar.viz`.
 """
 
@@ -66,6 +67,41 @@ def loss_curve(run_dir: str | Path) -> tuple[list[float], list[float]]:
         total += s
         seconds.append((total, losses[step]))
     return [t for t, _ in seconds], [v for _, v in seconds]
+
+
+def knn_curve(run_dir: str | Path) -> tuple[list[float], list[float]]:
+    """The online monitor's kNN top-1 (``monitor/knn_top1``) against the training seconds up
+    to its step (the loss curve's clock: no evaluation, save or probe time)."""
+    rows = metrics_rows(run_dir)
+    knn = {r["step"]: r["monitor/knn_top1"] for r in rows if "monitor/knn_top1" in r}
+    seconds, total = [], 0.0
+    for step, s in step_seconds(run_dir):
+        total += s
+        if step in knn:
+            seconds.append((total, knn[step]))
+    return [t for t, _ in seconds], [v for _, v in seconds]
+
+
+CLIMBING = 0.5  # kNN points gained between a run's last two probes: "still climbing"
+
+
+def knn_summary(runs_: dict[str, dict], methods: list[str]) -> dict:
+    """Per method: each seed's online kNN curve, the mean gain over the last probe interval
+    and whether that gain exceeds :data:`CLIMBING` (still climbing at the budget's end)."""
+    out = {}
+    for m in methods:
+        curves = {r["seed"]: knn_curve(r["run_dir"]) for r in runs_.values() if r["method"] == m}
+        curves = {seed: c for seed, c in curves.items() if c[1]}
+        gains = [c[1][-1] - c[1][-2] for c in curves.values() if len(c[1]) > 1]
+        gain = statistics.fmean(gains) if gains else None
+        last = [c[1][-1] for c in curves.values()]
+        out[m] = {
+            "curves": {str(seed): {"seconds": c[0], "top1": c[1]} for seed, c in curves.items()},
+            "last": mean_std(last),
+            "last_gain": gain,
+            "climbing": None if gain is None else gain > CLIMBING,
+        }
+    return out
 
 
 def train_seconds(run_dir: str | Path) -> float | None:
@@ -201,6 +237,7 @@ def build_report(record: dict) -> dict:
         "teacher": _teacher(settings, runs_),
         "differences": differences(calibration, list(detail)),
         "summary": summarize(runs_, methods, protocols),
+        "online_knn": knn_summary(runs_, list(detail)),
         "runs": runs_,
         "eval_notes": _first_notes(runs_, protocols),
     }
@@ -270,6 +307,7 @@ def write_report(out: str | Path, record: dict) -> dict:
     plot_accuracy(report, out / "accuracy.png")
     plot_loss_vs_time(report, out / "loss_vs_time.png")
     plot_pictures(report, out / "pictures.png")
+    plot_knn_vs_time(report, out / "knn_vs_time.png")
     return report
 
 
@@ -314,6 +352,7 @@ def markdown(report: dict) -> str:
         "- every run alike: final normed tokens, mean-pooled, bidirectional attention, with "
         "the baselines of `mimar eval ... --baselines`"
     )
+    lines += _online_knn_lines(report.get("online_knn", {}))
     lines += ["", "## Teacher", "", _teacher_line(report["teacher"]), ""]
     lines += ["## What differs between methods", ""]
     lines += [f"- {note}" for note in report["differences"]] or ["- nothing but the method"]
@@ -323,11 +362,29 @@ def markdown(report: dict) -> str:
     lines += [
         "```",
         "",
-        "Files: report.json, accuracy.png, loss_vs_time.png, pictures.png, "
+        "Files: report.json, accuracy.png, loss_vs_time.png, pictures.png, knn_vs_time.png, "
         "runs/<method>-seed<k>/ (full run folders), calibration/ (not counted).",
         "",
     ]
     return "\n".join(lines)
+
+
+def _online_knn_lines(online: dict) -> list[str]:
+    """The monitor's section: last online kNN and whether each method was still climbing."""
+    if not any(o["curves"] for o in online.values()):
+        return []
+    lines = ["", "## Online kNN during training (the monitor; knn_vs_time.png)", ""]
+    lines += ["| method | last online kNN | gain over the last interval | at the budget's end |"]
+    lines += ["|---|---|---|---|"]
+    for m, o in online.items():
+        if not o["curves"]:
+            continue
+        gain = "-" if o["last_gain"] is None else f"{o['last_gain']:+.2f}"
+        verdict = {True: "still climbing", False: "flat", None: "-"}[o["climbing"]]
+        lines.append(f"| {m} | {cell(o['last'])} | {gain} | {verdict} |")
+    lines += ["", f"Still climbing: a mean gain above {CLIMBING} points between the last two "]
+    lines[-1] += "probes (the monitor's own subsets, not the evaluation's splits)."
+    return lines
 
 
 def _params(n: int) -> str:
@@ -453,6 +510,30 @@ def plot_loss_vs_time(report: dict, path: Path) -> None:
         ax.legend(fontsize=7)
     for ax in axes[len(methods) :]:
         ax.set_visible(False)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_knn_vs_time(report: dict, path: Path) -> None:
+    """One panel, every method: the online kNN top-1 against training wall time, the mean
+    over seeds (per probe) and its min-max spread."""
+    fig = _figure(6.0, 4.0)
+    ax = fig.subplots()
+    for i, (m, o) in enumerate(report.get("online_knn", {}).items()):
+        curves = list(o["curves"].values())
+        if not curves:
+            continue
+        n = min(len(c["top1"]) for c in curves)  # the same probe steps for every seed
+        t = [statistics.fmean(c["seconds"][k] for c in curves) for k in range(n)]
+        ys = [[c["top1"][k] for c in curves] for k in range(n)]
+        ax.plot(t, [statistics.fmean(y) for y in ys], "o-", color=f"C{i}", label=m, markersize=3)
+        if len(curves) > 1:
+            ax.fill_between(t, [min(y) for y in ys], [max(y) for y in ys], color=f"C{i}", alpha=0.2)
+    ax.set_xlabel("training wall time (s)")
+    ax.set_ylabel("online kNN top-1 (%)")
+    ax.set_title(f"online kNN (mean, min-max over {len(report['seeds'])} seed(s))")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 

@@ -121,8 +121,8 @@ class RunLog:
     def write(self, row: dict) -> None:
         self.metrics.write(row)
         prefix = "train" if "loss" in row else "eval"
-        scalars = {
-            f"{prefix}/{key}": float(value)
+        scalars = {  # keys with their own group (monitor/*, perf/*) keep it
+            key if "/" in key else f"{prefix}/{key}": float(value)
             for key, value in row.items()
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
@@ -239,6 +239,10 @@ class ProgressBar:
 
     def update(self, row: dict) -> None:
         stats = f"loss {row['loss']:.4f}  lr {row['lr']:.2e}  {row['images_per_s']:.0f} img/s"
+        if "perf/mfu" in row:  # the monitor's efficiency figures (mimar/monitor/)
+            stats += f"  MFU {row['perf/mfu']:.1%}"
+        if "data_wait_s" in row and row.get("step_s"):
+            stats += f"  data wait {row['data_wait_s'] / row['step_s']:.0%}"
         if self.progress is not None:
             self.progress.update(self.task, completed=row["step"], stats=stats)
         elif self.enabled and (
