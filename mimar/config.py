@@ -91,7 +91,8 @@ class OptimConfig:
         if self.clip_grad is not None:
             clip = self.clip_grad
             check_range("optim.clip_grad", clip, clip >= 0, ">= 0 (null or 0 disables clipping)")
-        check_range("optim.layer_decay", self.layer_decay, self.layer_decay > 0, "> 0")
+        decay = self.layer_decay  # a scale decay^(L + 1 - layer_id) > 1 is no decay
+        check_range("optim.layer_decay", decay, 0 < decay <= 1, "in (0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -312,7 +312,7 @@ def _robustness(cfg: EvalConfig) -> dict:
     from mimar.data import DataConfig, load_images
     from mimar.evaluation import robustness as rob
     from mimar.evaluation.precision import resolve_device
-    from mimar.finetune.run import load_finetuned
+    from mimar.finetune.run import load_finetuned, trained_precision
 
     run_dir, device = _run_folder(cfg.checkpoint), resolve_device(cfg.device)
     rows, curves, test = [], [], None
@@ -322,7 +322,7 @@ def _robustness(cfg: EvalConfig) -> dict:
         if test is None:  # the fine-tune's own test split
             test = load_images(replace(data, max_images=cfg.max_test), "test")
         res = rob.evaluate_robustness(
-            _in_precision(classifier.to(device).logits, device, ft_cfg["finetune"]["precision"]),
+            _in_precision(classifier.to(device).logits, device, trained_precision(ft_cfg)),
             test,
             img_size=data.img_size,
             batch_size=cfg.batch_size,
