@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import yaml
 
 from mimar import names
 from mimar.data import DataConfig
-from mimar.errors import ConfigError
+from mimar.errors import ConfigError, check_range
 from mimar.teachers.config import TeacherConfig
 
 if TYPE_CHECKING:  # the unions for type checkers; at run time a section's ``name`` picks its
@@ -42,7 +41,14 @@ if TYPE_CHECKING:  # the unions for type checkers; at run time a section's ``nam
 else:
     MethodConfig = BackboneConfig = Any
 
-__all__ = ["ConfigError", "PretrainConfig", "from_dict", "load_config", "section_from_dict"]
+__all__ = [
+    "ConfigError",
+    "PretrainConfig",
+    "check_range",
+    "from_dict",
+    "load_config",
+    "section_from_dict",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -130,13 +136,6 @@ class TrainConfig:
         )
         for key in ("picture_every", "threads"):
             check_range(f"train.{key}", getattr(self, key), getattr(self, key) >= 0, ">= 0")
-
-
-def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
-    """Raise a ConfigError naming ``key`` and the ``allowed`` range unless ``ok`` holds (and a
-    float ``value`` is finite: comparisons with nan are all false, inf passes bounds)."""
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
 LOGGERS = ("jsonl", "tensorboard", "wandb")

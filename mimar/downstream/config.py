@@ -105,7 +105,7 @@ def modernize_overrides(overrides: list[str] | tuple[str, ...], name: str) -> li
         section, _, leaf = key.strip().partition(".")
         if sep and section == name and leaf in LEGACY:
             new = f"{name}.{LEGACY[leaf]}"
-            log.warning("%s is deprecated, use %s (as in %s=%s)", key.strip(), new, new, value)
+            log.warning("%s is deprecated, use %s", key.strip(), new)
             item = f"{new}={value}"
         out.append(item)
     return out
