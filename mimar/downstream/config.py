@@ -19,8 +19,9 @@ pretraining's. Recipes and overrides written before the sections existed (``fine
 
 from __future__ import annotations
 
+import difflib
 import logging
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 from mimar.config import OptimConfig, TrainConfig, build_section, check_range, to_dict
@@ -117,6 +118,7 @@ def build_downstream(cls: type, raw: Any, name: str) -> Any:
     if not isinstance(raw or {}, dict):
         raise ConfigError(f"{name}: expected a section (mapping), got {raw!r}")
     raw, defaults = dict(raw or {}), cls()
+    _hint_moved_keys(raw, cls, name)
     for group in SECTIONS:
         given = raw.get(group) or {}
         if not isinstance(given, dict):
@@ -137,6 +139,19 @@ def build_downstream(cls: type, raw: Any, name: str) -> Any:
         if text.startswith(tuple(f"{group}." for group in SECTIONS)):
             raise ConfigError(f"{name}.{text}") from None
         raise
+
+
+def _hint_moved_keys(raw: dict, cls: type, name: str) -> None:
+    """An unknown key close to a moved one (``dense.epoch``) names its nested place."""
+    known = {f.name for f in fields(cls)}
+    for key in raw:
+        if key in known:
+            continue
+        close = difflib.get_close_matches(key, list(LEGACY), n=1, cutoff=0.8)
+        if close:
+            raise ConfigError(
+                f"unknown config key '{name}.{key}'; did you mean {name}.{LEGACY[close[0]]}?"
+            )
 
 
 def engine_sections(cfg: Any, steps_per_epoch: int) -> tuple[TrainConfig, OptimConfig]:

@@ -82,6 +82,10 @@ class FinetuneConfig:
         check_range("finetune.model_ema_decay", decay, 0 <= decay < 1, "in [0, 1)")
         check_range("finetune.img_size", self.img_size, self.img_size >= 0, ">= 0")
         check_range("finetune.pool", self.pool, self.pool in ("avg", "cls"), "avg or cls")
+        try:  # the augmentation keys are checked when the recipe loads, not when training starts
+            self.augment()
+        except ValueError as err:
+            raise ConfigError(f"finetune.{err}") from None
 
     def augment(self) -> SupervisedAugmentConfig:
         """The augmentation fields, for ``mimar.data.supervised.SupervisedAugment``."""
