@@ -82,7 +82,8 @@ def test_finetune_recipes_take_loggers():
     from mimar.data import DataConfig
     from mimar.finetune.config import load_finetune_config
 
-    ft, _ = load_finetune_config(DataConfig(), None, ["finetune.train.loggers=[jsonl, tensorboard]"])
+    both = ["finetune.train.loggers=[jsonl, tensorboard]"]
+    ft, _ = load_finetune_config(DataConfig(), None, both)
     assert ft.train.loggers == ("jsonl", "tensorboard")
     with pytest.raises(ConfigError, match="finetune.train.loggers must include jsonl"):
         load_finetune_config(DataConfig(), None, ["finetune.train.loggers=[wandb]"])
