@@ -4,8 +4,10 @@ A dense fine-tune is a run of its own in ``RUN_DIR/eval/<task>/`` (``<task>-scra
 randomly initialised control, ``<task>-scratch-neck/`` for iTPN's pretrained trunk with a fresh
 neck): ``config.yaml``, ``metrics.jsonl`` (per-step loss, lr, images/s; test scores),
 ``checkpoints/last.pt``, and the picture ``<task>.png`` of test images (input, ground truth,
-prediction). It runs through ``mimar.engine.loop.fit``: exact resume, SIGTERM, NaN stop, bf16,
-DDP under torchrun, progress with ETA, and layer decay from ``backbone.layer_id``.
+prediction). It runs through the downstream runner (``mimar.downstream.runner``, also the
+fine-tune's; this module gives it the task, ``DenseTask``) on ``mimar.engine.loop.fit``:
+exact resume, SIGTERM, NaN stop, bf16, DDP under torchrun, progress with ETA, and layer decay
+from ``backbone.layer_id``.
 """
 
 from __future__ import annotations

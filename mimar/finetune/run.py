@@ -6,8 +6,10 @@ layer-wise lr decay, Mixup/CutMix, RandAugment, random erasing and label smoothi
 ``RUN_DIR/eval/finetune/`` (``config.yaml``, ``metrics.jsonl`` with per-step loss / lr /
 images_per_s and per-epoch ``test_top1``, ``checkpoints/last.pt``), with pretraining's
 guarantees (exact resume, signals, NaN stop, bf16, accumulation, DDP under torchrun), since it
-runs through the same ``mimar.engine.loop.fit``. ``scratch=True`` trains the same recipe from
-random initialisation into ``RUN_DIR/eval/finetune-scratch/``: the papers' comparison.
+runs through the downstream runner (``mimar.downstream.runner``, also the dense tasks') on the
+same ``mimar.engine.loop.fit``: this module gives it the task (``FinetuneTask``).
+``scratch=True`` trains the same recipe from random initialisation into
+``RUN_DIR/eval/finetune-scratch/``: the papers' comparison.
 """
 
 from __future__ import annotations
