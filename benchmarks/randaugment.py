@@ -8,7 +8,7 @@
 ``random`` and numpy's global state seeded per image from a torch draw (timm draws its op
 choice from ``np.random`` and everything else from ``random``) and restored afterwards; this
 is what a generator-exact loader would have to do. Includes the uint8 tensor <-> PIL copies.
-(b) "batched": ``mimar.data.supervised.BatchRandAugment``: draws for the batch, then each op
+(b) "batched": ``mimar.data.randaugment.BatchRandAugment``: draws for the batch, then each op
 runs once on the images that drew it. Both use bicubic resampling and the same fill.
 
 The two run alternately, repeat by repeat, on one thread; medians are printed. Pillow >= 10
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 from timm.data.auto_augment import rand_augment_transform
 
-from mimar.data.supervised import BatchRandAugment
+from mimar.data.randaugment import BatchRandAugment
 
 
 class PerImageTimm:

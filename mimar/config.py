@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -22,7 +21,7 @@ import yaml
 
 from mimar import names
 from mimar.data import DataConfig
-from mimar.errors import ConfigError
+from mimar.errors import ConfigError, check_range
 from mimar.teachers.config import TeacherConfig
 
 # A section's dataclass is picked at run time by its ``name`` through mimar.names (which imports
@@ -30,7 +29,14 @@ from mimar.teachers.config import TeacherConfig
 # touches no file but its own and its names.METHODS line.
 MethodConfig = BackboneConfig = Any
 
-__all__ = ["ConfigError", "PretrainConfig", "from_dict", "load_config", "section_from_dict"]
+__all__ = [
+    "ConfigError",
+    "PretrainConfig",
+    "check_range",
+    "from_dict",
+    "load_config",
+    "section_from_dict",
+]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -79,7 +85,8 @@ class OptimConfig:
         if self.clip_grad is not None:
             clip = self.clip_grad
             check_range("optim.clip_grad", clip, clip >= 0, ">= 0 (null or 0 disables clipping)")
-        check_range("optim.layer_decay", self.layer_decay, self.layer_decay > 0, "> 0")
+        decay = self.layer_decay  # a scale decay^(L + 1 - layer_id) > 1 is no decay
+        check_range("optim.layer_decay", decay, 0 < decay <= 1, "in (0, 1]")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -126,13 +133,6 @@ class TrainConfig:
         )
         for key in ("picture_every", "threads"):
             check_range(f"train.{key}", getattr(self, key), getattr(self, key) >= 0, ">= 0")
-
-
-def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
-    """Raise a ConfigError naming ``key`` and the ``allowed`` range unless ``ok`` holds (and a
-    float ``value`` is finite: comparisons with nan are all false, inf passes bounds)."""
-    if not ok or (isinstance(value, float) and not math.isfinite(value)):
-        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
 MONITORS = ("knn", "rankme")

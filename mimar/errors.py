@@ -7,6 +7,9 @@ subclasses the builtin it refines, so ``except ValueError`` keeps working for li
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 
 class MimarError(Exception):
     """Base of every error caused by input a user can correct."""
@@ -14,6 +17,16 @@ class MimarError(Exception):
 
 class ConfigError(MimarError, ValueError):
     """A recipe, override or option that does not fit the typed configuration."""
+
+
+def check_range(key: str, value: Any, ok: bool, allowed: str) -> None:
+    """Raise a ConfigError naming ``key`` and the ``allowed`` range unless ``ok`` holds (and a
+    float ``value`` is finite: comparisons with nan are all false, inf passes bounds).
+
+    The one range check of every config section (``mimar.config`` re-exports it); it lives
+    here, in the bottom layer, so that backbone and method configs use it too."""
+    if not ok or (isinstance(value, float) and not math.isfinite(value)):
+        raise ConfigError(f"{key} must be {allowed}, got {value!r}")
 
 
 class DataError(MimarError, ValueError):

@@ -132,11 +132,11 @@ def _robustness(request: EvalRequest) -> dict:
     corruptions.png beside the JSON."""
     from mimar.config import build_section
     from mimar.data import DataConfig, load_images
-    from mimar.evaluation.corruptions import CORRUPTIONS
     from mimar.engine.precision import resolve_device
+    from mimar.evaluation.corruptions import CORRUPTIONS
     from mimar.evaluation.robustness import evaluate_robustness
     from mimar.evaluation.robustness_plots import plot_corruptions, plot_robustness
-    from mimar.finetune.run import load_finetuned
+    from mimar.finetune.run import load_finetuned, trained_precision
 
     run = request.run
     run_dir, device = runs.run_dir_of(run.checkpoint), resolve_device(run.device)
@@ -147,7 +147,7 @@ def _robustness(request: EvalRequest) -> dict:
         if test is None:  # the fine-tune's own test split
             test = load_images(replace(data, max_images=run.max_test), "test")
         res = evaluate_robustness(
-            _in_precision(classifier.to(device).logits, device, ft_cfg["finetune"]["precision"]),
+            _in_precision(classifier.to(device).logits, device, trained_precision(ft_cfg)),
             test,
             img_size=data.img_size,
             batch_size=run.batch_size,

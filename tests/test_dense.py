@@ -21,6 +21,7 @@ from mimar.dense.loader import DenseStepLoader
 from mimar.dense.metrics import BoxScore, SegmentationScore
 from mimar.dense.model import build_dense_model
 from mimar.dense.necks import DensePyramid
+from mimar.downstream.config import engine_sections
 from mimar.engine import checkpoint
 from mimar.engine.logger import MetricsLog
 from mimar.engine.loop import train_step
@@ -135,7 +136,7 @@ def test_a_detection_step_on_two_canvases_is_finite_and_learns():
     model = build_dense_model(cfg, None, "detect", dense, 4, img_size=32)
     loader = DenseStepLoader(toy_set(2), "detect", batch_size=2, mean=(0.3,), std=(0.3,),
                              hflip=True, seed=0)  # fmt: skip
-    train, optim = dense.schedule(loader.steps_per_epoch)
+    train, optim = engine_sections(dense, loader.steps_per_epoch)
     optimizer = build_optimizer(model, optim, 1e-3)
     cpu = torch.device("cpu")
     first = train_step(model, model, optimizer, loader, train, None, 0, 1e-3, cpu)
@@ -298,7 +299,8 @@ def _rows(folder: Path) -> list[dict]:
 @pytest.mark.parametrize("path", sorted((ROOT / "configs" / "dense").glob("*.yaml")))
 def test_every_dense_recipe_loads_for_both_tasks(path):
     for task in ("segment", "detect"):
-        assert load_dense_config(task, path, ["dense.epochs=2"]).epochs == 2
+        assert load_dense_config(task, path, ["dense.schedule.epochs=2"]).schedule.epochs == 2
+        assert load_dense_config(task, path, ["dense.epochs=2"]).schedule.epochs == 2  # old key
     with pytest.raises(ConfigError, match="dense.epoch"):  # a misspelt key, with a close match
         load_dense_config("segment", path, ["dense.epoch=2"])
 
@@ -324,9 +326,9 @@ def test_gpu_recipe_builds_and_runs_a_step_at_batch_2(recipe):
                     data.classes, data.class_names, "toy")  # fmt: skip
     loader = DenseStepLoader(data, task, batch_size=2, mean=(0.5,) * 3, std=(0.25,) * 3,
                              hflip=dense.hflip, seed=0)  # fmt: skip
-    train, optim = dense.schedule(loader.steps_per_epoch)
-    optimizer = build_optimizer(model, optim, dense.peak_lr())
-    out = train_step(model, model, optimizer, loader, train, optim.clip_grad, 0, dense.peak_lr(),
+    train, optim = engine_sections(dense, loader.steps_per_epoch)
+    optimizer = build_optimizer(model, optim, optim.lr)  # the peak lr of the schedule
+    out = train_step(model, model, optimizer, loader, train, optim.clip_grad, 0, optim.lr,
                      torch.device("cpu"))  # fmt: skip
     assert torch.isfinite(out["loss"])
     assert to_dict(dense)["img_size"] in (512, 1024)  # the recipe's own resolution is kept

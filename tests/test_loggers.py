@@ -80,8 +80,13 @@ def test_a_named_logger_that_is_not_installed_is_one_line(tmp_path, monkeypatch,
 
 
 def test_finetune_recipes_take_loggers():
-    from mimar.finetune.config import FinetuneConfig
+    from mimar.data import DataConfig
+    from mimar.finetune.config import load_finetune_config
 
-    assert FinetuneConfig(loggers=("jsonl", "tensorboard")).loggers == ("jsonl", "tensorboard")
-    with pytest.raises(ConfigError, match="finetune.loggers must include jsonl"):
-        FinetuneConfig(loggers=("wandb",))
+    both = ["finetune.train.loggers=[jsonl, tensorboard]"]
+    ft, _ = load_finetune_config(DataConfig(), None, both)
+    assert ft.train.loggers == ("jsonl", "tensorboard")
+    with pytest.raises(ConfigError, match="finetune.train.loggers must include jsonl"):
+        load_finetune_config(DataConfig(), None, ["finetune.train.loggers=[wandb]"])
+    with pytest.raises(ConfigError, match="finetune.train.loggers must include jsonl"):
+        load_finetune_config(DataConfig(), None, ["finetune.loggers=[wandb]"])  # the old key

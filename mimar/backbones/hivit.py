@@ -43,6 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimar.backbones.base import patch_ids
+from mimar.errors import check_range
 from mimar.nn import (
     Block,
     GradCheckpointing,
@@ -84,32 +85,32 @@ class HiViTConfig:
         if self.name != "hivit":
             raise ValueError(f"backbone.name must be 'hivit', got {self.name!r}")
         for key in ("img_size", "in_chans", "embed_dim", "num_heads"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"backbone.{key} must be > 0, got {getattr(self, key)}")
+            check_range(f"backbone.{key}", getattr(self, key), getattr(self, key) > 0, "> 0")
         for key in ("mlp_ratio", "bridge_mlp_ratio", "norm_eps"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"backbone.{key} must be > 0, got {getattr(self, key)}")
-        if not 0 <= self.drop_path_rate < 1:
-            raise ValueError(
-                f"backbone.drop_path_rate must be in [0, 1), got {self.drop_path_rate}"
-            )
-        if self.patch_size % INNER or self.patch_size < INNER:
-            raise ValueError(
-                f"backbone.patch_size={self.patch_size} must be a multiple of {INNER}: each main "
-                f"patch is a {INNER}x{INNER} grid of sub-tokens"
-            )
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"backbone.img_size={self.img_size} is not divisible by "
-                f"backbone.patch_size={self.patch_size}"
-            )
-        if self.embed_dim % 4 or self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"backbone.embed_dim={self.embed_dim} must be divisible by 4 (stage widths "
-                f"D/4, D/2, D) and by backbone.num_heads={self.num_heads}"
-            )
-        if self.mlp_depth < 0 or self.depth < 1:
-            raise ValueError("backbone.mlp_depth must be >= 0 and backbone.depth >= 1")
+            check_range(f"backbone.{key}", getattr(self, key), getattr(self, key) > 0, "> 0")
+        rate = self.drop_path_rate
+        check_range("backbone.drop_path_rate", rate, 0 <= rate < 1, "in [0, 1)")
+        patch, size, dim, heads = self.patch_size, self.img_size, self.embed_dim, self.num_heads
+        check_range(
+            "backbone.patch_size",
+            patch,
+            patch >= INNER and patch % INNER == 0,
+            f"a multiple of {INNER}: each main patch is a {INNER}x{INNER} grid of sub-tokens",
+        )
+        check_range(
+            "backbone.img_size",
+            size,
+            size % patch == 0,
+            f"divisible by backbone.patch_size={patch}",
+        )
+        check_range(
+            "backbone.embed_dim",
+            dim,
+            dim % 4 == 0 and dim % heads == 0,
+            f"divisible by 4 (stage widths D/4, D/2, D) and by backbone.num_heads={heads}",
+        )
+        check_range("backbone.mlp_depth", self.mlp_depth, self.mlp_depth >= 0, ">= 0")
+        check_range("backbone.depth", self.depth, self.depth >= 1, ">= 1")
 
 
 def merge_subtokens(x: torch.Tensor) -> torch.Tensor:

@@ -29,6 +29,7 @@ import torch
 from timm.models.swin_transformer import SwinTransformer
 from torch import nn
 
+from mimar.errors import check_range
 from mimar.nn.init import trunc_normal_
 from mimar.nn.layers import GradCheckpointing, replace_drop_paths
 
@@ -58,43 +59,47 @@ class SwinConfig:
         object.__setattr__(self, "num_heads", tuple(self.num_heads))
         if self.name != "swin":
             raise ValueError(f"backbone.name must be 'swin', got {self.name!r}")
-        for field in ("img_size", "patch_size", "in_chans", "embed_dim", "window_size"):
-            if getattr(self, field) <= 0:
-                raise ValueError(f"backbone.{field} must be > 0, got {getattr(self, field)}")
-        if not self.depths or len(self.depths) != len(self.num_heads):
-            raise ValueError(
-                f"backbone.depths={self.depths} and backbone.num_heads={self.num_heads} must be "
-                "non-empty and of equal length (one entry per stage)"
+        for key in ("img_size", "patch_size", "in_chans", "embed_dim", "window_size"):
+            check_range(f"backbone.{key}", getattr(self, key), getattr(self, key) > 0, "> 0")
+        depths, heads = self.depths, self.num_heads
+        check_range(
+            "backbone.depths / num_heads",
+            (list(depths), list(heads)),
+            bool(depths) and len(depths) == len(heads),
+            "non-empty and of equal length (one entry per stage)",
+        )
+        for key, values in (("depths", depths), ("num_heads", heads)):
+            check_range(f"backbone.{key}", list(values), min(values) > 0, "entries > 0")
+        for s, h in enumerate(heads):
+            width = self.embed_dim * 2**s
+            check_range(
+                f"backbone.num_heads[{s}]",
+                h,
+                width % h == 0,
+                f"a divisor of the stage width {width}",
             )
-        if min(self.depths) <= 0 or min(self.num_heads) <= 0:
-            raise ValueError("backbone.depths and backbone.num_heads entries must be > 0")
-        for s, heads in enumerate(self.num_heads):
-            if (self.embed_dim * 2**s) % heads:
-                raise ValueError(
-                    f"backbone.num_heads[{s}]={heads} does not divide the stage width "
-                    f"embed_dim * 2**{s} = {self.embed_dim * 2**s}"
-                )
-        stride = self.patch_size * 2 ** (len(self.depths) - 1)
-        if self.img_size % stride:
-            raise ValueError(
-                f"backbone.img_size={self.img_size} must be divisible by patch_size * "
-                f"2**(stages - 1) = {stride}, so that every patch merging halves the grid exactly"
-            )
-        for s in range(len(self.depths)):
-            grid = self.img_size // (self.patch_size * 2**s)
+        stride = self.patch_size * 2 ** (len(depths) - 1)
+        check_range(
+            "backbone.img_size",
+            self.img_size,
+            self.img_size % stride == 0,
+            f"divisible by patch_size * 2**(stages - 1) = {stride}, so that every patch merging "
+            "halves the grid exactly",
+        )
+        for s in range(len(depths)):
+            grid, window = self.img_size // (self.patch_size * 2**s), self.window_size
             # The official Swin neither pads nor crops: a window tiles the grid, or (as there
             # and in timm) shrinks to the whole grid when the grid is not larger than it.
-            if grid > self.window_size and grid % self.window_size:
-                raise ValueError(
-                    f"backbone.window_size={self.window_size} does not tile the {grid}x{grid} "
-                    f"token grid of stage {s} (img_size={self.img_size})"
-                )
-        if self.mlp_ratio <= 0:
-            raise ValueError(f"backbone.mlp_ratio must be > 0, got {self.mlp_ratio}")
-        if not 0.0 <= self.drop_path_rate < 1.0:
-            raise ValueError(
-                f"backbone.drop_path_rate must be in [0, 1), got {self.drop_path_rate}"
+            check_range(
+                "backbone.window_size",
+                window,
+                grid <= window or grid % window == 0,
+                f"a divisor of the {grid}x{grid} token grid of stage {s} "
+                f"(img_size={self.img_size})",
             )
+        check_range("backbone.mlp_ratio", self.mlp_ratio, self.mlp_ratio > 0, "> 0")
+        rate = self.drop_path_rate
+        check_range("backbone.drop_path_rate", rate, 0 <= rate < 1, "in [0, 1)")
 
 
 class Swin(GradCheckpointing, nn.Module):

@@ -25,6 +25,7 @@ from torch import nn
 
 from mimar.backbones.base import patch_ids
 from mimar.backbones.timm_beit import from_beit
+from mimar.errors import check_range
 from mimar.nn import (
     Block,
     GradCheckpointing,
@@ -78,29 +79,25 @@ class ViTConfig:
 
     def __post_init__(self) -> None:
         for key in ("img_size", "patch_size", "in_chans", "embed_dim", "depth", "num_heads"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"backbone.{key} must be > 0, got {getattr(self, key)}")
-        if not (self.mlp_ratio > 0 and self.norm_eps > 0):
-            raise ValueError(
-                f"backbone.mlp_ratio and backbone.norm_eps must be > 0, got {self.mlp_ratio} "
-                f"and {self.norm_eps}"
-            )
-        if not 0 <= self.drop_path_rate < 1:
-            raise ValueError(
-                f"backbone.drop_path_rate must be in [0, 1), got {self.drop_path_rate}"
-            )
-        if self.img_size % self.patch_size:
-            raise ValueError(
-                f"backbone.img_size={self.img_size} is not divisible by "
-                f"backbone.patch_size={self.patch_size}"
-            )
-        if self.embed_dim % self.num_heads:
-            raise ValueError(
-                f"backbone.embed_dim={self.embed_dim} is not divisible by "
-                f"backbone.num_heads={self.num_heads}"
-            )
-        if self.pos_embed == "sincos" and self.embed_dim % 4:
-            raise ValueError("backbone.pos_embed=sincos needs embed_dim divisible by 4")
+            check_range(f"backbone.{key}", getattr(self, key), getattr(self, key) > 0, "> 0")
+        for key in ("mlp_ratio", "norm_eps"):
+            check_range(f"backbone.{key}", getattr(self, key), getattr(self, key) > 0, "> 0")
+        rate = self.drop_path_rate
+        check_range("backbone.drop_path_rate", rate, 0 <= rate < 1, "in [0, 1)")
+        size, patch, dim, heads = self.img_size, self.patch_size, self.embed_dim, self.num_heads
+        check_range(
+            "backbone.img_size",
+            size,
+            size % patch == 0,
+            f"divisible by backbone.patch_size={patch}",
+        )
+        check_range(
+            "backbone.embed_dim", dim, dim % heads == 0, f"divisible by backbone.num_heads={heads}"
+        )
+        sincos = self.pos_embed == "sincos"
+        check_range(
+            "backbone.embed_dim", dim, not sincos or dim % 4 == 0, "divisible by 4 (sincos)"
+        )
         for key, allowed in _CHOICES.items():
             if (value := getattr(self, key)) not in allowed:
                 raise ValueError(

@@ -19,7 +19,8 @@ from mimar.cli import eval as eval_group
 from mimar.cli.common import setup_logging
 from mimar.errors import MimarError
 
-GROUPS = (pretrain, eval_group, weights, data, bench, export)  # in the order `mimar --help` lists them
+# in the order `mimar --help` lists them
+GROUPS = (pretrain, eval_group, weights, data, bench, export)
 
 
 def main(argv: list[str] | None = None) -> int:

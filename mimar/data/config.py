@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Literal, get_args
+
+from mimar.errors import check_range
 
 DatasetName = Literal["fashion_mnist", "image_folder", "synthetic", "webdataset"]
 BadImagePolicy = Literal["error", "skip"]
@@ -47,25 +50,21 @@ class DataConfig:
         _check_choice("name", self.name, DatasetName)
         _check_choice("on_bad_image", self.on_bad_image, BadImagePolicy)
         for field in ("batch_size", "img_size", "synthetic_size", "synthetic_classes"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"data.{field} must be >= 1, got {getattr(self, field)}")
+            check_range(f"data.{field}", getattr(self, field), getattr(self, field) >= 1, ">= 1")
         for field in ("num_workers", "max_images"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"data.{field} must be >= 0, got {getattr(self, field)}")
-        if self.in_chans not in (1, 3):
-            raise ValueError(f"data.in_chans must be 1 or 3, got {self.in_chans}")
+            check_range(f"data.{field}", getattr(self, field), getattr(self, field) >= 0, ">= 0")
+        check_range("data.in_chans", self.in_chans, self.in_chans in (1, 3), "1 or 3")
         self._check_crop()
         self._check_stats()
 
     def _check_crop(self) -> None:
         lo, hi = _pair("scale", self.scale)
-        if not 0 < lo <= hi <= 1:
-            raise ValueError(f"data.scale must satisfy 0 < lo <= hi <= 1, got {self.scale}")
+        ok = 0 < lo <= hi <= 1
+        check_range("data.scale", self.scale, ok, "a pair 0 < lo <= hi <= 1")
         lo, hi = _pair("ratio", self.ratio)
-        if not 0 < lo <= hi:
-            raise ValueError(f"data.ratio must satisfy 0 < lo <= hi, got {self.ratio}")
-        if not 0 <= self.hflip <= 1:
-            raise ValueError(f"data.hflip is a probability in [0, 1], got {self.hflip}")
+        ok = 0 < lo <= hi and math.isfinite(hi)  # inf is no ratio
+        check_range("data.ratio", self.ratio, ok, "a pair 0 < lo <= hi")
+        check_range("data.hflip", self.hflip, 0 <= self.hflip <= 1, "a probability in [0, 1]")
 
     def _check_stats(self) -> None:
         if (self.mean is None) != (self.std is None):
@@ -77,8 +76,7 @@ class DataConfig:
                 f"data.mean and data.std need 1 or 3 values each and the same length, "
                 f"got mean={self.mean} std={self.std}"
             )
-        if any(s <= 0 for s in self.std):
-            raise ValueError(f"data.std values must be > 0, got {self.std}")
+        check_range("data.std", self.std, all(s > 0 for s in self.std), "values > 0")
 
 
 def _check_choice(field: str, value: object, choices: object) -> None:

@@ -4,16 +4,19 @@ A dense fine-tune is a run of its own in ``RUN_DIR/eval/<task>/`` (``<task>-scra
 randomly initialised control, ``<task>-scratch-neck/`` for iTPN's pretrained trunk with a fresh
 neck): ``config.yaml``, ``metrics.jsonl`` (per-step loss, lr, images/s; test scores),
 ``checkpoints/last.pt``, and the picture ``<task>.png`` of test images (input, ground truth,
-prediction). It runs through ``mimar.engine.loop.fit``: exact resume, SIGTERM, NaN stop, bf16,
-DDP under torchrun, progress with ETA, and layer decay from ``backbone.layer_id``.
+prediction). It runs through the downstream runner (``mimar.downstream.runner``, also the
+fine-tune's; this module gives it the task, ``DenseTask``) on ``mimar.engine.loop.fit``:
+exact resume, SIGTERM, NaN stop, bf16, DDP under torchrun, progress with ETA, and layer decay
+from ``backbone.layer_id``.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -27,11 +30,12 @@ from mimar.dense.heads import unpad_targets
 from mimar.dense.loader import DenseStepLoader, normalise, padded_boxes
 from mimar.dense.metrics import BoxScore, SegmentationScore
 from mimar.dense.model import DenseModel, build_dense_model, check_neck
-from mimar.engine.loop import Hook, Run, Session, fit
+from mimar.downstream.config import record
+from mimar.downstream.runner import refuse_existing, tested_rows, train_downstream
+from mimar.engine.loop import Session
 from mimar.engine.precision import autocast, autocast_dtype
-from mimar.errors import ConfigError, MissingFileError
+from mimar.errors import ConfigError
 from mimar.loading import load_run
-from mimar.runs import run_of_checkpoint
 
 log = logging.getLogger("mimar")
 
@@ -72,8 +76,7 @@ def dense_finetune(
         raise ConfigError("dense evaluation needs a run folder or checkpoint, not an export")
     run_cfg, state = load_run(source)
     check_neck(run_cfg, neck)
-    run_dir = Path(source) if Path(source).is_dir() else run_of_checkpoint(Path(source))
-    out = dense_dir(run_dir, task, scratch, neck)
+    out = dense_dir(runs.run_dir_of(source), task, scratch, neck)
     dense = load_dense_config(task, recipe, overrides)
     root = data_root(data)
     in_chans = run_cfg.backbone.in_chans
@@ -86,7 +89,7 @@ def dense_finetune(
     img_size = train_set.images.shape[-1]
     mean, std = normalization_stats(run_cfg.data)  # the backbone's own input statistics
     config = {
-        "dense": to_dict(dense),
+        "dense": record(dense),
         "task": task,
         "data": str(root),
         "img_size": img_size,
@@ -101,56 +104,74 @@ def dense_finetune(
     }
     tic = time.perf_counter()
     if not resume and runs.last_checkpoint(out).exists():
-        steps = len(train_set) // dense.batch_size * dense.epochs
+        steps = len(train_set) // dense.schedule.batch_size * dense.schedule.epochs
         if _finished(out, task, config, steps):  # e.g. the scratch control of an earlier call
             log.info("%s: finished with the same config; its scores are reused", out)
             return summarize(out, task) | _sizes(train_set, test_set, img_size, dense, out, tic)
-        raise MissingFileError(
-            f"{out} already holds a {task} fine-tune with another config or unfinished: pass "
-            "--resume to continue it, or remove it"
-        )
-    train0, _ = dense.schedule(1)  # threads / device for the session
-    with Session(train0) as session:
-        torch.manual_seed(dense.seed)
+        refuse_existing(out, f"{task} fine-tune with another config or unfinished")
+    job = DenseTask(
+        dense, task, run_cfg, None if scratch else state["model"], neck, img_size,
+        train_set, test_set, mean, std, picture_path=out / f"{task}.png",
+    )  # fmt: skip
+    result = train_downstream(job, out, config, resume=resume)
+    sizes = _sizes(train_set, test_set, img_size, dense, out, tic)
+    return summarize(out, task) | sizes | {"stopped_by": result.stopped_by}
+
+
+@dataclass
+class DenseTask:
+    """Segmentation or detection for the downstream runner: the dense model over the
+    pretrained backbone, the scenes' step loader, the test scores, the picture at the end."""
+
+    cfg: DenseConfig
+    name: str  # the task: segment or detect
+    run_cfg: Any  # the pretraining run's config
+    weights: dict | None  # the pretraining checkpoint's model state; None: from scratch
+    neck: str
+    img_size: int
+    train_set: DenseSet
+    test_set: DenseSet
+    mean: tuple
+    std: tuple
+    picture_path: Path
+
+    def build_model(self, session: Session) -> DenseModel:
         try:
-            model = build_dense_model(
-                run_cfg,
-                None if scratch else state["model"],
-                task,
-                dense,
-                train_set.num_classes,
-                img_size=img_size,
-                neck=neck,
+            return build_dense_model(
+                self.run_cfg,
+                self.weights,
+                self.name,
+                self.cfg,
+                self.train_set.num_classes,
+                img_size=self.img_size,
+                neck=self.neck,
             )
         except ValueError as err:  # a backbone that cannot take this image size
-            raise ConfigError(f"{run_cfg.backbone.name} at {img_size} px: {err}") from None
-        loader = DenseStepLoader(
-            train_set,
-            task,
-            batch_size=dense.batch_size,
-            mean=mean,
-            std=std,
-            hflip=dense.hflip,
-            seed=dense.seed,
+            backbone = self.run_cfg.backbone.name
+            raise ConfigError(f"{backbone} at {self.img_size} px: {err}") from None
+
+    def build_loader(self, session: Session) -> DenseStepLoader:
+        return DenseStepLoader(
+            self.train_set,
+            self.name,
+            batch_size=self.cfg.schedule.batch_size,
+            mean=self.mean,
+            std=self.std,
+            hflip=self.cfg.hflip,
+            seed=self.cfg.train.seed,
             rank=session.rank,
             world_size=session.world,
         )
-        train, optim = dense.schedule(loader.steps_per_epoch)
-        every = max(1, dense.eval_every_epochs) * loader.steps_per_epoch
 
-        def evaluate(model: DenseModel, step: int) -> dict:
-            scores = score(model, test_set, dense, mean, std, session.device)
-            log.info("epoch %.2f: %s", loader.epoch_of(step), _describe(scores))
-            return {f"test_{k}": v for k, v in scores.items() if not isinstance(v, list)}
+    def evaluate(self, model: DenseModel, step: int, session: Session, loader) -> dict:
+        scores = score(model, self.test_set, self.cfg, self.mean, self.std, session.device)
+        log.info("epoch %.2f: %s", loader.epoch_of(step), _describe(scores))
+        return {f"test_{k}": v for k, v in scores.items() if not isinstance(v, list)}
 
-        every = every if dense.eval_every_epochs else train.steps  # else at the end only
-        hooks = [Hook(every, lambda view: evaluate(view.model, view.step), at_end=True)]
-        run = Run(out, config, resume=resume, name=task)
-        result = fit(session, model, loader, train=train, optim=optim, run=run, hooks=hooks)
-        if session.rank == 0 and result.stopped_by is None:
-            picture(model, test_set, dense, mean, std, session.device, out / f"{task}.png")
-    sizes = _sizes(train_set, test_set, img_size, dense, out, tic)
-    return summarize(out, task) | sizes | {"stopped_by": result.stopped_by}
+    def finish(self, model: DenseModel, session: Session) -> None:
+        picture(
+            model, self.test_set, self.cfg, self.mean, self.std, session.device, self.picture_path
+        )
 
 
 def _sizes(train_set, test_set, img_size: int, dense, out: Path, tic: float) -> dict:
@@ -158,7 +179,7 @@ def _sizes(train_set, test_set, img_size: int, dense, out: Path, tic: float) -> 
         "n_train": len(train_set),
         "n_test": len(test_set),
         "img_size": img_size,
-        "epochs": dense.epochs,
+        "epochs": dense.schedule.epochs,
         "seconds": round(time.perf_counter() - tic, 1),
         "run_dir": str(out),
     }
@@ -171,9 +192,7 @@ def _finished(out: Path, task: str, config: dict, steps: int) -> bool:
         yaml.safe_dump(config, sort_keys=False)
     ):
         return False
-    key = f"test_{HEADLINE[task]}"
-    rows = [json.loads(line) for line in (out / runs.METRICS).read_text().splitlines()]
-    return any(key in r and r["step"] == steps for r in rows)
+    return any(r["step"] == steps for r in tested_rows(out, f"test_{HEADLINE[task]}"))
 
 
 def _describe(scores: dict) -> str:
@@ -187,7 +206,7 @@ def score(model: DenseModel, data: DenseSet, dense: DenseConfig, mean, std, devi
     was_training = model.training
     model.eval()
     metric = SegmentationScore(data.num_classes) if model.task == "segment" else BoxScore()
-    dtype = autocast_dtype(dense.precision)
+    dtype = autocast_dtype(dense.train.precision)
     for start in range(0, len(data), dense.eval_batch_size):
         rows = torch.arange(start, min(start + dense.eval_batch_size, len(data)))
         images = normalise(data.images[rows], mean, std).to(device)
@@ -204,8 +223,7 @@ def score(model: DenseModel, data: DenseSet, dense: DenseConfig, mean, std, devi
 def summarize(out: Path, task: str) -> dict:
     """The last test scores in ``out``'s metrics, and the curve of the headline score."""
     key = f"test_{HEADLINE[task]}"
-    rows = [json.loads(line) for line in (out / runs.METRICS).read_text().splitlines()]
-    tested = [r for r in rows if key in r]
+    tested = tested_rows(out, key)
     if not tested:
         return {HEADLINE[task]: None, "curve": []}
     last = {k.removeprefix("test_"): v for k, v in tested[-1].items() if k.startswith("test_")}
@@ -221,6 +239,6 @@ def picture(model, data: DenseSet, dense, mean, std, device, path: Path, n: int 
     model.eval()
     rows = torch.arange(min(n, len(data)))
     images = normalise(data.images[rows], mean, std).to(device)
-    with autocast(device, autocast_dtype(dense.precision)):
+    with autocast(device, autocast_dtype(dense.train.precision)):
         pred = model.predict(images)
     return save_dense_picture(data, rows, pred, model.task, path)

@@ -68,11 +68,16 @@ def build_optimizer(model: nn.Module, cfg, lr: float) -> torch.optim.Optimizer:
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.betas, eps=cfg.eps, **kernel)
 
 
-def scaled_lr(cfg, global_batch: int) -> float:
-    """Peak lr: ``optim.lr`` if set, else the paper's linear scaling of ``base_lr``."""
+def peak_lr(cfg, global_batch: int) -> float:
+    """Peak lr of an ``OptimConfig``: ``lr`` if set, else the papers' linear scaling of
+    ``base_lr`` by the images per optimizer step (``global_batch``, accumulation included).
+    The one place for it: pretraining, fine-tuning and dense runs all call it."""
     if cfg.lr is not None:
         return cfg.lr
     return cfg.base_lr * global_batch / cfg.base_batch_size
+
+
+scaled_lr = peak_lr  # the name the engine loop and older code use
 
 
 def lr_at(step: int, peak: float, total: int, warmup: int, min_ratio: float = 0.0) -> float:

@@ -23,10 +23,10 @@ from torch import nn
 
 from mimar import runs
 from mimar.data import DataConfig, load_images
+from mimar.engine.precision import autocast_dtype, resolve_device
 from mimar.errors import DataError
 from mimar.evaluation.frozen import FROZEN_TABLE, EvalProtocol, EvalSetup, pooled_probes
 from mimar.evaluation.options import EvalRequest
-from mimar.engine.precision import autocast_dtype, resolve_device
 from mimar.evaluation.report import print_results, write_json
 
 EXPORTED = ".safetensors"

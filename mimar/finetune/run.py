@@ -6,31 +6,34 @@ layer-wise lr decay, Mixup/CutMix, RandAugment, random erasing and label smoothi
 ``RUN_DIR/eval/finetune/`` (``config.yaml``, ``metrics.jsonl`` with per-step loss / lr /
 images_per_s and per-epoch ``test_top1``, ``checkpoints/last.pt``), with pretraining's
 guarantees (exact resume, signals, NaN stop, bf16, accumulation, DDP under torchrun), since it
-runs through the same ``mimar.engine.loop.fit``. ``scratch=True`` trains the same recipe from
-random initialisation into ``RUN_DIR/eval/finetune-scratch/``: the papers' comparison.
+runs through the downstream runner (``mimar.downstream.runner``, also the dense tasks') on the
+same ``mimar.engine.loop.fit``: this module gives it the task (``FinetuneTask``).
+``scratch=True`` trains the same recipe from random initialisation into
+``RUN_DIR/eval/finetune-scratch/``: the papers' comparison.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from mimar import runs
 from mimar.config import to_dict
-from mimar.data import ImageSet, iterate_eval_batches, load_images
+from mimar.data import DataConfig, ImageSet, iterate_eval_batches, load_images
+from mimar.downstream.config import record
+from mimar.downstream.runner import refuse_existing, tested_rows, train_downstream
 from mimar.engine import checkpoint
-from mimar.engine.loop import Hook, Run, RunResult, Session, fit
+from mimar.engine.loop import RunResult, Session
 from mimar.engine.precision import autocast
 from mimar.errors import DataError, MissingFileError
 from mimar.finetune.classifier import Classifier, build_classifier, finetune_backbone_config
 from mimar.finetune.config import FinetuneConfig, load_finetune_config
 from mimar.finetune.loader import SupervisedStepLoader
 from mimar.loading import load_run, resolve_checkpoint
-from mimar.runs import run_of_checkpoint
 
 log = logging.getLogger("mimar")
 
@@ -56,12 +59,9 @@ def finetune(
     ``.safetensors`` backbone, whose fine-tune goes to ``eval/`` beside it); returns the summary
     ``{"top1": final-epoch test top-1, "best_top1", "best_epoch", "curve", ...}``."""
     source_backbone, source_data, method, state = _source(source)
-    run_dir = Path(source) if Path(source).is_dir() else run_of_checkpoint(Path(source))
-    out = finetune_dir(run_dir, scratch)
-    if not resume and runs.last_checkpoint(out).exists():
-        raise MissingFileError(
-            f"{out} already holds a fine-tune: pass --resume to continue it, or remove it"
-        )
+    out = finetune_dir(runs.run_dir_of(source), scratch)
+    if not resume:
+        refuse_existing(out, "fine-tune")
     ft, data = load_finetune_config(source_data, recipe, overrides)
     train_set = load_images(replace(data, max_images=max_train), "train")
     test_set = load_images(replace(data, max_images=max_test), "test")
@@ -72,57 +72,76 @@ def finetune(
         source_backbone, drop_path=ft.drop_path, pool=ft.pool, img_size=ft.img_size
     )
     config = {
-        "finetune": to_dict(ft),
+        "finetune": record(ft),
         "data": to_dict(data),
         "backbone": to_dict(backbone_cfg),
         "num_classes": num_classes,
         "pretrained": None if scratch else str(source),
         "method": method,
     }
-    train0, _ = ft.schedule(1, 1.0)  # threads / device for the session
-    with Session(train0) as session:
-        torch.manual_seed(ft.seed)
-        model = build_classifier(
-            backbone_cfg,
-            num_classes,
+    task = FinetuneTask(
+        ft, data, backbone_cfg, source_backbone, None if scratch else state["model"],
+        num_classes, train_set, test_set,
+    )  # fmt: skip
+    result = train_downstream(task, out, config, resume=resume)
+    return summarize(out, result, ft, len(train_set), len(test_set))
+
+
+@dataclass
+class FinetuneTask:
+    """Image classification for the downstream runner: the classifier over the pretrained
+    backbone, the augmented step loader, test top-1 after each evaluated epoch."""
+
+    cfg: FinetuneConfig
+    data: DataConfig
+    backbone_cfg: Any
+    source_backbone: Any
+    weights: dict | None  # the pretraining checkpoint's model state; None: from scratch
+    num_classes: int
+    train_set: ImageSet
+    test_set: ImageSet
+    name: str = "finetune"
+
+    def build_model(self, session: Session) -> Classifier:
+        ft = self.cfg
+        return build_classifier(
+            self.backbone_cfg,
+            self.num_classes,
             pool=ft.pool,
-            state=None if scratch else state["model"],
-            source_cfg=source_backbone,
+            state=self.weights,
+            source_cfg=self.source_backbone,
             ema_decay=ft.model_ema_decay if ft.model_ema else None,
         )
-        loader = SupervisedStepLoader(
-            train_set,
-            data,
-            ft.augment(),
-            num_classes,
-            seed=ft.seed,
+
+    def build_loader(self, session: Session) -> SupervisedStepLoader:
+        return SupervisedStepLoader(
+            self.train_set,
+            self.data,
+            self.cfg.augment(),
+            self.num_classes,
+            seed=self.cfg.train.seed,
             rank=session.rank,
             world_size=session.world,
         )
-        train, optim = ft.schedule(loader.steps_per_epoch, ft.peak_lr())
-        every = max(1, ft.eval_every_epochs) * loader.steps_per_epoch
 
-        def evaluate(classifier: Classifier, step: int) -> dict:
-            top1 = accuracy(classifier.final(), test_set, data.img_size, ft, session.device)
-            log.info("epoch %.2f: test top-1 %.2f", loader.epoch_of(step), top1)
-            if classifier.ema is None:
-                return {"test_top1": top1}
-            raw = accuracy(classifier, test_set, data.img_size, ft, session.device)
-            log.info("  without the weight average: %.2f", raw)
-            return {"test_top1": top1, "test_top1_raw": raw}
+    def evaluate(self, classifier: Classifier, step: int, session: Session, loader) -> dict:
+        size, precision = self.data.img_size, self.cfg.train.precision
+        top1 = accuracy(classifier.final(), self.test_set, size, precision, session.device)
+        log.info("epoch %.2f: test top-1 %.2f", loader.epoch_of(step), top1)
+        if classifier.ema is None:
+            return {"test_top1": top1}
+        raw = accuracy(classifier, self.test_set, size, precision, session.device)
+        log.info("  without the weight average: %.2f", raw)
+        return {"test_top1": top1, "test_top1_raw": raw}
 
-        every = every if ft.eval_every_epochs else train.steps  # else at the end only
-        hooks = [Hook(every, lambda view: evaluate(view.model, view.step), at_end=True)]
-        run = Run(out, config, resume=resume, name="finetune")
-        result = fit(session, model, loader, train=train, optim=optim, run=run, hooks=hooks)
-    return summarize(out, result, ft, len(train_set), len(test_set))
+    def finish(self, model: Classifier, session: Session) -> None:
+        pass  # the fine-tune's result is its checkpoint and its test curve
 
 
 def _source(source: str | Path) -> tuple:
     """(backbone config, data config, method name, checkpoint state) of what is fine-tuned.
     An exported file has no data section: the data defaults to Fashion-MNIST at the
     backbone's size (a recipe's ``data`` section or ``data.*`` overrides say otherwise)."""
-    from mimar.data import DataConfig
     from mimar.loading import load_backbone
 
     if Path(source).suffix != ".safetensors":
@@ -136,12 +155,13 @@ def _source(source: str | Path) -> tuple:
 
 @torch.no_grad()
 def accuracy(
-    classifier: torch.nn.Module, images: ImageSet, img_size: int, ft: FinetuneConfig, device
+    classifier: torch.nn.Module, images: ImageSet, img_size: int, precision: str, device
 ) -> float:
-    """Test top-1 (%) of ``classifier`` on the eval view of ``images``."""
+    """Test top-1 (%) of ``classifier`` on the eval view of ``images`` under the autocast
+    ``precision`` (``fp32`` / ``bf16``) it trained in."""
     was_training = classifier.training
     classifier.eval()
-    dtype = torch.bfloat16 if ft.precision == "bf16" else None
+    dtype = torch.bfloat16 if precision == "bf16" else None
     correct = 0
     for batch, labels in iterate_eval_batches(images, img_size, 256):
         with autocast(device, dtype):
@@ -153,11 +173,10 @@ def accuracy(
 
 def summarize(out: Path, result: RunResult, ft, n_train: int, n_test: int) -> dict:
     """The fine-tune's per-epoch test top-1 read back from its metrics: final and best."""
-    curve = []
-    for line in (out / runs.METRICS).read_text().splitlines():
-        row = json.loads(line)
-        if "test_top1" in row:
-            curve.append({"epoch": round(row["epoch"], 4), "top1": row["test_top1"]})
+    curve = [
+        {"epoch": round(row["epoch"], 4), "top1": row["test_top1"]}
+        for row in tested_rows(out, "test_top1")
+    ]
     if not curve:
         return {"top1": None, "curve": [], "stopped_by": result.stopped_by}
     best = max(curve, key=lambda r: r["top1"])
@@ -166,7 +185,7 @@ def summarize(out: Path, result: RunResult, ft, n_train: int, n_test: int) -> di
         "best_top1": best["top1"],
         "best_epoch": best["epoch"],
         "curve": curve,
-        "epochs": ft.epochs,
+        "epochs": ft.schedule.epochs,
         "n_train": n_train,
         "n_test": n_test,
         "run_dir": str(out),
@@ -216,3 +235,10 @@ def classifier_from_state(state: dict) -> Classifier:
     )
     model.load_state_dict(state["model"])
     return model.final().eval()
+
+
+def trained_precision(config: dict) -> str:
+    """The autocast precision a fine-tune trained in, from its saved config (``finetune.train.
+    precision``; fine-tunes written before the sections nested: ``finetune.precision``)."""
+    ft = config["finetune"]
+    return ft["train"]["precision"] if "train" in ft else ft["precision"]

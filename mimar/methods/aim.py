@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 from mimar.engine.contracts import MethodDefaults
+from mimar.errors import check_range
 from mimar.heads import AIMHead
 from mimar.losses import masked_mse
 from mimar.masking import ORDERS, patch_order, prefix_causal_mask, sample_prefix_len
@@ -53,18 +54,17 @@ class AIMConfig:
             ("head_width", self.head_width > 0, "> 0"),
             ("head_depth", self.head_depth >= 0, ">= 0"),
             ("head_mlp_ratio", self.head_mlp_ratio > 0, "> 0"),
+            ("norm_pix_eps", self.norm_pix_eps >= 0, ">= 0"),
         ):
-            if not ok:
-                raise ValueError(f"method.{key} must be {allowed}, got {getattr(self, key)}")
-        if not self.norm_pix_eps >= 0:
-            raise ValueError(f"method.norm_pix_eps must be >= 0, got {self.norm_pix_eps}")
-        if self.order not in ORDERS:
-            raise ValueError(f"method.order must be one of {ORDERS}, got {self.order!r}")
-        if self.prefix_min < 0 or (self.prefix_max and self.prefix_max < self.prefix_min):
-            raise ValueError(
-                f"method.prefix_min={self.prefix_min}, prefix_max={self.prefix_max}: need "
-                "0 <= prefix_min <= prefix_max (0 = N - 1)"
-            )
+            check_range(f"method.{key}", getattr(self, key), ok, allowed)
+        check_range("method.order", self.order, self.order in ORDERS, f"one of {ORDERS}")
+        lo, hi = self.prefix_min, self.prefix_max
+        check_range(
+            "method.prefix_min / prefix_max",
+            (lo, hi),
+            lo >= 0 and not (hi and hi < lo),
+            "0 <= prefix_min <= prefix_max (prefix_max 0 = N - 1)",
+        )
 
 
 class AIM(MethodDefaults, nn.Module):

@@ -41,6 +41,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mimar.engine.contracts import MethodDefaults
+from mimar.errors import check_range
 from mimar.heads import DiGPTDecoder
 from mimar.losses import cosine_distance
 from mimar.masking import cluster_causal_mask, cluster_index, random_cluster_orders
@@ -58,20 +59,24 @@ class DiGPTConfig:
     dis_decoder: bool = True  # False: generative decoder only (paper Table 9 ablation)
 
     def __post_init__(self) -> None:
-        if self.clusters_per_side < 2:
-            raise ValueError(
-                f"method.clusters_per_side must be >= 2 (at least 4 clusters to read in "
-                f"order), got {self.clusters_per_side}"
-            )
-        if self.decoder_depth < 1 or self.decoder_dim < 1 or self.decoder_heads < 1:
-            raise ValueError("method.decoder_depth, decoder_dim and decoder_heads must be >= 1")
-        if self.decoder_dim % self.decoder_heads:
-            raise ValueError(
-                f"method.decoder_dim={self.decoder_dim} is not divisible by "
-                f"method.decoder_heads={self.decoder_heads}"
-            )
-        if not self.decoder_mlp_ratio > 0:
-            raise ValueError(f"method.decoder_mlp_ratio must be > 0, got {self.decoder_mlp_ratio}")
+        side = self.clusters_per_side
+        check_range(
+            "method.clusters_per_side",
+            side,
+            side >= 2,
+            ">= 2 (at least 4 clusters to read in order)",
+        )
+        for key in ("decoder_depth", "decoder_dim", "decoder_heads"):
+            check_range(f"method.{key}", getattr(self, key), getattr(self, key) >= 1, ">= 1")
+        dim, heads = self.decoder_dim, self.decoder_heads
+        check_range(
+            "method.decoder_dim",
+            dim,
+            dim % heads == 0,
+            f"divisible by method.decoder_heads={heads}",
+        )
+        ratio = self.decoder_mlp_ratio
+        check_range("method.decoder_mlp_ratio", ratio, ratio > 0, "> 0")
 
     def check_backbone(self, backbone) -> None:
         """The memory blocks exist in ``backbone`` (a config: checked when a recipe loads)."""
@@ -79,11 +84,12 @@ class DiGPTConfig:
         if depth is None:
             return
         layers = self.memory_layers or default_memory_layers(depth)
-        if not layers or not all(1 <= i <= depth for i in layers):
-            raise ValueError(
-                f"method.memory_layers must name one or more blocks, and blocks are numbered "
-                f"1..{depth} (backbone.depth); got {list(layers)}"
-            )
+        check_range(
+            "method.memory_layers",
+            list(layers),
+            bool(layers) and all(1 <= i <= depth for i in layers),
+            f"one or more blocks, and blocks are numbered 1..{depth} (backbone.depth)",
+        )
 
 
 def default_memory_layers(depth: int) -> tuple[int, ...]:

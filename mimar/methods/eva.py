@@ -32,6 +32,7 @@ import torch
 from torch import nn
 
 from mimar.engine.contracts import MethodDefaults
+from mimar.errors import check_range
 from mimar.losses import neg_cosine
 from mimar.masking import BlockMasking
 from mimar.nn import trunc_normal_
@@ -49,15 +50,15 @@ class EVAConfig:
     min_aspect: float = 0.3  # block aspect ratio in [0.3, 1 / 0.3], log-uniform (§1.3)
 
     def __post_init__(self) -> None:
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
-        if self.num_mask_patches < 0 or self.max_num_patches < 0 or self.min_num_patches < 1:
-            raise ValueError(
-                "method.num_mask_patches and max_num_patches must be >= 0 (0 = derived) and "
-                "method.min_num_patches >= 1"
-            )
-        if not 0 < self.min_aspect <= 1:
-            raise ValueError(f"method.min_aspect must be in (0, 1], got {self.min_aspect}")
+        ratio, aspect = self.mask_ratio, self.min_aspect
+        check_range("method.mask_ratio", ratio, 0 < ratio < 1, "in (0, 1)")
+        for key in ("num_mask_patches", "max_num_patches"):
+            value = getattr(self, key)
+            check_range(f"method.{key}", value, value >= 0, ">= 0 (0 = derived)")
+        check_range(
+            "method.min_num_patches", self.min_num_patches, self.min_num_patches >= 1, ">= 1"
+        )
+        check_range("method.min_aspect", aspect, 0 < aspect <= 1, "in (0, 1]")
 
 
 class EVA(MethodDefaults, nn.Module):

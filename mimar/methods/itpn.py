@@ -33,6 +33,7 @@ from torch import nn
 
 from mimar.backbones.pyramid import pyramid_backbone
 from mimar.engine.contracts import MethodDefaults
+from mimar.errors import check_range
 from mimar.heads import PyramidPixelDecoder
 from mimar.losses import masked_mse
 from mimar.masking import hidden_from_keep, random_keep
@@ -57,21 +58,20 @@ class ITPNConfig:
     ema_momentum: float = 0.996  # EMA teacher, paper §3.3 (not in code, §4.7)
 
     def __post_init__(self) -> None:
-        if not 0 < self.mask_ratio < 1:
-            raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        ratio, momentum = self.mask_ratio, self.ema_momentum
+        check_range("method.mask_ratio", ratio, 0 < ratio < 1, "in (0, 1)")
         for key in ("fpn_dim", "decoder_dim", "decoder_num_heads"):
-            if not getattr(self, key) > 0:
-                raise ValueError(f"method.{key} must be > 0, got {getattr(self, key)}")
+            check_range(f"method.{key}", getattr(self, key), getattr(self, key) > 0, "> 0")
         for key in ("fpn_depth", "decoder_depth", "mfm_weight", "norm_pix_eps"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
-        if not 0 <= self.ema_momentum <= 1:
-            raise ValueError(f"method.ema_momentum must be in [0, 1], got {self.ema_momentum}")
-        if self.decoder_dim % 16:
-            raise ValueError(
-                f"method.decoder_dim={self.decoder_dim} must be divisible by 16: P4 is embedded "
-                "as 16 sub-tokens of decoder_dim / 16 each (docs/METHODS.md §4.3)"
-            )
+            check_range(f"method.{key}", getattr(self, key), getattr(self, key) >= 0, ">= 0")
+        check_range("method.ema_momentum", momentum, 0 <= momentum <= 1, "in [0, 1]")
+        check_range(
+            "method.decoder_dim",
+            self.decoder_dim,
+            self.decoder_dim % 16 == 0,
+            "divisible by 16: P4 is embedded as 16 sub-tokens of decoder_dim / 16 each "
+            "(docs/METHODS.md §4.3)",
+        )
 
 
 class ITPN(MethodDefaults, nn.Module):

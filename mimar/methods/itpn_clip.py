@@ -34,6 +34,7 @@ from torch import nn
 
 from mimar.backbones.pyramid import pyramid_backbone
 from mimar.engine.contracts import MethodDefaults
+from mimar.errors import check_range
 from mimar.heads import PyramidFusionHead
 from mimar.losses import smooth_l1
 from mimar.masking import BlockMasking
@@ -54,19 +55,15 @@ class ITPNCLIPConfig:
     smooth_l1_beta: float = 1.0  # nn.SmoothL1Loss() default, as the code
 
     def __post_init__(self) -> None:
-        if self.num_mask_patches < 1 or self.min_num_patches < 1:
-            raise ValueError("method.num_mask_patches and method.min_num_patches must be >= 1")
-        if not self.fpn_dim > 0:
-            raise ValueError(f"method.fpn_dim must be > 0, got {self.fpn_dim}")
+        for key in ("num_mask_patches", "min_num_patches"):
+            check_range(f"method.{key}", getattr(self, key), getattr(self, key) >= 1, ">= 1")
+        check_range("method.fpn_dim", self.fpn_dim, self.fpn_dim > 0, "> 0")
         for key in ("fpn_depth", "aux_depth", "smooth_l1_beta"):
-            if not getattr(self, key) >= 0:
-                raise ValueError(f"method.{key} must be >= 0, got {getattr(self, key)}")
-        if not 0 < self.min_aspect <= 1:
-            raise ValueError(f"method.min_aspect must be in (0, 1], got {self.min_aspect}")
-        if not self.aux_norm_eps > 0:
-            raise ValueError(f"method.aux_norm_eps must be > 0, got {self.aux_norm_eps}")
-        if not 0 <= self.aux_fraction < 1:
-            raise ValueError(f"method.aux_fraction must be in [0, 1), got {self.aux_fraction}")
+            check_range(f"method.{key}", getattr(self, key), getattr(self, key) >= 0, ">= 0")
+        aspect, eps, fraction = self.min_aspect, self.aux_norm_eps, self.aux_fraction
+        check_range("method.min_aspect", aspect, 0 < aspect <= 1, "in (0, 1]")
+        check_range("method.aux_norm_eps", eps, eps > 0, "> 0")
+        check_range("method.aux_fraction", fraction, 0 <= fraction < 1, "in [0, 1)")
 
 
 class ITPNCLIP(MethodDefaults, nn.Module):

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from mimar.engine.contracts import MethodDefaults
+from mimar.errors import check_range
 from mimar.heads import PixelShuffleHead
 from mimar.losses import masked_l1
 from mimar.masking import SimMIMMasking
@@ -38,10 +39,10 @@ class SimMIMConfig:
     mask_ratio: float = 0.6  # SimMIM Tab. 1 / docs/METHODS.md §2.1
 
     def __post_init__(self) -> None:
-        if not self.mask_patch_size > 0:
-            raise ValueError(f"method.mask_patch_size must be > 0, got {self.mask_patch_size}")
-        if not 0 < self.mask_ratio < 1:  # 0 hides nothing: the loss would average no pixels
-            raise ValueError(f"method.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+        size, ratio = self.mask_patch_size, self.mask_ratio
+        check_range("method.mask_patch_size", size, size > 0, "> 0")
+        # 0 hides nothing: the loss would average no pixels
+        check_range("method.mask_ratio", ratio, 0 < ratio < 1, "in (0, 1)")
 
 
 class SimMIM(MethodDefaults, nn.Module):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal, get_args
 
+from mimar.errors import check_range
+
 TeacherKind = Literal["none", "open_clip", "hf_clip", "timm", "mimar", "pixels"]
 TeacherPrecision = Literal["inherit", "fp32", "bf16", "fp16"]
 
@@ -30,7 +32,6 @@ class TeacherConfig:
             raise ValueError(f"teacher.kind must be one of {get_args(TeacherKind)}")
         if self.precision not in get_args(TeacherPrecision):
             raise ValueError(f"teacher.precision must be one of {get_args(TeacherPrecision)}")
-        if self.img_size < 0:
-            raise ValueError(f"teacher.img_size must be >= 0 (0 = native), got {self.img_size}")
+        check_range("teacher.img_size", self.img_size, self.img_size >= 0, ">= 0 (0 = native)")
         if (self.mean is None) != (self.std is None):
             raise ValueError("teacher.mean and teacher.std must be given together")
