@@ -135,8 +135,8 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("config", "viz"),
     ("loading", "export", "formats", "factory"),
     ("evaluation",),
-    ("finetune", "dense"),
-    ("pretrain", "protocols", "bench"),
+    ("finetune", "dense", "downstream"),
+    ("pretrain", "monitor", "protocols", "bench"),
     ("cli", "__init__"),  # the package's front door re-exports the API below it
 )
 LAYER_OF = {part: level for level, parts in enumerate(LAYERS, 1) for part in parts}

@@ -98,7 +98,7 @@ def test_default_init_zero_conv_bias_and_trunc_normal_class_token():
 
 
 def test_bad_config_is_rejected():
-    with pytest.raises(ValueError, match="not divisible"):
+    with pytest.raises(ValueError, match="divisible by"):
         ViTConfig(img_size=30, patch_size=4)
     with pytest.raises(ValueError, match="num_heads"):
         ViTConfig(embed_dim=30, num_heads=4, img_size=16, patch_size=4)

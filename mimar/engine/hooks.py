@@ -6,9 +6,10 @@ Rules the engine keeps for every hook:
 - a hook never draws from the training RNG streams (the engine forks the RNG around it), so
   exact resume and ``1 process == N processes`` hold with any hooks on;
 - what ``fn`` returns is logged at that step: numbers go into ``metrics.jsonl`` and the
-  loggers, a ``Path`` is a picture sent to the loggers (``train.loggers``). A row hook's
-  (``every=0``) numbers join the step's row (``train/<key>`` in the loggers); the others' form
-  a row of their own, ``{"step", "epoch", ...}``, written after it (``eval/<key>``).
+  loggers, a ``Path`` (returned alone or as a value of the dict) is a picture sent to the
+  loggers (``train.loggers``). A row hook's (``every=0``) numbers join the step's row
+  (``train/<key>`` in the loggers); the others' form a row of their own, ``{"step", "epoch",
+  ...}``, written after it (``eval/<key>``).
 
 The loop (``mimar.engine.loop.fit``) takes them as ``hooks=[Hook(every, fn), ...]``.
 """

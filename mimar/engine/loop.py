@@ -195,10 +195,13 @@ def _run_hooks(due: list[Hook], view: StepView, parts: _Parts, metrics: RunLog |
         for hook in due:
             with torch.random.fork_rng(devices=cuda):
                 out = hook.fn(view)
-            if isinstance(out, os.PathLike):
-                metrics.picture(out, view.step)
-            elif out:
-                (view.row if hook.every == 0 else extra).update(out)
+            for key, value in (
+                {"picture": out} if isinstance(out, os.PathLike) else out or {}
+            ).items():
+                if isinstance(value, os.PathLike):  # a picture, alone or among the numbers
+                    metrics.picture(value, view.step)
+                else:
+                    (view.row if hook.every == 0 else extra)[key] = value
     dist.barrier()  # the other ranks wait here for rank 0's hooks
     return extra
 
