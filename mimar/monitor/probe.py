@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from mimar.data import ImageSet, iterate_eval_batches
+from mimar.engine.precision import autocast_dtype
 from mimar.evaluation.features import extract_features
 from mimar.evaluation.knn import knn_classify
-from mimar.engine.precision import autocast_dtype
 from mimar.monitor.health import collapse_warning, feature_std, rankme
 
 log = logging.getLogger("mimar")
