@@ -33,7 +33,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from mimar.data.image_folder import class_labels, list_images
+from mimar.data.image_folder import class_labels, folder_classes, list_images
 from mimar.data.shards import INDEX, read_index, require_webdataset
 from mimar.errors import ConfigError, DataError, MissingFileError
 
@@ -141,14 +141,14 @@ def _classes(
 ) -> tuple[list[str] | None, list[int]]:
     """The image folder reader's classes and labels (:func:`class_labels`); classes that the
     output folder's index lacks are refused (its shards would number them differently)."""
-    classes, labels = class_labels(folder, paths, reference)
-    extra = sorted(set(classes or []) - set(reference or classes or []))
+    names = folder_classes(folder, paths)
+    extra = sorted(set(names or []) - set(reference or names or []))
     if extra:
         raise DataError(
             f"{folder} has classes {extra[:3]} that the {INDEX} of the output folder lacks; "
             "write shards of another class set to another folder"
         )
-    return classes, labels
+    return class_labels(folder, paths, reference)
 
 
 def _samples(picks, paths, labels, on_bad_image: str, skipped: list[Path]):

@@ -252,11 +252,18 @@ def load_shards(cfg: DataConfig, split: str) -> ImageSet:
     if bad and (cfg.on_bad_image == "error" or not arrays):
         raise DataError(f"cannot decode {bad[0]} (set data.on_bad_image=skip to skip it)")
     labels = _labels(kept)
+    classes = read_index(paths[0].parent).get("classes") if labels is not None else None
+    if classes is not None and labels is not None and int(labels.max()) >= len(classes):
+        # a label past the index's classes would be scored against some other class
+        raise DataError(
+            f"the {split} shards of {cfg.root} hold label {int(labels.max())} but their "
+            f"{INDEX} names {len(classes)} classes; rewrite them with mimar data shard"
+        )
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(
         images=images,  # (N, C, S, S)
         labels=labels,
-        classes=read_index(paths[0].parent).get("classes") if labels is not None else None,
+        classes=classes,
         mean=match_stats(IMAGENET_MEAN, cfg.in_chans),
         std=match_stats(IMAGENET_STD, cfg.in_chans),
         skipped=len(bad),

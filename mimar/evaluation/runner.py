@@ -19,6 +19,7 @@ from pathlib import Path
 from mimar import runs
 from mimar.config import PretrainConfig
 from mimar.data import load_images
+from mimar.data.image_set import check_same_classes
 from mimar.errors import DataError
 from mimar.evaluation.config import EvalConfig
 from mimar.evaluation.precision import autocast_dtype, resolve_device
@@ -59,6 +60,8 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
             if spec.run is not None:
                 results[p] = spec.run(models, setup, cfg, spec.epochs(cfg.epochs))
         header |= {"n_train": len(setup.train), "n_test": len(setup.test)}
+        header["classes"] = setup.train.classes  # the one label mapping every split used
+        title += f", {_class_count(setup.train)} classes"
     for p, spec in specs.items():
         if spec.alone is not None:  # fine-tuning and robustness load what they need
             results[p] = spec.alone(cfg)
@@ -77,6 +80,7 @@ def build_setup(run_cfg: PretrainConfig, cfg: EvalConfig) -> EvalSetup:
     test = load_images(replace(data, max_images=cfg.max_test), "test")
     if train.labels is None or test.labels is None:
         raise DataError(f"{data.root} has no labels (class sub-folders) to evaluate with")
+    check_same_classes(train.classes, test.classes, str(data.root))
     causal = cfg.attention == "causal"
     notes = [_subsample_note(len(train), len(test), cfg.max_train, cfg.max_test)]
     return EvalSetup(
@@ -94,6 +98,10 @@ def build_setup(run_cfg: PretrainConfig, cfg: EvalConfig) -> EvalSetup:
         notes="; ".join(notes + ["causal attention"] * causal),
         cache=run_folder(cfg.checkpoint) / runs.EVAL / "features" if cfg.feature_cache else None,
     )
+
+
+def _class_count(images) -> int:
+    return len(images.classes) if images.classes else int(images.labels.max()) + 1
 
 
 def _subsample_note(n_train: int, n_test: int, max_train: int, max_test: int) -> str:
