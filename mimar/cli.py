@@ -16,6 +16,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from mimar.errors import ConfigError, MimarError, Stopped
+from mimar.streams import quiet_when_closed
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -32,14 +33,15 @@ def main(argv: list[str] | None = None) -> int:
             args.protocols = [*args.protocols, *extra]
         else:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    _setup_logging()
-    try:
-        return args.func(args)
-    except MimarError as err:  # bad input: one line; anything else is a bug: its traceback
-        if os.environ.get("MIMAR_DEBUG"):
-            raise
-        print(f"mimar {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    with quiet_when_closed():  # a closed stdout/stderr turns output off, never the work
+        _setup_logging()
+        try:
+            return args.func(args)
+        except MimarError as err:  # bad input: one line; anything else is a bug: its traceback
+            if os.environ.get("MIMAR_DEBUG"):
+                raise
+            print(f"mimar {args.command}: error: {err}", file=sys.stderr)
+            return getattr(err, "exit_code", 2)  # 2: bad input; 74: a write failed
 
 
 def cmd_pretrain(args) -> int:
@@ -60,6 +62,8 @@ def cmd_pretrain(args) -> int:
         if args.run_dir is None:
             raise ConfigError("--resume auto needs --run-dir (the folder to continue or start)")
         resume = runs.newest_checkpoint(run_dir) is not None
+    if runs.lock_rank():  # one process per run folder (torchrun: rank 0 takes it)
+        runs.lock_run(run_dir)  # held until the process ends; a second start is refused
     if not resume and runs.newest_checkpoint(run_dir) is not None:
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it, "

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, Literal, Union
 
 import yaml
 
-from mimar import names, recipe_yaml
+from mimar import names, recipe_yaml, writes
 from mimar.data import DataConfig
 from mimar.errors import ConfigError
 from mimar.recipe_yaml import clip
@@ -260,7 +260,7 @@ def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    writes.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config")
 
 
 MAX_RECIPE_BYTES = 1_000_000  # the biggest recipe here is ~3 kB; more is not a recipe

@@ -35,3 +35,21 @@ class Stopped(Exception):
     def __init__(self, signal_name: str, what: str) -> None:
         super().__init__(f"{what} stopped by {signal_name}; checkpoint saved")
         self.signal_name = signal_name
+
+
+class RunLockedError(MimarError, BlockingIOError):
+    """Another live process holds the run folder's lock (``RUN/.lock``)."""
+
+
+class WriteError(MimarError, OSError):
+    """A file mimar writes could not be written (full disk, read-only, a file in the way):
+    one line naming the path, the reason and what to do (``mimar.writes``)."""
+
+    exit_code = 74  # sysexits EX_IOERR: the machine failed, not the input
+
+    def __init__(self, message: str, errno_: int | None = None) -> None:
+        super().__init__(message)
+        self.errno = errno_
+
+    def __str__(self) -> str:
+        return self.args[0]

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mimar import runs
+from mimar import runs, writes
 from mimar.config import ConfigError, PretrainConfig, config_diff, from_dict, to_dict
 from mimar.data import build_train_loader
 from mimar.engine import dist
@@ -36,8 +36,13 @@ def pretrain(
     one whose config differs from ``RUN/config.yaml`` in a key that changes the run's numbers
     is refused unless ``allow_config_change``, which records each change in
     ``RUN/config_changes.jsonl``)."""
+    with runs.locked_run(run_dir, take=runs.lock_rank()):
+        return _pretrain(cfg, Path(run_dir), resume, allow_config_change)
+
+
+def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, allow: bool) -> RunResult:
     t = cfg.train
-    changes = resume_changes(cfg, Path(run_dir), allow_config_change) if resume else []
+    changes = resume_changes(cfg, run_dir, allow) if resume else []
     with Session(t) as session:
         torch.manual_seed(t.seed)
         method = build_method(cfg)
@@ -61,14 +66,15 @@ def pretrain(
             picture=lambda model, step: _draw(
                 model,
                 loader,
-                Path(run_dir),
+                run_dir,
                 session.device,
                 f"{runs.PICTURES}/step_{step:07d}.png",
             ),
         )
         if result.stopped_by is None:
             if session.rank == 0:  # result.model: whole on rank 0, also under FSDP
-                _draw(result.model, loader, Path(run_dir), session.device)
+                with writes.optional("the run's picture"):
+                    _draw(result.model, loader, run_dir, session.device)
             dist.barrier()  # no rank leaves the group while rank 0 draws
         return result
 

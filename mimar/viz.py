@@ -23,6 +23,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
+from mimar import writes
 from mimar.masking import hidden_from_keep
 from mimar.methods.aim import AIM
 from mimar.methods.digpt import DiGPT
@@ -244,8 +245,7 @@ def save_reconstruction(
         fig.suptitle(textwrap.fill(caption, width=max(60, 16 * n)), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    writes.save_with(path, lambda name: fig.savefig(name, dpi=100), "picture")
     return path
 
 

@@ -22,7 +22,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mimar import runs
+from mimar import runs, writes
 from mimar.errors import ConfigError
 
 log = logging.getLogger("mimar")
@@ -44,12 +44,11 @@ class MetricsLog:
             kept = [
                 line for line, row in rows if row is not None and row.get("step", 0) <= resume_step
             ]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
+            writes.write_text(path, "".join(line + "\n" for line in kept), "metrics")
+        self.file = writes.AppendFile(path, "metrics")
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
-        self.file.flush()
+        self.file.write_line(json.dumps({**row, "time": round(time.time(), 3)}))
 
     def close(self) -> None:
         self.file.close()
@@ -84,9 +83,11 @@ class RunLog:
         self, run_dir: Path, loggers, config: dict, resume_step: int | None = None
     ) -> None:
         self.metrics = MetricsLog(run_dir / runs.METRICS, resume_step)
-        self.sinks = [
-            _SINKS[name](run_dir, config, resume_step or 0) for name in loggers if name != "jsonl"
-        ]
+        self.sinks = []
+        for name in loggers:
+            if name != "jsonl":
+                with writes.optional(f"{name} logging"):  # degrades; a missing package raises
+                    self.sinks.append(_SINKS[name](run_dir, config, resume_step or 0))
 
     def write(self, row: dict) -> None:
         self.metrics.write(row)
@@ -97,16 +98,19 @@ class RunLog:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
         for sink in self.sinks:
-            sink.scalars(scalars, row["step"])
+            with writes.optional("logging to a sink"):
+                sink.scalars(scalars, row["step"])
 
     def picture(self, path: Path, step: int) -> None:
         for sink in self.sinks:
-            sink.picture(path, step)
+            with writes.optional("logging a picture"):
+                sink.picture(path, step)
 
     def close(self) -> None:
         self.metrics.close()
         for sink in self.sinks:
-            sink.close()
+            with writes.optional("closing a sink"):
+                sink.close()
 
 
 def _require(package: str, logger: str) -> None:

@@ -34,7 +34,7 @@ import yaml
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
-from mimar import runs
+from mimar import runs, writes
 from mimar.engine import checkpoint, dist, fsdp
 from mimar.engine.logger import ProgressBar, RunLog, describe_run
 from mimar.engine.optim import build_optimizer, lr_at, scaled_lr, warmup_steps
@@ -120,6 +120,9 @@ def fit(
     ``{"key", "old", "new"}`` rows the caller allowed) are appended, with the step, to
     ``config_changes.jsonl``."""
     run_dir, t, device, rank = Path(run_dir), train, session.device, session.rank
+    # One process trains into a folder (RUN/.lock; a no-op when the caller holds it already);
+    # released in the finally below (an error before it: when the process ends).
+    took_lock = runs.lock_run(run_dir) if rank == 0 else False
     sharded = t.strategy == "fsdp"
     if rank == 0:  # temp files of a save that was killed halfway
         fsdp.restore_interrupted(run_dir / runs.CHECKPOINTS)
@@ -176,11 +179,10 @@ def fit(
     if t.compile:  # compiled lazily, at the first step (its time is logged)
         wrapped = _compiled(wrapped, device)
     if rank == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / runs.CONFIG).write_text(yaml.safe_dump(config, sort_keys=False))
-        if config_changes:  # a forced resume: what changed, and from which step on
-            with (run_dir / CONFIG_CHANGES).open("a") as f:
-                f.writelines(json.dumps({"step": start, **c}) + "\n" for c in config_changes)
+        writes.make_dir(run_dir, "run folder")
+        writes.write_text(run_dir / runs.CONFIG, yaml.safe_dump(config, sort_keys=False))
+        for c in config_changes or ():  # a forced resume: what changed, from which step on
+            writes.append_line(run_dir / CONFIG_CHANGES, json.dumps({"step": start, **c}))
         describe_run(model, optimizer, loader, peak_lr, session.world)
 
     stop = _StopFlag()
@@ -237,8 +239,10 @@ def fit(
                 dist.barrier()
             if draw:
                 whole = view()
-                if rank == 0 and (path := picture(whole, step)) is not None:
-                    metrics.picture(path, step)
+                if rank == 0:
+                    with writes.optional("picture"):  # a picture never stops training
+                        if (path := picture(whole, step)) is not None:
+                            metrics.picture(path, step)
                 dist.barrier()
             if periodic:
                 save(step, periodic=True)
@@ -256,6 +260,8 @@ def fit(
         stop.restore()
         if metrics is not None:
             metrics.close()
+        if took_lock:
+            runs.unlock_run(run_dir)
 
 
 def _compiled(model: nn.Module, device: torch.device) -> nn.Module:

@@ -62,6 +62,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
+from mimar import writes
 from mimar.data.augment import eval_transform
 from mimar.data.image_set import ImageSet
 from mimar.data.loader import derive_seed
@@ -495,8 +496,7 @@ def _mean_per_severity(run: dict) -> list[float]:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    writes.save_with(path, lambda name: fig.savefig(name, dpi=100), "picture")
     return path
 
 

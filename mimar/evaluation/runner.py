@@ -66,10 +66,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
         if spec.alone is not None:  # fine-tuning and robustness load what they need
             results[p] = spec.alone(cfg)
 
+    # Printed first: a results file that cannot be written (full disk, read-only run) must not
+    # take the computed numbers with it.
+    print_results([r for p in cfg.protocols for r in results[p]["rows"]], title)
     for p, spec in specs.items():
         payload = {"protocol": p, **header, "epochs": spec.epochs(cfg.epochs)}
         write_json(run_folder(cfg.checkpoint) / runs.EVAL / f"{p}.json", payload | results[p])
-    print_results([r for p in cfg.protocols for r in results[p]["rows"]], title)
     return {p: results[p]["rows"] for p in cfg.protocols}
 
 
