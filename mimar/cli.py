@@ -294,6 +294,9 @@ def _add_eval_parser(sub) -> None:
         help="data root (default: the run's data.root); segment/detect: a COCO-format folder "
         "(or coco-format:FOLDER), default data/fmnist-scenes",
     )
+    ev.add_argument(
+        "--out", default=None, help="frozen protocols: results folder (default RUN_DIR/eval)"
+    )
     ev.add_argument("--max-train", type=int, default=0, help="subsample the train split (0=all)")
     ev.add_argument("--max-test", type=int, default=0, help="subsample the test split (0=all)")
     pixels = "/".join(name for name, spec in PROTOCOL_TABLE.items() if spec.pixel_row)

@@ -2,6 +2,10 @@
 would have failed (labels, run lock, hostile recipes, closed pipes, failing writes, resume,
 sizes, partial artifacts)."""
 
+import errno
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -11,7 +15,7 @@ from PIL import Image
 
 from mimar.config import load_config
 from mimar.data import DataConfig, load_images
-from mimar.errors import ConfigError, DataError
+from mimar.errors import ConfigError, DataError, RunLockedError
 
 DEMO = "configs/simmim/vit_tiny_fmnist.yaml"
 
@@ -101,8 +105,9 @@ def test_an_error_quotes_at_most_200_characters_of_a_value(tmp_path):
 def test_anchors_within_bounds_still_work(tmp_path):
     path = tmp_path / "r.yaml"
     path.write_text(
-        f"base: {Path(DEMO).resolve()}\n"
-        "stats: &s [0.5]\ndata:\n  mean: *s\n  std: *s\n".replace("stats", "x")
+        f"base: {Path(DEMO).resolve()}\nstats: &s [0.5]\ndata:\n  mean: *s\n  std: *s\n".replace(
+            "stats", "x"
+        )
     )
     with pytest.raises(ConfigError, match="unknown config key 'x'"):  # anchors parse
         load_config(path)
@@ -114,3 +119,111 @@ def test_a_merge_key_may_be_overridden(tmp_path):
     from mimar import recipe_yaml
 
     assert recipe_yaml.load("a: &a {x: 1, y: 2}\nb:\n  <<: *a\n  x: 3\n")["b"] == {"x": 3, "y": 2}
+
+
+# --- class 2: one process per run folder -----------------------------------------------------
+TINY_RUN = [
+    "data.name=synthetic",
+    "data.synthetic_size=64",
+    "data.batch_size=16",
+    "data.img_size=16",
+    "backbone.img_size=16",
+    "backbone.embed_dim=32",
+    "backbone.depth=2",
+    "backbone.num_heads=2",
+    "method.mask_patch_size=8",
+    "train.precision=fp32",
+    "train.progress=false",
+    "train.threads=1",
+]
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _cli(*argv: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    command = [sys.executable, "-m", "mimar.cli", *argv]
+    return subprocess.Popen(command, cwd=ROOT, env=env, text=True, **popen)
+
+
+def _wait_for(check, seconds: float = 60) -> None:
+    end = time.monotonic() + seconds
+    while not check():
+        assert time.monotonic() < end, "timed out"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("second", [[], ["--resume", "auto"]])
+def test_a_second_process_on_a_live_run_folder_is_refused_naming_the_pid(tmp_path, second):
+    run = tmp_path / "run"
+    first = _cli(
+        "pretrain", DEMO, *TINY_RUN, "train.steps=100000", "train.checkpoint_every=2",
+        "--run-dir", str(run), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        _wait_for(lambda: (run / "checkpoints" / "last.pt").is_file())
+        out = _cli(
+            "pretrain", DEMO, *TINY_RUN, "--run-dir", str(run), *second,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        ).communicate(timeout=120)  # fmt: skip
+        lines = out[1].strip().splitlines()
+        assert len(lines) == 1 and "Traceback" not in out[1], out[1]
+        assert f"process {first.pid} is training into it" in lines[0]
+    finally:
+        first.terminate()
+        first.wait(timeout=60)
+
+
+def test_the_lock_dies_with_its_process(tmp_path):
+    """flock: a killed holder leaves no stale lock; in one process the lock is reentrant."""
+    from mimar import runs
+
+    run = tmp_path / "run"
+    code = "import sys, time; from mimar import runs; runs.lock_run(sys.argv[1]); print(1); " \
+        "sys.stdout.flush(); time.sleep(60)"  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(run)], cwd=ROOT, env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert holder.stdout.readline().strip() == "1"
+    with pytest.raises(RunLockedError, match=f"process {holder.pid} "):
+        runs.lock_run(run)
+    holder.kill()  # as kill -9: no cleanup code runs
+    holder.wait()
+    assert runs.lock_run(run) and not runs.lock_run(run)  # taken, then reentrant
+    runs.unlock_run(run)
+
+
+# --- class 6: closed pipes -------------------------------------------------------------------
+@pytest.mark.parametrize("progress", ["true", "false"])
+def test_a_closed_output_pipe_does_not_stop_training(tmp_path, progress):
+    run = tmp_path / "run"
+    proc = _cli(
+        "pretrain", DEMO, *TINY_RUN, "train.steps=20", "train.log_every=1",
+        f"train.progress={progress}", "--run-dir", str(run),
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+    )  # fmt: skip
+    proc.stdout.readline()  # as `2>&1 | head -n 1`: one line, then the reader is gone
+    proc.stdout.close()
+    assert proc.wait(timeout=120) == 0
+    rows = [line for line in (run / "metrics.jsonl").read_text().splitlines() if '"loss"' in line]
+    assert len(rows) == 20 and (run / "checkpoints" / "last.pt").is_file()
+
+
+def test_quiet_stream_swallows_a_broken_pipe_only():
+    from mimar.streams import QuietStream
+
+    class Gone:
+        def write(self, text):
+            raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        def fileno(self):
+            raise ValueError("no descriptor")
+
+    class Full(Gone):
+        def write(self, text):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    stream = QuietStream(Gone())
+    assert stream.write("x") == 1 and stream.closed_early and stream.write("y") == 1
+    with pytest.raises(OSError):  # a full disk behind stdout is not a closed reader
+        QuietStream(Full()).write("x")

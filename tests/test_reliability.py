@@ -340,10 +340,11 @@ def test_a_full_disk_while_checkpointing_keeps_the_previous_checkpoint(run, monk
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(torch, "save", full_disk)
-    assert pretrain(run, "train.steps=6", resume=True) == 2
+    assert pretrain(run, "train.steps=6", resume=True) == 74  # EX_IOERR: mimar.writes
     path = run / "checkpoints/last.pt"
     assert error_line(capsys).endswith(
-        f"no space left writing {path}; the previous checkpoint is intact"
+        f"cannot write checkpoint {path}: no space left on the device; free space or write "
+        "elsewhere; the previous checkpoint is intact"
     )
     assert path.read_bytes() == before and checkpoint.load(path)["step"] == 4
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["last.pt"]

@@ -50,9 +50,8 @@ def save(state: dict, *paths: str | Path) -> None:
         try:
             save_atomic(stamped, path)
         except WriteError as err:
-            raise WriteError(
-                f"{err}; the previous checkpoint is intact", errno_=err.errno
-            ) from None
+            kept = "the previous checkpoint is intact" if Path(path).exists() else "not saved"
+            raise WriteError(f"{err}; {kept}", errno_=err.errno) from None
 
 
 def load(

@@ -44,6 +44,7 @@ class EvalConfig:
     resume: bool = False  # finetune/segment/detect: continue an interrupted run exactly
     feature_cache: bool = True  # kNN/linear: reuse pooled features in RUN_DIR/eval/features/
     neck: Literal["pretrained", "scratch"] = "pretrained"  # segment/detect: iTPN's neck
+    out: str | None = None  # kNN/linear/...: results folder (None: RUN_DIR/eval; a read-only run)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "protocols", tuple(self.protocols))

@@ -36,6 +36,11 @@ def run_folder(checkpoint: str | Path) -> Path:
     return runs.run_of_checkpoint(resolve_checkpoint(path))
 
 
+def results_folder(cfg: EvalConfig) -> Path:
+    """``--out``, else ``RUN_DIR/eval``: where results and the feature cache go."""
+    return Path(cfg.out) if cfg.out else run_folder(cfg.checkpoint) / runs.EVAL
+
+
 def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
     """Run ``cfg.protocols``, print one table, write ``RUN_DIR/eval/<protocol>.json`` each.
 
@@ -71,7 +76,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, list[dict]]:
     print_results([r for p in cfg.protocols for r in results[p]["rows"]], title)
     for p, spec in specs.items():
         payload = {"protocol": p, **header, "epochs": spec.epochs(cfg.epochs)}
-        write_json(run_folder(cfg.checkpoint) / runs.EVAL / f"{p}.json", payload | results[p])
+        write_json(results_folder(cfg) / f"{p}.json", payload | results[p])
     return {p: results[p]["rows"] for p in cfg.protocols}
 
 
@@ -98,7 +103,7 @@ def build_setup(run_cfg: PretrainConfig, cfg: EvalConfig) -> EvalSetup:
         order=getattr(run_cfg.method, "order", "raster"),
         order_seed=getattr(run_cfg.method, "order_seed", 0),
         notes="; ".join(notes + ["causal attention"] * causal),
-        cache=run_folder(cfg.checkpoint) / runs.EVAL / "features" if cfg.feature_cache else None,
+        cache=results_folder(cfg) / "features" if cfg.feature_cache else None,
     )
 
 
