@@ -15,7 +15,9 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from mimar import runs
 from mimar.errors import ConfigError, MimarError, Stopped
+from mimar.interrupts import Interrupted, signals_stop_the_command
 from mimar.streams import quiet_when_closed
 
 
@@ -36,12 +38,18 @@ def main(argv: list[str] | None = None) -> int:
     with quiet_when_closed():  # a closed stdout/stderr turns output off, never the work
         _setup_logging()
         try:
-            return args.func(args)
+            with signals_stop_the_command():  # SIGINT/SIGTERM/SIGHUP: one line, 128 + n
+                return args.func(args)
         except MimarError as err:  # bad input: one line; anything else is a bug: its traceback
             if os.environ.get("MIMAR_DEBUG"):
                 raise
             print(f"mimar {args.command}: error: {err}", file=sys.stderr)
             return getattr(err, "exit_code", 2)  # 2: bad input; 74: a write failed
+        except Interrupted as stop:  # outside a training loop: nothing to save
+            print(f"mimar {args.command}: stopped by {stop.signal_name}", file=sys.stderr)
+            return stop.exit_code
+        finally:
+            runs.unlock_all()  # the run lock ends with the command, also when run in-process
 
 
 def cmd_pretrain(args) -> int:

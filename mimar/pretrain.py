@@ -8,17 +8,19 @@ loader for this rank, and draws the run's picture at the end.
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 
 import torch
-import yaml
 
-from mimar import runs, writes
+from mimar import recipe_yaml, runs, writes
 from mimar.config import ConfigError, PretrainConfig, config_diff, from_dict, to_dict
 from mimar.data import build_train_loader
-from mimar.engine import dist
+from mimar.engine import checkpoint, dist, fsdp
 from mimar.engine.loop import RunResult, Session, fit
 from mimar.factory import build_method
+
+log = logging.getLogger("mimar")
 
 # What a resume may change without a flag: none of these changes the run's numbers
 # (train.steps extends the run; its schedule then ends at the new step count).
@@ -80,19 +82,20 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, allow: bool) -> 
 
 
 def resume_changes(cfg: PretrainConfig, run_dir: Path, allow: bool) -> list[dict]:
-    """The changes of ``cfg`` against the run's saved config that a resume must not make
-    silently, as ``{"key", "old", "new"}`` rows; a ConfigError lists them unless ``allow``."""
-    path = run_dir / runs.CONFIG
-    if not path.is_file():  # fit says what is missing
+    """The changes of ``cfg`` against the config the run's checkpoint was trained with (the
+    reference: ``RUN/config.yaml`` is a copy for humans, and a hand edit of it changes
+    nothing) that a resume must not make silently, as ``{"key", "old", "new"}`` rows; a
+    ConfigError lists them unless ``allow``. A ``config.yaml`` that disagrees with the
+    checkpoint is reported as a warning."""
+    last = runs.newest_checkpoint(run_dir)
+    if last is None:  # fit says what is missing
         return []
-    try:
-        saved = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError:
-        raise ConfigError(f"resume: {path} is not valid YAML") from None
+    saved = _checkpoint_config(last)
     try:  # the saved config as today's code resolves it (keys added since get defaults)
         saved = to_dict(from_dict(saved))
     except ConfigError:
         pass
+    _report_edited_copy(run_dir / runs.CONFIG, saved)
     changes = [
         {"key": key, "old": old, "new": new}
         for key, old, new in config_diff(saved, to_dict(cfg))
@@ -101,9 +104,44 @@ def resume_changes(cfg: PretrainConfig, run_dir: Path, allow: bool) -> list[dict
     if changes and not allow:
         shown = ", ".join(f"{c['key']} {_show(c['old'])} -> {_show(c['new'])}" for c in changes)
         raise ConfigError(
-            f"resume: the config differs from {path}: {shown}; pass --allow-config-change to force"
+            f"resume: the config differs from the one {last} was trained with: {shown}; "
+            "pass --allow-config-change to force"
         )
     return changes
+
+
+def _checkpoint_config(path: Path) -> dict:
+    """The config a checkpoint carries, read without loading its tensors into memory (the
+    content hash is checked when fit loads it)."""
+    if path.is_dir():
+        return fsdp.read_meta(path)["config"]
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:  # fit's checkpoint.load names the problem in one line
+        return checkpoint.load(path, require=checkpoint.RESUME_KEYS)["config"]
+    if not isinstance(state, dict) or not isinstance(state.get("config"), dict):
+        return checkpoint.load(path, require=checkpoint.RESUME_KEYS)["config"]
+    return state["config"]
+
+
+def _report_edited_copy(path: Path, saved: dict) -> None:
+    """Warn when ``RUN/config.yaml`` is gone or differs from the checkpoint's config."""
+    try:
+        copy = recipe_yaml.load(path.read_text(), str(path)) if path.is_file() else None
+        copy = to_dict(from_dict(copy)) if isinstance(copy, dict) else copy
+    except (ConfigError, OSError, UnicodeDecodeError):
+        copy = "unreadable"
+    if copy is None:
+        log.warning("%s is missing: resuming with the checkpoint's config", path)
+    elif copy != saved:
+        keys = [key for key, _, _ in config_diff(saved, copy)] if isinstance(copy, dict) else []
+        shown = ", ".join(keys[:5]) or "unreadable"
+        log.warning(
+            "%s differs from the checkpoint's config (%s): the checkpoint's is the reference; "
+            "the file is rewritten from it",
+            path,
+            shown,
+        )
 
 
 def _harmless(key: str, old, new) -> bool:

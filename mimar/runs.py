@@ -128,6 +128,12 @@ def lock_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def unlock_all() -> None:
+    """Release every lock this process holds (the end of a command run in-process)."""
+    for folder in list(_held):
+        unlock_run(folder)
+
+
 @contextmanager
 def locked_run(run_dir: str | Path, take: bool = True) -> Iterator[None]:
     """Hold ``run_dir``'s lock for the block (``take=False``: do nothing, e.g. on ranks > 0);

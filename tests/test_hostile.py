@@ -227,3 +227,72 @@ def test_quiet_stream_swallows_a_broken_pipe_only():
     assert stream.write("x") == 1 and stream.closed_early and stream.write("y") == 1
     with pytest.raises(OSError):  # a full disk behind stdout is not a closed reader
         QuietStream(Full()).write("x")
+
+
+# --- class 3: the checkpoint's config is the reference of a resume ---------------------------
+@pytest.mark.parametrize("edit", ["match", "delete"])
+def test_an_edited_or_deleted_config_copy_lets_no_change_through(tmp_path, edit, capsys, caplog):
+    import yaml
+
+    from mimar.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", DEMO, *TINY_RUN, "train.steps=2", "--run-dir", str(run)]) == 0
+    copy = run / "config.yaml"
+    if edit == "match":  # the copy edited to agree with the change the resume makes
+        cfg = yaml.safe_load(copy.read_text())
+        cfg["optim"]["lr"] = 0.5
+        copy.write_text(yaml.safe_dump(cfg))
+    else:
+        copy.unlink()
+    capsys.readouterr()
+    argv = ["pretrain", DEMO, *TINY_RUN, "train.steps=3", "--run-dir", str(run), "--resume"]
+    assert main([*argv, "optim.lr=0.5"]) == 2
+    assert "optim.lr" in capsys.readouterr().err
+    caplog.clear()
+    assert main(argv) == 0  # unchanged: resumes, and says what is wrong with the copy
+    assert ("differs from the checkpoint" if edit == "match" else "is missing") in caplog.text
+
+
+# --- class 9: SIGINT, SIGTERM, SIGHUP alike --------------------------------------------------
+def test_sighup_checkpoints_a_run_like_sigterm(tmp_path, monkeypatch, capsys):
+    import signal
+
+    from mimar.cli import main
+    from mimar.engine import checkpoint
+    from mimar.engine.logger import MetricsLog
+
+    write = MetricsLog.write
+
+    def write_then_hang_up(self, row):
+        write(self, row)
+        if row["step"] == 2:
+            os.kill(os.getpid(), signal.SIGHUP)  # the terminal went away
+
+    monkeypatch.setattr(MetricsLog, "write", write_then_hang_up)
+    run = tmp_path / "run"
+    argv = ["pretrain", DEMO, *TINY_RUN, "train.steps=10", "--run-dir", str(run)]
+    assert main(argv) == 129
+    assert "stopped by SIGHUP after step 2" in capsys.readouterr().err
+    assert checkpoint.load(run / "checkpoints/last.pt")["step"] == 2
+
+
+@pytest.mark.parametrize("name, code", [("SIGINT", 130), ("SIGTERM", 143), ("SIGHUP", 129)])
+def test_a_signal_outside_training_is_one_line_and_128_plus_n(name, code):
+    """Any command without training state (here: a stand-in for kNN's extraction loop)."""
+    script = (
+        "import os, signal, sys\n"
+        "from mimar import cli\n"
+        "def busy(args):\n"
+        f"    os.kill(os.getpid(), signal.{name})\n"
+        "    while True: pass\n"
+        "cli.cmd_export = busy\n"
+        "sys.exit(cli.main(['export', '--checkpoint', 'x', '--out', 'y.safetensors']))\n"
+    )
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    out = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120,
+    )  # fmt: skip
+    assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
+    assert out.stderr.strip() == f"mimar export: stopped by {name}"

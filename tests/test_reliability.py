@@ -142,7 +142,8 @@ def test_a_resume_with_a_changed_lr_is_refused_and_leaves_the_run_alone(run, cap
     old_lr = yaml.safe_load(config)["optim"]["lr"]
     assert pretrain(run, "train.steps=6", "optim.lr=1e-3", resume=True) == 2
     line = error_line(capsys)
-    assert f"the config differs from {run / 'config.yaml'}: optim.lr {old_lr} -> 0.001" in line
+    last_pt = run / "checkpoints/last.pt"
+    assert f"differs from the one {last_pt} was trained with: optim.lr {old_lr} -> 0.001" in line
     assert line.endswith("pass --allow-config-change to force")
     assert (run / "config.yaml").read_bytes() == config
     assert (run / "checkpoints/last.pt").read_bytes() == last

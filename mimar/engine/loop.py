@@ -439,11 +439,14 @@ class _ShardedSave:
 
 
 class _StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint after the current step."""
+    """SIGTERM / SIGINT / SIGHUP set a flag; the loop saves a checkpoint after the step."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        stops = [signal.SIGTERM, signal.SIGINT]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup keeps ignoring it
+            stops.append(signal.SIGHUP)  # a closed terminal or SSH session
+        self.previous = {s: signal.signal(s, self._handle) for s in stops}
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None and signum == signal.SIGINT:
