@@ -174,6 +174,7 @@ def cmd_data_shard(args) -> int:
         shard_size=args.shard_size,
         seed=args.seed,
         on_bad_image=args.on_bad_image,
+        resume=args.resume,
     )
     if summary["skipped"]:
         n, first = len(summary["skipped"]), summary["skipped"][0]
@@ -374,6 +375,11 @@ def _add_data_parser(sub) -> None:
     sh.add_argument("--shard-size", type=int, default=1000, help="samples per shard")
     sh.add_argument(
         "--seed", type=int, default=0, help="seed of the order the samples are written in"
+    )
+    sh.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same command (its complete shards are kept)",
     )
     sh.add_argument(
         "--on-bad-image",

@@ -296,3 +296,58 @@ def test_a_signal_outside_training_is_one_line_and_128_plus_n(name, code):
     )  # fmt: skip
     assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip() == f"mimar export: stopped by {name}"
+
+
+# --- class 10: partial artifacts -------------------------------------------------------------
+def test_an_interrupted_shard_run_is_refused_by_training_and_resumed(tmp_path, monkeypatch):
+    pytest.importorskip("webdataset")
+    from mimar.data import shard_writer
+    from mimar.data.shards import open_shards
+
+    images = _folder(tmp_path / "img", {"train": ["a", "b", "c"]}) / "train"
+    pattern = str(tmp_path / "out" / "train-%06d.tar")
+    write = shard_writer._write_shard
+
+    def killed_at_the_third(wds, target, samples, advance):
+        if target.name == "train-000002.tar":
+            raise KeyboardInterrupt  # as SIGINT / SIGTERM in the CLI
+        return write(wds, target, samples, advance)
+
+    monkeypatch.setattr(shard_writer, "_write_shard", killed_at_the_third)
+    with pytest.raises(KeyboardInterrupt):
+        shard_writer.write_shards(images, pattern, shard_size=2, progress=False)
+    monkeypatch.undo()
+    root = str(tmp_path / "out" / "train-{000000..000001}.tar")
+    with pytest.raises(DataError, match="interrupted.*--resume"):
+        open_shards(root, (0.5,), (0.5,))  # two of five shards: not a smaller data set
+    with pytest.raises(ConfigError, match="--resume"):
+        shard_writer.write_shards(images, pattern, shard_size=2, progress=False)
+    summary = shard_writer.write_shards(images, pattern, shard_size=2, progress=False, resume=True)
+    assert summary["shards"] == 5 and summary["images"] == 9
+    assert len(open_shards(summary["root"].replace("'", ""), (0.5,), (0.5,))) == 9
+    (tmp_path / "out" / "train-000004.tar").unlink()  # the index now disagrees
+    with pytest.raises(DataError, match="train-000004.tar is missing"):
+        open_shards(str(tmp_path / "out" / "train-{000000..000003}.tar"), (0.5,), (0.5,))
+
+
+@pytest.mark.parametrize("damage", ["truncated json", "no mimar_backbone", "corrupt weights"])
+def test_a_damaged_export_is_one_checkpoint_error(tmp_path, damage):
+    import json
+
+    import mimar
+    from mimar.cli import main
+    from mimar.errors import CheckpointError
+
+    run, out = tmp_path / "run", tmp_path / "x.safetensors"
+    assert main(["pretrain", DEMO, *TINY_RUN, "train.steps=1", "--run-dir", str(run)]) == 0
+    assert main(["export", "--checkpoint", str(run), "--out", str(out)]) == 0
+    meta = out.with_suffix(".json")
+    if damage == "truncated json":
+        meta.write_text(meta.read_text()[:40])
+    elif damage == "no mimar_backbone":
+        meta.write_text(json.dumps({k: v for k, v in json.loads(meta.read_text()).items()
+                                    if k != "mimar_backbone"}))  # fmt: skip
+    else:
+        out.write_bytes(out.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="again"):
+        mimar.load_backbone(out)
