@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 
 import torch
 
-from mimar import recipe_yaml, runs, writes
+from mimar import machine, recipe_yaml, runs, writes
 from mimar.config import ConfigError, PretrainConfig, config_diff, from_dict, to_dict
 from mimar.data import build_train_loader
 from mimar.engine import checkpoint, dist, fsdp
@@ -44,6 +45,7 @@ def pretrain(
 
 def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, allow: bool) -> RunResult:
     t = cfg.train
+    check_fits(cfg)
     changes = resume_changes(cfg, run_dir, allow) if resume else []
     with Session(t) as session:
         torch.manual_seed(t.seed)
@@ -79,6 +81,38 @@ def _pretrain(cfg: PretrainConfig, run_dir: Path, resume: bool, allow: bool) -> 
                     _draw(result.model, loader, run_dir, session.device)
             dist.barrier()  # no rank leaves the group while rank 0 draws
         return result
+
+
+def check_fits(cfg: PretrainConfig) -> None:
+    """Refuse, before anything is allocated, a model whose weights, gradients and AdamW state
+    (16 bytes a parameter) plus a lower bound of one micro-batch's activations exceed the
+    memory of the device it would train on. The parameter count is the transformer blocks'
+    alone (``(4 + 2 mlp_ratio) D^2`` a block); activations count a quarter of the tokens (the
+    fewest any method encodes), ``D`` floats each, 4 tensors a block kept for backward (1 with
+    ``train.grad_checkpointing``). Both are lower bounds: what is refused cannot fit."""
+    b = cfg.backbone
+    width = getattr(b, "embed_dim", None)
+    depth = getattr(b, "depth", None) or sum(getattr(b, "depths", ()) or ())
+    patch = getattr(b, "patch_size", None)
+    if not (width and depth and patch):
+        return
+    ratio = float(getattr(b, "mlp_ratio", 4.0))
+    params = depth * (4 + 2 * ratio) * width**2
+    tokens = (cfg.data.img_size // patch) ** 2
+    ranks = max(1, int(os.environ.get("WORLD_SIZE", "1")))
+    micro_batch = cfg.data.batch_size // ranks // max(1, cfg.train.accum_steps)
+    kept = 1 if cfg.train.grad_checkpointing else 4
+    activations = micro_batch * (tokens // 4) * width * depth * 4 * kept
+    need = 16 * params + activations
+    memory, where = machine.device_memory(cfg.train.device)
+    if need > memory:
+        raise ConfigError(
+            f"this model cannot fit: at least {machine.gib(need)} ({params / 1e9:,.2f} G "
+            f"parameters x 16 bytes with AdamW = {machine.gib(16 * params)}, plus "
+            f"{machine.gib(activations)} of activations for data.batch_size={cfg.data.batch_size}"
+            f" at {tokens} tokens) against {where}; check backbone.embed_dim / depth and "
+            "data.img_size / batch_size"
+        )
 
 
 def resume_changes(cfg: PretrainConfig, run_dir: Path, allow: bool) -> list[dict]:

@@ -351,3 +351,36 @@ def test_a_damaged_export_is_one_checkpoint_error(tmp_path, damage):
         out.write_bytes(out.read_bytes()[:100])
     with pytest.raises(CheckpointError, match="again"):
         mimar.load_backbone(out)
+
+
+# --- class 8: absurd sizes -------------------------------------------------------------------
+@pytest.mark.parametrize(
+    "override",
+    ["backbone.embed_dim=1048576", "backbone.depth=100000", "data.img_size=100000"],
+)
+def test_an_absurd_size_is_refused_before_allocating(tmp_path, capsys, override):
+    from mimar.cli import main
+
+    extra = [override, "backbone.img_size=100000"] if "img_size" in override else [override]
+    start = time.perf_counter()
+    assert main(["pretrain", DEMO, *extra, "--run-dir", str(tmp_path / "r")]) == 2
+    assert time.perf_counter() - start < 10
+    err = capsys.readouterr().err
+    assert "cannot fit: at least" in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_image_folder_too_big_to_decode_is_refused_first(tmp_path, monkeypatch):
+    from mimar import machine
+
+    root = _folder(tmp_path / "d", {"train": ["a", "b"]})
+    monkeypatch.setattr(machine, "cpu_memory", lambda: 100)  # bytes: 6 images of 8 x 8 do not fit
+    with pytest.raises(DataError, match="mimar data shard.*data.name=webdataset"):
+        load_images(_cfg(root), "train")
+
+
+def test_a_batch_larger_than_the_data_is_one_line(tmp_path, capsys):
+    from mimar.cli import main
+
+    argv = ["pretrain", DEMO, *TINY_RUN, "data.batch_size=128", "--run-dir", str(tmp_path / "r")]
+    assert main(argv) == 2
+    assert "fewer than data.batch_size=128" in capsys.readouterr().err

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mimar import machine
 from mimar.data.config import DataConfig
 from mimar.data.image_set import IMAGENET_MEAN, IMAGENET_STD, ImageSet, match_stats
 from mimar.errors import DataError, MissingFileError
@@ -50,6 +51,7 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
         picks = [i * len(paths) // cfg.max_images for i in range(cfg.max_images)]
         paths = [paths[i] for i in picks]
         labels = [labels[i] for i in picks] if labels else labels
+    _check_decoded_size(folder, len(paths), cfg)
     arrays, bad = _decode_all(paths, cfg.img_size, cfg.in_chans, cfg.num_workers)
     if bad and cfg.on_bad_image == "error":
         path, error = bad[0]
@@ -76,6 +78,22 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
         skipped=len(bad),
         source=f"image folder {split} ({len(good)} images, {len(bad)} skipped) from {folder}",
     )
+
+
+def _check_decoded_size(folder: Path, n: int, cfg: DataConfig) -> None:
+    """Refuse, before decoding starts, a split whose decoded images would not fit in memory
+    (this reader holds them all: n x img_size^2 x channels bytes, twice while stacking)."""
+    need = 2 * n * cfg.img_size**2 * cfg.in_chans
+    free = machine.cpu_memory()
+    if need > free:
+        raise DataError(
+            f"{folder}: {n:,} images at {cfg.img_size} px x {cfg.in_chans} channels need "
+            f"{machine.gib(need)} in memory while decoding, and {machine.gib(free)} is free; "
+            "stream them instead: mimar data shard "
+            f"{folder} 'OUT/train-%06d.tar', then data.name=webdataset "
+            "data.root='OUT/train-{000000..N}.tar' (or set data.max_images / a smaller "
+            "data.img_size)"
+        )
 
 
 def split_folder(root: Path, split: str) -> Path:

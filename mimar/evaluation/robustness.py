@@ -66,6 +66,7 @@ from mimar import writes
 from mimar.data.augment import eval_transform
 from mimar.data.image_set import ImageSet
 from mimar.data.loader import derive_seed
+from mimar.errors import ConfigError
 
 IMPLEMENTATION = "mimar.evaluation.robustness (torch; CIFAR-10-C tables, lengths x S/32)"
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -310,9 +311,9 @@ def corrupt(
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"need uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     if name not in _CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS)}")
     if severity not in (0, *SEVERITIES):
-        raise ValueError(f"severity must be 0-5, got {severity}")
+        raise ConfigError(f"severity must be 0-5, got {severity}")
     if severity == 0 or len(images) == 0:
         return images.clone()
     indices = torch.arange(len(images)) if indices is None else torch.as_tensor(indices)
@@ -396,9 +397,9 @@ def _check_request(images: ImageSet, corruptions: Sequence[str], severities: Seq
         raise ValueError(f"{images.source or 'the test set'} has no labels")
     unknown = [c for c in corruptions if c not in _CORRUPTIONS]
     if unknown or not corruptions:
-        raise ValueError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
     if not severities or any(s not in SEVERITIES for s in severities):
-        raise ValueError(f"severities must be a non-empty subset of 1-5, got {severities}")
+        raise ConfigError(f"severities must be a non-empty subset of 1-5, got {severities}")
 
 
 def _top1(classify, images: ImageSet, name, severity, seed, img_size, batch_size, device):
