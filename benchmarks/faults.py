@@ -311,7 +311,7 @@ HOSTILE = [
     ("1 labels: empty class folder first; test class unknown to training", _trial_labels),
     ("2 a second pretrain / --resume auto on a live run folder", _trial_lock),
     ("5 every write site fails (ENOSPC, EROFS, torch), real full tmpfs", _trial_harness),
-    ("6 stdout+stderr closed after one line (`2>&1 | head -1`)", _trial_pipe),
+    ("6 stdout+stderr closed after one line (2>&1 piped into head -1)", _trial_pipe),
     ("7 alias bomb (10^9 values), 5000-deep nesting, a repeated section", _trial_recipes),
     ("8 embed_dim=1048576, depth=100000, img_size=100000", _trial_sizes),
     ("9 SIGHUP to a training run", lambda tmp: _trial_signal(tmp, "SIGHUP")),
