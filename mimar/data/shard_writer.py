@@ -173,7 +173,10 @@ def _samples(picks, paths, labels, on_bad_image: str, skipped: list[Path]):
     """The samples of ``picks`` (indices into ``paths``); an unreadable image raises, or is
     appended to ``skipped`` and yields None (counted by the progress bar, not written)."""
     for i in picks:
-        data = paths[i].read_bytes()
+        try:  # a read error is the image's, not the shard's (whose writes are guarded)
+            data = paths[i].read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read {paths[i]}: {err.strerror or err}") from None
         if _readable(data):
             yield _sample(i, paths[i], data, labels[i] if labels else None)
         elif on_bad_image == "error":
@@ -207,7 +210,11 @@ def _write_shard(wds, target: Path, samples, advance) -> tuple[int, int]:
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     count = 0
     try:
-        with partial.open("wb") as stream, wds.TarWriter(stream, mtime=0.0) as tar:
+        with (
+            writes.guard(target, "shard"),
+            partial.open("wb") as stream,
+            wds.TarWriter(stream, mtime=0.0) as tar,
+        ):
             for sample in samples:
                 if sample is not None:
                     tar.write(sample)
