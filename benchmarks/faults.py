@@ -1,4 +1,5 @@
-"""The fault table: kill -9 mid-run then resume, corrupt checkpoints, bad config values.
+"""The fault table: kill -9 mid-run then resume, corrupt checkpoints, bad config values, and
+the hostile-world classes of issue 27 (labels, run lock, writes, pipes, recipes, sizes, signals).
 
     python -m benchmarks.faults                  # 10 kills, every corruption, every key x value
     python -m benchmarks.faults --kills 3 --parts kill
@@ -16,6 +17,7 @@
 - config: every key of every tiny recipe set to each of a list of bad and odd values through
   ``load_config``: "clear error" counts one-line ``ConfigError``s, "valid" the values that make
   a valid config; any other exception is listed.
+- hostile: one trial per class of issue 27, each "held" or "FAILED" (``--parts hostile``).
 """
 
 from __future__ import annotations
@@ -183,9 +185,158 @@ def part_config() -> tuple[int, int, int, list[str]]:
     return tried, clear, valid, problems
 
 
+def _cli(*argv: str, **popen) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.Popen([sys.executable, "-m", "mimar.cli", *argv], cwd=ROOT, env=env,
+                            text=True, **popen)  # fmt: skip
+
+
+def _one_line(err: str) -> bool:
+    lines = [line for line in err.strip().splitlines() if line.startswith("mimar ")]
+    return len(lines) == 1 and "Traceback" not in err
+
+
+def _trial_labels(tmp: Path) -> bool:
+    """An empty class folder sorting first, and a test class unknown to training."""
+    import numpy as np
+    from PIL import Image
+
+    from mimar.data import DataConfig, load_images
+    from mimar.errors import DataError
+
+    for name in ("ref", "hostile", "unknown"):
+        for split in ("train", "val"):
+            for k, c in enumerate(["dress", "zebra" if name == "unknown" and split == "val"
+                                   else "shirt"]):  # fmt: skip
+                (tmp / name / split / c).mkdir(parents=True)
+                image = Image.fromarray(np.full((8, 8), 90 * k, np.uint8))
+                image.save(tmp / name / split / c / "0.png")
+    (tmp / "hostile" / "train" / "000_empty").mkdir()
+    cfg = lambda root: DataConfig(name="image_folder", root=str(root), img_size=8, in_chans=1)  # noqa: E731
+    labels = {n: [load_images(cfg(tmp / n), s).labels.tolist() for s in ("train", "test")]
+              for n in ("ref", "hostile")}  # fmt: skip
+    same = labels["ref"] == labels["hostile"]
+    try:
+        load_images(cfg(tmp / "unknown"), "test")
+        return False
+    except DataError as err:
+        return same and "zebra" in str(err)
+
+
+def _trial_lock(tmp: Path) -> bool:
+    run = tmp / "live"
+    first = _cli("pretrain", RECIPE, *TINY[:-2], "train.steps=100000", "--run-dir", str(run),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    try:
+        while not (run / "metrics.jsonl").exists():
+            time.sleep(0.2)
+        second = _cli("pretrain", RECIPE, *TINY, "--run-dir", str(run), "--resume", "auto",
+                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        _, err = second.communicate(timeout=120)
+        return _one_line(err) and f"process {first.pid} " in err
+    finally:
+        first.kill()
+        first.wait()
+
+
+def _trial_pipe(tmp: Path) -> bool:
+    run = tmp / "pipe"
+    proc = _cli("pretrain", RECIPE, *TINY, "train.log_every=1", "--run-dir", str(run),
+                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # fmt: skip
+    proc.stdout.readline()
+    proc.stdout.close()
+    return proc.wait(timeout=300) == 0 and len(losses(run)) == 60
+
+
+def _trial_recipes(tmp: Path) -> bool:
+    from mimar.config import load_config
+    from mimar.errors import ConfigError
+
+    base = ROOT / RECIPE
+    bomb = ["x0: &x0 [" + ", ".join(["0.25"] * 10) + "]"]
+    bomb += [f"x{i}: &x{i} [" + ", ".join([f"*x{i - 1}"] * 10) + "]" for i in range(1, 10)]
+    texts = ["\n".join([*bomb, f"base: {base}", "data: {mean: *x9}"]) + "\n",
+             "a: " + "[" * 5000 + "]" * 5000 + "\n",
+             "optim:\n  lr: 1.0\noptim:\n  weight_decay: 0.1\n"]  # fmt: skip
+    ok = True
+    for i, text in enumerate(texts):
+        (tmp / f"r{i}.yaml").write_text(text)
+        start = time.perf_counter()
+        try:
+            load_config(tmp / f"r{i}.yaml")
+            ok = False
+        except ConfigError as err:
+            ok &= time.perf_counter() - start < 1 and len(str(err)) < 600
+    return ok
+
+
+def _trial_signal(tmp: Path, name: str) -> bool:
+    run = tmp / f"sig-{name}"
+    proc = _cli("pretrain", RECIPE, *TINY[:-2], "train.steps=100000", "--run-dir", str(run),
+                stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    while not (run / "metrics.jsonl").exists():
+        time.sleep(0.2)
+    proc.send_signal(getattr(signal, name))
+    _, err = proc.communicate(timeout=120)
+    code = 128 + int(getattr(signal, name))
+    return (
+        proc.returncode == code
+        and (run / "checkpoints" / "last.pt").is_file()
+        and ("Traceback" not in err)
+    )
+
+
+def _trial_sizes(tmp: Path) -> bool:
+    ok = True
+    for extra in (["backbone.embed_dim=1048576"], ["backbone.depth=100000"],
+                  ["data.img_size=100000", "backbone.img_size=100000"]):  # fmt: skip
+        start = time.perf_counter()
+        proc = _cli("pretrain", RECIPE, *extra, "--run-dir", str(tmp / "size"),
+                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+        _, err = proc.communicate(timeout=120)
+        ok &= _one_line(err) and "cannot fit" in err and time.perf_counter() - start < 30
+    return ok
+
+
+def _trial_harness(tmp: Path) -> bool:
+    """tests/test_faults.py: every write site x ENOSPC / EROFS / torch's error, real tmpfs."""
+    out = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          "-m", "slow or not slow", "tests/test_faults.py"], cwd=ROOT,
+                         capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)})  # fmt: skip
+    return out.returncode == 0
+
+
+HOSTILE = [
+    ("1 labels: empty class folder first; test class unknown to training", _trial_labels),
+    ("2 a second pretrain / --resume auto on a live run folder", _trial_lock),
+    ("5 every write site fails (ENOSPC, EROFS, torch), real full tmpfs", _trial_harness),
+    ("6 stdout+stderr closed after one line (2>&1 piped into head -1)", _trial_pipe),
+    ("7 alias bomb (10^9 values), 5000-deep nesting, a repeated section", _trial_recipes),
+    ("8 embed_dim=1048576, depth=100000, img_size=100000", _trial_sizes),
+    ("9 SIGHUP to a training run", lambda tmp: _trial_signal(tmp, "SIGHUP")),
+]
+
+
+def part_hostile(tmp: Path) -> list[str]:
+    rows = []
+    for i, (name, trial) in enumerate(HOSTILE):
+        folder = tmp / f"hostile{i}"
+        folder.mkdir()
+        start = time.perf_counter()
+        try:
+            ok = trial(folder)
+        except Exception as err:  # noqa: BLE001 - what the table counts
+            ok, name = False, f"{name} ({type(err).__name__}: {str(err)[:80]})"
+        seconds = time.perf_counter() - start
+        rows.append(f"| {name} | 1 | {'held' if ok else 'FAILED'} ({seconds:.0f} s) |")
+        print(rows[-1], flush=True)
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--parts", nargs="+", default=["kill", "corrupt", "config"])
+    parser.add_argument("--parts", nargs="+", default=["kill", "corrupt", "config", "hostile"])
     parser.add_argument("--kills", type=int, default=10)
     args = parser.parse_args()
     rows = []
@@ -209,6 +360,8 @@ def main() -> None:
                         f"{clear} one-line ConfigError, {valid} valid, "
                         f"{len(problems)} other |")  # fmt: skip
             print(*problems[:20], sep="\n")
+        if "hostile" in args.parts:
+            rows += part_hostile(Path(tmp))
     print("\n| fault | tried | outcome |\n|---|---|---|")
     print(*rows, sep="\n")
 

@@ -19,9 +19,9 @@ from typing import Any, Literal, Union
 
 import yaml
 
-from mimar import names
+from mimar import names, recipe_yaml, writes
 from mimar.data import DataConfig
-from mimar.errors import ConfigError, check_range
+from mimar.errors import ConfigError, check_range, clip
 from mimar.teachers.config import TeacherConfig
 
 # A section's dataclass is picked at run time by its ``name`` through mimar.names (which imports
@@ -204,14 +204,8 @@ def apply_overrides(raw: dict, overrides: list[str] | tuple[str, ...]) -> dict:
     for item in overrides:
         key, sep, text = item.partition("=")
         if not sep or not key:
-            raise ConfigError(f"override {item!r} is not of the form dotted.key=value")
-        try:
-            value = yaml.safe_load(text) if text else ""
-        except yaml.YAMLError as err:
-            problem = str(getattr(err, "problem", None) or err).splitlines()[0]
-            raise ConfigError(
-                f"override {item!r}: the value is not valid YAML ({problem})"
-            ) from None
+            raise ConfigError(f"override {clip(item)} is not of the form dotted.key=value")
+        value = recipe_yaml.load(text, f"override {clip(item)}") if text else ""
         _set_dotted(raw, key.strip().split("."), value)
     return raw
 
@@ -275,7 +269,7 @@ def dotted_keys(tree: dict, prefix: str = "") -> list[str]:
 
 
 def save_config(cfg: Any, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    writes.write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False), "config")
 
 
 MAX_RECIPE_BYTES = 1_000_000  # the biggest recipe here is ~3 kB; more is not a recipe
@@ -291,9 +285,7 @@ def _read_recipe(path: Path, depth: int = 0) -> dict:
             "(is it the right file?)"
         )
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise ConfigError(f"{path} is not valid YAML: {' '.join(str(err).split())}") from None
+        raw = recipe_yaml.load(path.read_text(), str(path)) or {}
     except UnicodeDecodeError:
         raise ConfigError(f"{path} is not a text file (a YAML recipe)") from None
     if not isinstance(raw, dict):
@@ -304,7 +296,7 @@ def _read_recipe(path: Path, depth: int = 0) -> dict:
     if depth:
         raise ConfigError(f"{path}: only one level of 'base:' is allowed")
     if not isinstance(base, str):
-        raise ConfigError(f"{path}: base must be a recipe path, got {base!r}")
+        raise ConfigError(f"{path}: base must be a recipe path, got {clip(base)}")
     merged = _read_recipe(path.parent / base, depth + 1)
     _merge(merged, raw)
     return merged
@@ -348,13 +340,15 @@ def _section_class(name: str, raw: Any, path: str) -> type:
     if kind is None:
         kind = next(iter(table))
     if kind not in table:
-        raise ConfigError(f"{path}.name: unknown {name} {kind!r}; choose one of {sorted(table)}")
+        raise ConfigError(
+            f"{path}.name: unknown {name} {clip(kind)}; choose one of {sorted(table)}"
+        )
     return table[kind].config_class()
 
 
 def _build(cls: type, raw: Any, path: str) -> Any:
     if not isinstance(raw, dict):
-        raise ConfigError(f"{path or 'config'}: expected a section (mapping), got {raw!r}")
+        raise ConfigError(f"{path or 'config'}: expected a section (mapping), got {clip(raw)}")
     hints = typing.get_type_hints(cls)
     keys = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
@@ -363,7 +357,7 @@ def _build(cls: type, raw: Any, path: str) -> Any:
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3, cutoff=0.5)
             hint = f"; did you mean {' or '.join(close)}?" if close else ""
-            raise ConfigError(f"unknown config key '{full}'{hint} (valid: {', '.join(keys)})")
+            raise ConfigError(f"unknown config key {clip(full)}{hint} (valid: {', '.join(keys)})")
         kind = hints[key]
         if not path and key in names.TABLES:
             kwargs[key] = _build(_section_class(key, value, full), value, full)
@@ -401,15 +395,15 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
     if origin is Literal:
         if value in args:
             return value
-        raise ConfigError(f"{key}: expected one of {list(args)}, got {value!r}")
+        raise ConfigError(f"{key}: expected one of {list(args)}, got {clip(value)}")
     if origin is tuple:
         if not isinstance(value, (list, tuple)):
-            raise ConfigError(f"{key}: expected a list for {_type_name(kind)}, got {value!r}")
+            raise ConfigError(f"{key}: expected a list for {_type_name(kind)}, got {clip(value)}")
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(v, args[0], key) for v in value)
         if len(value) != len(args):
             raise ConfigError(
-                f"{key}: expected {len(args)} values ({_type_name(kind)}), got {value!r}"
+                f"{key}: expected {len(args)} values ({_type_name(kind)}), got {clip(value)}"
             )
         return tuple(_coerce(v, a, key) for v, a in zip(value, args))
     if kind is float and isinstance(value, (int, float)) and not isinstance(value, bool):
@@ -421,9 +415,11 @@ def _coerce(value: Any, kind: Any, key: str) -> Any:
             pass
     if kind is Any or (isinstance(kind, type) and isinstance(value, kind)):
         if kind is int and isinstance(value, bool):
-            raise ConfigError(f"{key}: expected int, got {value!r} (bool)")
+            raise ConfigError(f"{key}: expected int, got {clip(value)} (bool)")
         return value
-    raise ConfigError(f"{key}: expected {_type_name(kind)}, got {value!r} ({type(value).__name__})")
+    raise ConfigError(
+        f"{key}: expected {_type_name(kind)}, got {clip(value)} ({type(value).__name__})"
+    )
 
 
 def _type_name(kind: Any) -> str:

@@ -25,6 +25,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from mimar import writes
 from mimar.backbones.timm_beit import to_beit
 from mimar.backbones.vit import ViT
 from mimar.config import to_dict
@@ -101,7 +102,7 @@ def export_timm(model: nn.Module, out: str | Path) -> tuple[Path, Path]:
     beit = backbone.cfg.rel_pos_bias != "none"
     pooled = classifier is not None and classifier.pool == "avg"
     kwargs = beit_kwargs(backbone, pooled) if beit else timm_kwargs(backbone)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writes.make_dir(out.parent, "export folder")
     weights = {
         k: v.detach().contiguous().cpu()
         for k, v in backbone.state_dict().items()
@@ -115,7 +116,7 @@ def export_timm(model: nn.Module, out: str | Path) -> tuple[Path, Path]:
         for name in ("fc_norm", "head"):
             for key, value in getattr(classifier, name).state_dict().items():
                 weights[f"{name}.{key}"] = value.detach().contiguous().cpu()
-    save_file(weights, str(out))
+    writes.save_with(out, lambda name: save_file(weights, name), "export")
     meta = {
         "timm_model": "beit_base_patch16_224" if beit else "vit_base_patch16_224",
         "kwargs": kwargs,
@@ -128,7 +129,7 @@ def export_timm(model: nn.Module, out: str | Path) -> tuple[Path, Path]:
             "with mimar.export.create_timm_model(path) or set every LayerNorm's eps by hand"
         )
     meta_path = out.with_suffix(".json")
-    meta_path.write_text(json.dumps(meta, indent=2))
+    writes.write_text(meta_path, json.dumps(meta, indent=2), "export metadata")
     return out, meta_path
 
 

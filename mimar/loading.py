@@ -108,9 +108,26 @@ def _load_exported(path: Path) -> nn.Module:
         raise MissingFileError(f"no exported backbone at {path}")
     if not meta_path.is_file():
         raise MissingFileError(f"{path} has no {meta_path.name} beside it (written by export)")
-    meta = json.loads(meta_path.read_text())
+    try:
+        meta = json.loads(meta_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise CheckpointError(
+            f"{meta_path} is not valid JSON (truncated?): export the run again"
+        ) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("mimar_backbone"), dict):
+        raise CheckpointError(
+            f"{meta_path} has no mimar_backbone section: not written by mimar export (export "
+            "the run again)"
+        )
     backbone = build_backbone(section_from_dict("backbone", meta["mimar_backbone"]))
-    missing, unexpected = backbone.load_state_dict(load_file(path), strict=False)
+    try:
+        weights = load_file(path)
+    except Exception as err:  # safetensors raises its own error types for damaged files
+        first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+        raise CheckpointError(
+            f"cannot read {path} (truncated or corrupt safetensors: {first}): export it again"
+        ) from None
+    missing, unexpected = backbone.load_state_dict(weights, strict=False)
     if unexpected or [k for k in missing if k != "mask_token"]:
         raise CheckpointError(f"{path}: missing {missing}, unexpected {unexpected}")
     return backbone.eval()

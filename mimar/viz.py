@@ -24,7 +24,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from torch import nn
 
-from mimar import names
+from mimar import names, writes
 from mimar.masking import hidden_from_keep
 from mimar.targets import patchify, unpatchify, upsample_mask
 
@@ -238,8 +238,7 @@ def save_reconstruction(
         fig.suptitle(textwrap.fill(caption, width=max(60, 16 * n)), fontsize=9)
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    writes.save_with(path, lambda name: fig.savefig(name, dpi=100), "picture")
     return path
 
 

@@ -17,7 +17,10 @@ import sys
 from mimar.cli import bench, data, export, pretrain, weights
 from mimar.cli import eval as eval_group
 from mimar.cli.common import setup_logging
+from mimar import runs
 from mimar.errors import MimarError
+from mimar.interrupts import Interrupted, signals_stop_the_command
+from mimar.streams import quiet_when_closed
 
 # in the order `mimar --help` lists them
 GROUPS = (pretrain, eval_group, weights, data, bench, export)
@@ -35,14 +38,21 @@ def main(argv: list[str] | None = None) -> int:
         if takes is None:
             parser.error(f"unrecognized arguments: {' '.join(extra)}")
         setattr(args, takes, [*getattr(args, takes), *extra])
-    setup_logging()
-    try:
-        return args.func(args)
-    except MimarError as err:  # bad input: one line; anything else is a bug: its traceback
-        if os.environ.get("MIMAR_DEBUG"):
-            raise
-        print(f"mimar {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    with quiet_when_closed():  # a closed stdout/stderr turns output off, never the work
+        setup_logging()
+        try:
+            with signals_stop_the_command():  # SIGINT/SIGTERM/SIGHUP: one line, 128 + n
+                return args.func(args)
+        except MimarError as err:  # bad input: one line; anything else is a bug: its traceback
+            if os.environ.get("MIMAR_DEBUG"):
+                raise
+            print(f"mimar {args.command}: error: {err}", file=sys.stderr)
+            return getattr(err, "exit_code", 2)  # 2: bad input; 74: a write failed
+        except Interrupted as stop:  # outside a training loop: nothing to save
+            print(f"mimar {args.command}: stopped by {stop.signal_name}", file=sys.stderr)
+            return stop.exit_code
+        finally:
+            runs.unlock_all()  # the run lock ends with the command, also when run in-process
 
 
 def build_parser() -> argparse.ArgumentParser:

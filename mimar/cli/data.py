@@ -41,6 +41,11 @@ def add_parser(sub) -> None:
         "--seed", type=int, default=0, help="seed of the order the samples are written in"
     )
     sh.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue an interrupted run of the same command (its complete shards are kept)",
+    )
+    sh.add_argument(
         "--on-bad-image",
         choices=("error", "skip"),
         default="error",
@@ -78,6 +83,7 @@ def shard(args) -> int:
         shard_size=args.shard_size,
         seed=args.seed,
         on_bad_image=args.on_bad_image,
+        resume=args.resume,
     )
     if summary["skipped"]:
         n, first = len(summary["skipped"]), summary["skipped"][0]

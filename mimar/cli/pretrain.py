@@ -53,6 +53,8 @@ def run(args) -> int:
         if args.run_dir is None:
             raise ConfigError("--resume auto needs --run-dir (the folder to continue or start)")
         resume = runs.newest_checkpoint(run_dir) is not None
+    if runs.lock_rank():  # one process per run folder (torchrun: rank 0 takes it)
+        runs.lock_run(run_dir)  # held until the command ends; a second start is refused
     if not resume and runs.newest_checkpoint(run_dir) is not None:
         raise ConfigError(
             f"{run_dir} already holds a run: pass --resume to continue it, "

@@ -8,8 +8,10 @@ ImageNet-scale data streams from WebDataset shards instead (``mimar data shard``
 
 Layout: ``root/train`` and ``root/val`` (or ``root/test``) are the splits when present, else
 ``root`` itself is the train split. Inside a split, if every image sits in a first-level
-sub-folder, the sorted sub-folder names are the classes (torchvision ImageFolder
-convention); otherwise the images are unlabelled. Files and folders whose names start with
+sub-folder, the sorted names of the sub-folders that hold images are the classes
+(torchvision ImageFolder convention, minus empty folders); otherwise the images are unlabelled.
+The train split's classes are the one mapping of every split: a held-out class folder that
+the train split lacks is an error naming it. Files and folders whose names start with
 "." are ignored (editor and notebook checkpoints).
 """
 
@@ -24,6 +26,7 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader, Dataset
 
+from mimar import machine
 from mimar.data.config import DataConfig
 from mimar.data.image_set import IMAGENET_MEAN, IMAGENET_STD, ImageSet, match_stats
 from mimar.errors import DataError, MissingFileError
@@ -48,6 +51,7 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
         picks = [i * len(paths) // cfg.max_images for i in range(cfg.max_images)]
         paths = [paths[i] for i in picks]
         labels = [labels[i] for i in picks] if labels else labels
+    _check_decoded_size(folder, len(paths), cfg)
     arrays, bad = _decode_all(paths, cfg.img_size, cfg.in_chans, cfg.num_workers)
     if bad and cfg.on_bad_image == "error":
         path, error = bad[0]
@@ -74,6 +78,22 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
         skipped=len(bad),
         source=f"image folder {split} ({len(good)} images, {len(bad)} skipped) from {folder}",
     )
+
+
+def _check_decoded_size(folder: Path, n: int, cfg: DataConfig) -> None:
+    """Refuse, before decoding starts, a split whose decoded images would not fit in memory
+    (this reader holds them all: n x img_size^2 x channels bytes, twice while stacking)."""
+    need = 2 * n * cfg.img_size**2 * cfg.in_chans
+    free = machine.cpu_memory()
+    if need > free:
+        raise DataError(
+            f"{folder}: {n:,} images at {cfg.img_size} px x {cfg.in_chans} channels need "
+            f"{machine.gib(need)} in memory while decoding, and {machine.gib(free)} is free; "
+            "stream them instead: mimar data shard "
+            f"{folder} 'OUT/train-%06d.tar', then data.name=webdataset "
+            "data.root='OUT/train-{000000..N}.tar' (or set data.max_images / a smaller "
+            "data.img_size)"
+        )
 
 
 def split_folder(root: Path, split: str) -> Path:
@@ -144,22 +164,45 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 def class_labels(
     folder: Path, paths: list[Path], reference: list[str] | None
 ) -> tuple[list[str] | None, list[int]]:
-    """Classes from first-level sub-folders when every image has one, else (None, [])."""
-    parts = [path.relative_to(folder).parts for path in paths]
-    if any(len(p) < 2 for p in parts):
+    """Classes from first-level sub-folders when every image has one, else (None, []).
+
+    The classes are the sub-folders that hold images: an empty folder is no class (counting
+    it would shift every later label by one). ``reference`` (the train split's classes) is the
+    one mapping of a held-out split, which may lack some classes but never add one.
+    """
+    names = folder_classes(folder, paths)
+    if names is None:
         return None, []
-    found = sorted({p[0] for p in parts})
-    # A held-out split missing some classes must still index them like the train split.
-    classes = reference if reference and set(found) <= set(reference) else found
+    classes = names if reference is None else reference
+    unknown = sorted(set(names) - set(classes))
+    if unknown:
+        shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise DataError(
+            f"{folder} has {len(unknown)} class folder(s) that the train split lacks: {shown}; "
+            f"a test image of a class the model never saw cannot be scored (train classes: "
+            f"{len(classes)})"
+        )
     index = {name: i for i, name in enumerate(classes)}
-    return classes, [index[p[0]] for p in parts]
+    return classes, [index[path.relative_to(folder).parts[0]] for path in paths]
+
+
+def folder_classes(folder: Path, paths: list[Path] | None = None) -> list[str] | None:
+    """The sorted first-level sub-folders of ``folder`` that hold images (``paths``: its
+    images, listed here when not given), or None when some image sits outside a sub-folder
+    (an unlabelled folder)."""
+    paths = list_images(folder) if paths is None else paths
+    parts = [path.relative_to(folder).parts for path in paths]
+    if not parts or any(len(p) < 2 for p in parts):
+        return None
+    return sorted({p[0] for p in parts})
 
 
 def _reference_classes(root: Path, split: str) -> list[str] | None:
+    """The train split's classes, which every held-out split of ``root`` is indexed by."""
     train = root / "train"
     if split == "train" or not train.is_dir():
         return None
-    return sorted(d.name for d in train.iterdir() if d.is_dir() and not d.name.startswith("."))
+    return folder_classes(train)
 
 
 class _DecodeFiles(Dataset):

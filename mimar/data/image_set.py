@@ -79,3 +79,21 @@ def match_stats(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
     if in_chans == 1:
         return (sum(values) / len(values),)
     raise DataError(f"cannot fit statistics {values} to in_chans={in_chans}")
+
+
+def check_same_classes(train: list[str] | tuple[str, ...] | None, test, where: str) -> None:
+    """Refuse a held-out split whose class list is not the train split's: its labels index
+    another mapping, so every score against it would be silently wrong (``where``: the data,
+    for the message). Either side None (names unknown) is not checked."""
+    if train is None or test is None or list(train) == list(test):
+        return
+    unknown = [name for name in test if name not in set(train)]
+    if unknown:
+        shown = ", ".join(map(str, unknown[:5])) + (" ..." if len(unknown) > 5 else "")
+        problem = f"classes the train split lacks: {shown}"
+    else:
+        problem = "the same classes in another order"
+    raise DataError(
+        f"{where}: the test split's {len(test)} classes do not map like the train split's "
+        f"{len(train)} ({problem}); every split must share the train split's class list"
+    )

@@ -16,6 +16,7 @@ import torch
 from mimar.data.augment import BatchAugment, CropParams, eval_transform
 from mimar.data.config import DataConfig
 from mimar.data.image_set import ImageSet
+from mimar.errors import DataError
 
 _AUGMENT_STREAM = 1  # seeds (seed, step, 1): crop boxes and flips
 _METHOD_STREAM = 2  # seeds (seed, step, 2): handed to the method for masks / corruption
@@ -37,9 +38,9 @@ def derive_seed(*values: int) -> int:
 def check_split(batch_size: int, rank: int, world_size: int) -> None:
     """A global batch that ``world_size`` ranks can split evenly, and a valid ``rank``."""
     if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world_size, got rank={rank} world={world_size}")
+        raise DataError(f"need 0 <= rank < world_size, got rank={rank} world={world_size}")
     if batch_size % world_size:
-        raise ValueError(
+        raise DataError(
             f"data.batch_size={batch_size} (global) must be divisible by the world size "
             f"{world_size}"
         )
@@ -68,7 +69,7 @@ class StepLoader:
     ) -> None:
         check_split(batch_size, rank, world_size)
         if len(images) < batch_size:
-            raise ValueError(
+            raise DataError(
                 f"{images.source or 'the dataset'} has {len(images)} images, fewer than "
                 f"data.batch_size={batch_size}; lower the batch size or add images"
             )
@@ -83,7 +84,7 @@ class StepLoader:
     def indices(self, step: int) -> torch.Tensor:
         """Dataset indices of the whole global batch of ``step``: int64 ``(batch_size,)``."""
         if step < 0:
-            raise ValueError(f"step must be >= 0, got {step}")
+            raise DataError(f"step must be >= 0, got {step}")
         epoch, within = divmod(step, self.steps_per_epoch)
         if epoch != self._order_epoch:  # a cache only: the order is a function of the epoch
             gen = torch.Generator().manual_seed(derive_seed(self.seed, epoch))

@@ -33,8 +33,9 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
-from mimar.data.image_folder import class_labels, list_images
-from mimar.data.shards import INDEX, read_index, require_webdataset
+from mimar import writes
+from mimar.data.image_folder import class_labels, folder_classes, list_images
+from mimar.data.shards import INDEX, read_index, require_webdataset, sample_counts, writing_marker
 from mimar.errors import ConfigError, DataError, MissingFileError
 
 _NUMBER = re.compile(r"%0?\d*d")  # the shard number of a pattern: %d, %06d
@@ -48,6 +49,7 @@ def write_shards(
     seed: int = 0,
     on_bad_image: str = "error",
     progress=True,
+    resume: bool = False,
 ) -> dict:
     """Write ``folder``'s images as shards ``pattern % 0, pattern % 1, ...`` of ``shard_size``
     samples (the last one may be smaller, and so is one that lost unreadable images under
@@ -65,12 +67,22 @@ def write_shards(
     out = Path(pattern).parent
     classes, labels = _classes(folder, paths, read_index(out).get("classes"))
     existing = sorted(out.glob(_NUMBER.sub("*", Path(pattern).name)))
-    if existing:
+    marker = writing_marker(out, Path(pattern).name)
+    if existing and marker.exists() and not resume:
+        raise ConfigError(
+            f"an interrupted mimar data shard left {len(existing)} shard(s) of "
+            f"{Path(pattern).name} in {out} and no {INDEX} entry for them: continue it with "
+            f"the same command and --resume, or remove {out} to start over"
+        )
+    if existing and not marker.exists():
         raise ConfigError(
             f"{out} already holds shards of {Path(pattern).name} ({existing[0].name} ...); "
             "remove them or choose another pattern"
         )
-    out.mkdir(parents=True, exist_ok=True)
+    writes.make_dir(out, "shard folder")
+    # Present from the first shard until shards.json is written last: readers refuse the
+    # folder meanwhile, and a killed writer leaves it behind for --resume.
+    writes.write_text(marker, json.dumps({"pattern": pattern, "seed": seed}), "shard marker")
     order = torch.randperm(len(paths), generator=torch.Generator().manual_seed(seed)).tolist()
     written: dict[str, dict] = {}
     skipped: list[Path] = []
@@ -82,14 +94,20 @@ def write_shards(
             for shard, first in enumerate(range(0, len(order), shard_size)):
                 picks = order[first : first + shard_size]
                 target = Path(pattern % shard)
-                samples = _samples(picks, paths, labels, on_bad_image, skipped)
-                size, count = _write_shard(wds, target, samples, lambda: bar.advance(task))
+                if resume and target.is_file():  # complete: shards are renamed when done
+                    size, count = target.stat().st_size, sample_counts([target])[0]
+                    bar.advance(task, len(picks))
+                else:
+                    samples = _samples(picks, paths, labels, on_bad_image, skipped)
+                    size, count = _write_shard(wds, target, samples, lambda: bar.advance(task))
                 written[target.name] = {"samples": count, "bytes": size}
         except DataError:  # an unreadable image: leave no partial set of shards behind
             for name in written:
                 (out / name).unlink(missing_ok=True)
+            marker.unlink(missing_ok=True)
             raise
     _update_index(out, classes, written)
+    marker.unlink(missing_ok=True)
     n = len(written)
     number = _NUMBER.search(pattern).group(0)  # type: ignore[union-attr]
     root = pattern % 0 if n == 1 else f"{pre}{{{number % 0}..{number % (n - 1)}}}{post}"
@@ -141,21 +159,24 @@ def _classes(
 ) -> tuple[list[str] | None, list[int]]:
     """The image folder reader's classes and labels (:func:`class_labels`); classes that the
     output folder's index lacks are refused (its shards would number them differently)."""
-    classes, labels = class_labels(folder, paths, reference)
-    extra = sorted(set(classes or []) - set(reference or classes or []))
+    names = folder_classes(folder, paths)
+    extra = sorted(set(names or []) - set(reference or names or []))
     if extra:
         raise DataError(
             f"{folder} has classes {extra[:3]} that the {INDEX} of the output folder lacks; "
             "write shards of another class set to another folder"
         )
-    return classes, labels
+    return class_labels(folder, paths, reference)
 
 
 def _samples(picks, paths, labels, on_bad_image: str, skipped: list[Path]):
     """The samples of ``picks`` (indices into ``paths``); an unreadable image raises, or is
     appended to ``skipped`` and yields None (counted by the progress bar, not written)."""
     for i in picks:
-        data = paths[i].read_bytes()
+        try:  # a read error is the image's, not the shard's (whose writes are guarded)
+            data = paths[i].read_bytes()
+        except OSError as err:
+            raise DataError(f"cannot read {paths[i]}: {err.strerror or err}") from None
         if _readable(data):
             yield _sample(i, paths[i], data, labels[i] if labels else None)
         elif on_bad_image == "error":
@@ -189,7 +210,11 @@ def _write_shard(wds, target: Path, samples, advance) -> tuple[int, int]:
     partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
     count = 0
     try:
-        with partial.open("wb") as stream, wds.TarWriter(stream, mtime=0.0) as tar:
+        with (
+            writes.guard(target, "shard"),
+            partial.open("wb") as stream,
+            wds.TarWriter(stream, mtime=0.0) as tar,
+        ):
             for sample in samples:
                 if sample is not None:
                     tar.write(sample)
@@ -207,6 +232,4 @@ def _update_index(out: Path, classes: list[str] | None, written: dict[str, dict]
     index["shards"] = index.get("shards", {}) | written
     if classes is not None:
         index["classes"] = classes
-    partial = out / f".{INDEX}.partial-{os.getpid()}"
-    partial.write_text(json.dumps(index, indent=1, sort_keys=True))
-    os.replace(partial, out / INDEX)
+    writes.write_text(out / INDEX, json.dumps(index, indent=1, sort_keys=True), "shard index")

@@ -73,6 +73,7 @@ class ShardSet:
 def open_shards(root: str, mean: tuple[float, ...], std: tuple[float, ...]) -> ShardSet:
     """Expand ``root``, check every shard exists, count samples; empty shards are left out."""
     paths = shard_paths(root, "train")
+    check_complete(paths)
     counts = sample_counts(paths)
     kept = [(p, n) for p, n in zip(paths, counts) if n > 0]
     if not kept:
@@ -116,6 +117,46 @@ def _held_out(pattern: str, word: str) -> list[Path]:
         return []
     glob = re.sub(r"\{[^}]*\}", "*", name.replace("train", word, 1))
     return sorted(p for p in folder.glob(glob) if p.is_file())
+
+
+WRITING = ".shards-writing"  # mimar data shard's marker: shards.json is not written yet
+
+
+def writing_marker(folder: Path, pattern_name: str = "") -> Path:
+    """The file ``mimar data shard`` keeps in ``folder`` (one per shard name pattern) until
+    its ``shards.json`` is written."""
+    return folder / f"{WRITING}-{_stem(pattern_name)}"
+
+
+def check_complete(paths: list[Path]) -> None:
+    """Refuse shards that an interrupted ``mimar data shard`` left (its marker is still
+    there), and a set that disagrees with the ``shards.json`` beside it (a listed shard of the
+    same name pattern missing, or one present that it does not list): either would be read
+    silently as a smaller or another data set. Foreign shards without an index pass."""
+    for folder in sorted({p.parent for p in paths}):
+        if any(folder.glob(f"{WRITING}-*")):
+            raise DataError(
+                f"the shards in {folder} are incomplete: mimar data shard was interrupted "
+                f"there ({WRITING} is present, {INDEX} not written); rerun it with --resume, "
+                "or remove the folder and shard again"
+            )
+        listed = set(read_index(folder).get("shards", {}))
+        if not listed:
+            continue
+        names = {p.name for p in paths if p.parent == folder}
+        unknown = sorted(names - listed)
+        same_pattern = {n for n in listed if _stem(n) in {_stem(m) for m in names}}
+        missing = sorted(same_pattern - {p.name for p in folder.iterdir()})
+        if unknown or missing:
+            problem = f"{unknown[0]} is not in it" if unknown else f"{missing[0]} is missing"
+            raise DataError(
+                f"the shards in {folder} disagree with its {INDEX} ({problem}); shard the "
+                "images again into an empty folder"
+            )
+
+
+def _stem(name: str) -> str:
+    return re.sub(r"\d+", "#", name)
 
 
 def read_index(folder: Path) -> dict:
@@ -226,6 +267,7 @@ def _unchanged(item):
 def load_shards(cfg: DataConfig, split: str) -> ImageSet:
     """One split of shards in memory (stored order; ``cfg.max_images``: the first ones)."""
     paths = shard_paths(cfg.root, split)
+    check_complete(paths)
     if cfg.max_images:  # only the shards that hold the first max_images samples
         ends = np.cumsum(sample_counts(paths))
         paths = paths[: int(np.searchsorted(ends, cfg.max_images)) + 1]
@@ -252,11 +294,18 @@ def load_shards(cfg: DataConfig, split: str) -> ImageSet:
     if bad and (cfg.on_bad_image == "error" or not arrays):
         raise DataError(f"cannot decode {bad[0]} (set data.on_bad_image=skip to skip it)")
     labels = _labels(kept)
+    classes = read_index(paths[0].parent).get("classes") if labels is not None else None
+    if classes is not None and labels is not None and int(labels.max()) >= len(classes):
+        # a label past the index's classes would be scored against some other class
+        raise DataError(
+            f"the {split} shards of {cfg.root} hold label {int(labels.max())} but their "
+            f"{INDEX} names {len(classes)} classes; rewrite them with mimar data shard"
+        )
     images = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2).contiguous()
     return ImageSet(
         images=images,  # (N, C, S, S)
         labels=labels,
-        classes=read_index(paths[0].parent).get("classes") if labels is not None else None,
+        classes=classes,
         mean=match_stats(IMAGENET_MEAN, cfg.in_chans),
         std=match_stats(IMAGENET_STD, cfg.in_chans),
         skipped=len(bad),

@@ -23,6 +23,7 @@ import yaml
 
 from mimar import runs
 from mimar.config import to_dict
+from mimar.data.image_set import check_same_classes
 from mimar.data.sources import normalization_stats
 from mimar.dense.coco import DenseSet, load_coco_dense
 from mimar.dense.config import DenseConfig, load_dense_config
@@ -86,6 +87,7 @@ def dense_finetune(
     test_set = load_coco_dense(
         root, "test", img_size=dense.img_size, in_chans=in_chans, max_images=max_test
     )
+    check_same_classes(train_set.class_names, test_set.class_names, str(root))
     img_size = train_set.images.shape[-1]
     mean, std = normalization_stats(run_cfg.data)  # the backbone's own input statistics
     config = {

@@ -10,6 +10,7 @@ from matplotlib.colors import ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
 
+from mimar import writes
 from mimar.dense.heads import IGNORE
 
 SCORE_SHOWN = 0.5  # predicted boxes drawn from this score up
@@ -64,6 +65,5 @@ def save_dense_picture(data, rows: torch.Tensor, pred, task: str, path: str | Pa
                     ax.text(x1, y1, text, fontsize=4, color=colour, va="bottom")
     fig.tight_layout()
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120)
+    writes.save_with(path, lambda name: fig.savefig(name, dpi=120), "picture")
     return path

@@ -8,14 +8,12 @@ load with a warning.
 
 from __future__ import annotations
 
-import errno
 import hashlib
 import logging
 import os
 import pickle
 import shutil
 import subprocess
-import tempfile
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +21,9 @@ from typing import Any, BinaryIO
 
 import torch
 
-from mimar import runs
+from mimar import runs, writes
 from mimar.engine import dist
-from mimar.errors import CheckpointError, MissingFileError
+from mimar.errors import CheckpointError, MissingFileError, WriteError
 
 log = logging.getLogger("mimar")
 
@@ -35,48 +33,26 @@ RESUME_KEYS = (*KEYS, "optimizer", "rng")  # and what resuming needs besides
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[BinaryIO], object]) -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``.
-
-    Readers see either the old file or the complete new one: the temp file lives in the same
-    directory (so ``os.replace`` is a rename on one file system), is flushed and fsync-ed
-    first, and is removed again if ``write`` raises. Parent directories are created. The file
-    gets mode 0644 (``mkstemp`` creates 0600; run outputs are meant to be shared).
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``
+    (:func:`mimar.writes.atomic_write`: a failure is one WriteError line)."""
+    writes.atomic_write(path, write)
 
 
 def save_atomic(state: dict, path: str | Path) -> None:
     """Write ``state`` so that ``path`` is either the old file or the complete new one."""
-    atomic_write(path, lambda f: torch.save(state, f))
+    writes.torch_save(state, path, "checkpoint")
 
 
 def save(state: dict, *paths: str | Path) -> None:
     """Write ``state`` with its content hash to each of ``paths`` (atomically: a failed write,
-    e.g. a full disk, leaves the file there was, and raises a one-line CheckpointError)."""
+    e.g. a full disk, leaves the file there was, and raises a one-line WriteError)."""
     stamped = {**state, HASH_KEY: content_hash(state)}
     for path in paths:
         try:
             save_atomic(stamped, path)
-        except OSError as err:
-            if err.errno == errno.ENOSPC:
-                reason = "no space left"
-            else:
-                reason = f"{err.strerror or err} while"
-            raise CheckpointError(
-                f"{reason} writing {path}; the previous checkpoint is intact"
-            ) from None
+        except WriteError as err:
+            kept = "the previous checkpoint is intact" if Path(path).exists() else "not saved"
+            raise WriteError(f"{err}; {kept}", errno_=err.errno) from None
 
 
 def load(

@@ -25,7 +25,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 
-from mimar import runs
+from mimar import runs, writes
 from mimar.errors import ConfigError
 
 log = logging.getLogger("mimar")
@@ -50,11 +50,10 @@ class Run:
 def open_run(run: Run, loggers: Sequence[str], start: int) -> RunLog:
     """Rank 0: write the run folder's ``config.yaml`` (and the config changes of a forced
     resume, from ``start`` on) and open its metrics and loggers."""
-    run.dir.mkdir(parents=True, exist_ok=True)
-    (run.dir / runs.CONFIG).write_text(yaml.safe_dump(run.config, sort_keys=False))
-    if run.changes:  # a forced resume: what changed, and from which step on
-        with (run.dir / CONFIG_CHANGES).open("a") as f:
-            f.writelines(json.dumps({"step": start, **c}) + "\n" for c in run.changes)
+    writes.make_dir(run.dir, "run folder")
+    writes.write_text(run.dir / runs.CONFIG, yaml.safe_dump(run.config, sort_keys=False))
+    for c in run.changes:  # a forced resume: what changed, and from which step on
+        writes.append_line(run.dir / CONFIG_CHANGES, json.dumps({"step": start, **c}))
     return RunLog(run.dir, loggers, run.config, start if run.resume else 0)
 
 
@@ -74,12 +73,11 @@ class MetricsLog:
             kept = [
                 line for line, row in rows if row is not None and row.get("step", 0) <= resume_step
             ]
-            path.write_text("".join(line + "\n" for line in kept))
-        self.file = path.open("a")
+            writes.write_text(path, "".join(line + "\n" for line in kept), "metrics")
+        self.file = writes.AppendFile(path, "metrics")
 
     def write(self, row: dict) -> None:
-        self.file.write(json.dumps({**row, "time": round(time.time(), 3)}) + "\n")
-        self.file.flush()
+        self.file.write_line(json.dumps({**row, "time": round(time.time(), 3)}))
 
     def close(self) -> None:
         self.file.close()
@@ -114,9 +112,11 @@ class RunLog:
         self, run_dir: Path, loggers, config: dict, resume_step: int | None = None
     ) -> None:
         self.metrics = MetricsLog(run_dir / runs.METRICS, resume_step)
-        self.sinks = [
-            _SINKS[name](run_dir, config, resume_step or 0) for name in loggers if name != "jsonl"
-        ]
+        self.sinks = []
+        for name in loggers:
+            if name != "jsonl":
+                with writes.optional(f"{name} logging"):  # degrades; a missing package raises
+                    self.sinks.append(_SINKS[name](run_dir, config, resume_step or 0))
 
     def write(self, row: dict) -> None:
         self.metrics.write(row)
@@ -127,16 +127,19 @@ class RunLog:
             if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool)
         }
         for sink in self.sinks:
-            sink.scalars(scalars, row["step"])
+            with writes.optional("logging to a sink"):
+                sink.scalars(scalars, row["step"])
 
     def picture(self, path: Path, step: int) -> None:
         for sink in self.sinks:
-            sink.picture(path, step)
+            with writes.optional("logging a picture"):
+                sink.picture(path, step)
 
     def close(self) -> None:
         self.metrics.close()
         for sink in self.sinks:
-            sink.close()
+            with writes.optional("closing a sink"):
+                sink.close()
 
 
 def _require(package: str, logger: str) -> None:

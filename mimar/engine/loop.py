@@ -27,6 +27,7 @@ import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from mimar import runs
 from mimar.engine import checkpoint, dist, fsdp
 from mimar.engine.contracts import StepLoader
 from mimar.engine.hooks import Hook, StepView
@@ -92,6 +93,8 @@ def fit(
     cosine) into the run folder ``run``; ``hooks`` run on rank 0 after the steps they ask
     for (engine/hooks.py: their numbers are logged, their pictures go to the loggers)."""
     t, device, rank = train, session.device, session.rank
+    # one process trains into a folder (RUN/.lock; a no-op when the caller holds it already)
+    took_lock = runs.lock_run(run.dir) if rank == 0 else False
     p = _Parts(session, model, loader, t, optim, run)
     metrics = open_run(run, t.loggers, p.start) if rank == 0 else None
     if rank == 0:
@@ -147,6 +150,8 @@ def fit(
         stop.restore()
         if metrics is not None:
             metrics.close()
+        if took_lock:
+            runs.unlock_run(run.dir)
 
 
 class _Parts:

@@ -1,5 +1,6 @@
-"""SIGTERM / SIGINT during training: the loop finishes the current step, saves a checkpoint
-and stops (the CLI then exits 143 / 130, as a killed process: the run is not finished)."""
+"""SIGTERM / SIGINT / SIGHUP during training: the loop finishes the current step, saves a
+checkpoint and stops (the CLI then exits 143 / 130 / 129, as a killed process: the run is not
+finished)."""
 
 from __future__ import annotations
 
@@ -7,11 +8,14 @@ import signal
 
 
 class StopFlag:
-    """SIGTERM / SIGINT set a flag; the loop saves a checkpoint after the current step."""
+    """SIGTERM / SIGINT / SIGHUP set a flag; the loop saves a checkpoint after the step."""
 
     def __init__(self) -> None:
         self.signal: str | None = None
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
+        stops = [signal.SIGTERM, signal.SIGINT]
+        if signal.getsignal(signal.SIGHUP) is not signal.SIG_IGN:  # nohup keeps ignoring it
+            stops.append(signal.SIGHUP)  # a closed terminal or SSH session
+        self.previous = {s: signal.signal(s, self._handle) for s in stops}
 
     def _handle(self, signum, frame) -> None:
         if self.signal is not None and signum == signal.SIGINT:

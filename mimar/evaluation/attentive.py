@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimar.errors import ConfigError
 from mimar.evaluation.train import fit
 
 _EVAL_CHUNK = 1024  # test rows per forward when scoring
@@ -129,7 +130,7 @@ def attentive_probe(
     if len(train_tokens) != len(train_labels) or len(test_tokens) != len(test_labels):
         raise ValueError("tokens and labels must have equal lengths")
     if epochs < 1 or batch_size < 1 or len(train_tokens) == 0:
-        raise ValueError("need epochs >= 1, batch_size >= 1 and some train tokens")
+        raise ConfigError("need epochs >= 1, batch_size >= 1 and some train tokens")
     device = torch.device(device)
     num_classes = int(max(train_labels.max(), test_labels.max())) + 1
     with torch.random.fork_rng(devices=[]):

@@ -59,6 +59,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from mimar.data.loader import derive_seed
+from mimar.errors import ConfigError
 
 IMPLEMENTATION = "mimar.evaluation.robustness (torch; CIFAR-10-C tables, lengths x S/32)"
 SEVERITIES: tuple[int, ...] = (1, 2, 3, 4, 5)
@@ -303,9 +304,9 @@ def corrupt(
     if images.dtype != torch.uint8 or images.ndim != 4:
         raise ValueError(f"need uint8 (N, C, H, W), got {images.dtype} {tuple(images.shape)}")
     if name not in _CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruption {name!r}; choose one of {list(CORRUPTIONS)}")
     if severity not in (0, *SEVERITIES):
-        raise ValueError(f"severity must be 0-5, got {severity}")
+        raise ConfigError(f"severity must be 0-5, got {severity}")
     if severity == 0 or len(images) == 0:
         return images.clone()
     indices = torch.arange(len(images)) if indices is None else torch.as_tensor(indices)

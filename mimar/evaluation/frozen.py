@@ -30,8 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from mimar import writes
 from mimar.data import ImageSet, iterate_eval_batches
-from mimar.engine.checkpoint import save_atomic
 from mimar.errors import ConfigError
 from mimar.evaluation.attentive import attentive_probe, default_blocks, probe_heads
 from mimar.evaluation.features import (
@@ -113,7 +113,8 @@ class EvalSetup:
                 log.warning("ignoring the unreadable feature cache %s: %s", path, err)
         feats = self.extract(extract_layer_features, backbone, layers=taps, pool=pool)
         if path is not None:
-            save_atomic({"train": feats[0], "test": feats[1]}, path)
+            with writes.optional("the feature cache"):  # a full cache disk stops no eval
+                writes.torch_save({"train": feats[0], "test": feats[1]}, path, "feature cache")
         return feats
 
     def _key(self, backbone: nn.Module, taps: list, pool: str) -> str:

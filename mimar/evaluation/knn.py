@@ -12,6 +12,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from mimar.errors import ConfigError
+
 
 def knn_predict(
     train_feats: torch.Tensor,
@@ -31,7 +33,7 @@ def knn_predict(
     (default: that of ``train_feats``) and returns the predictions there.
     """
     if k < 1 or temperature <= 0 or chunk_size < 1:
-        raise ValueError(f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}")
+        raise ConfigError(f"need k >= 1, temperature > 0, chunk_size >= 1; got {k}, {temperature}")
     if len(train_feats) != len(train_labels) or len(train_feats) == 0:
         raise ValueError("train_feats and train_labels must be non-empty and of equal length")
     device = train_feats.device if device is None else torch.device(device)

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from mimar.engine.optim import lr_at
+from mimar.errors import ConfigError
 
 _EVAL_CHUNK = 8192  # rows per batched matmul when scoring heads
 
@@ -59,7 +60,7 @@ def linear_probe(
         "epochs"}``. Ties in val accuracy go to the smaller lr (first in ``lrs``).
     """
     if not lrs or epochs < 1 or batch_size < 1 or not 0.0 < val_fraction < 1.0:
-        raise ValueError("need non-empty lrs, epochs >= 1, batch_size >= 1, 0 < val_fraction < 1")
+        raise ConfigError("need non-empty lrs, epochs >= 1, batch_size >= 1, 0 < val_fraction < 1")
     if len(train_feats) != len(train_labels) or len(test_feats) != len(test_labels):
         raise ValueError("features and labels must have equal lengths")
     generator = torch.Generator().manual_seed(seed)
@@ -95,7 +96,7 @@ def _split(n: int, val_fraction: float, generator: torch.Generator) -> tuple[tor
     """Seeded random split into (fit, val) row indices; both parts non-empty."""
     n_val = round(n * val_fraction)
     if not 0 < n_val < n:
-        raise ValueError(f"val_fraction={val_fraction} of {n} train rows leaves an empty part")
+        raise ConfigError(f"val_fraction={val_fraction} of {n} train rows leaves an empty part")
     perm = torch.randperm(n, generator=generator)
     return perm[n_val:], perm[:n_val]
 

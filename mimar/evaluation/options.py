@@ -87,6 +87,9 @@ class RunOptions:
     device: str = option(
         "auto", "where features and probes run: auto (cuda if available, else cpu), cpu, cuda, ..."
     )
+    out: str | None = option(
+        None, "frozen protocols: the results folder (default RUN_DIR/eval; for a read-only run)"
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_train", "max_test"):

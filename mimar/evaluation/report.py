@@ -10,7 +10,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
-from mimar.engine.checkpoint import atomic_write
+from mimar import writes
 
 COLUMNS: tuple[str, ...] = ("model", "protocol", "layer", "top-1", "notes")
 
@@ -39,13 +39,13 @@ def print_results(rows: list[dict], title: str, console: Console | None = None) 
 
 
 def write_json(path: str | os.PathLike, payload: dict) -> None:
-    """Write ``payload`` as JSON to ``path`` atomically (:func:`atomic_write`), making parents.
+    """Write ``payload`` as JSON to ``path`` atomically (:func:`mimar.writes.write_text`).
 
     Tensors and paths are converted (``tolist()`` / ``str``); other unknown types raise
     TypeError before anything is written.
     """
     text = json.dumps(payload, indent=2, default=_to_json) + "\n"
-    atomic_write(path, lambda f: f.write(text.encode()))
+    writes.write_text(path, text, "results")
 
 
 def _cell(value: object) -> str:

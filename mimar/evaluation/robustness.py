@@ -15,6 +15,7 @@ from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from mimar.data.augment import eval_transform
 from mimar.data.image_set import ImageSet
+from mimar.errors import ConfigError
 from mimar.evaluation.corruptions import CORRUPTIONS, IMPLEMENTATION, SEVERITIES, corrupt
 
 
@@ -83,9 +84,9 @@ def _check_request(images: ImageSet, corruptions: Sequence[str], severities: Seq
         raise ValueError(f"{images.source or 'the test set'} has no labels")
     unknown = [c for c in corruptions if c not in CORRUPTIONS]
     if unknown or not corruptions:
-        raise ValueError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
+        raise ConfigError(f"unknown corruptions {unknown}; choose from {list(CORRUPTIONS)}")
     if not severities or any(s not in SEVERITIES for s in severities):
-        raise ValueError(f"severities must be a non-empty subset of 1-5, got {severities}")
+        raise ConfigError(f"severities must be a non-empty subset of 1-5, got {severities}")
 
 
 def _top1(classify, images: ImageSet, name, severity, seed, img_size, batch_size, device):

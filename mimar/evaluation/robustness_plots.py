@@ -11,6 +11,7 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from mimar import writes
 from mimar.evaluation.corruptions import CORRUPTIONS, SEVERITIES, corrupt
 
 
@@ -91,6 +92,5 @@ def _mean_per_severity(run: dict) -> list[float]:
 
 def _save(fig: Figure, path: str | Path) -> Path:
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
+    writes.save_with(path, lambda name: fig.savefig(name, dpi=100), "picture")
     return path

@@ -23,6 +23,7 @@ from torch import nn
 
 from mimar import runs
 from mimar.data import DataConfig, load_images
+from mimar.data.image_set import check_same_classes
 from mimar.engine.precision import autocast_dtype, resolve_device
 from mimar.errors import DataError
 from mimar.evaluation.frozen import FROZEN_TABLE, EvalProtocol, EvalSetup, pooled_probes
@@ -32,10 +33,11 @@ from mimar.evaluation.report import print_results, write_json
 EXPORTED = ".safetensors"
 
 
-def eval_dir(checkpoint: str | Path) -> Path:
-    """Where results go: ``eval/`` of the run a checkpoint belongs to (:func:`runs.run_dir_of`),
-    or ``eval/`` beside an exported file."""
-    return runs.run_dir_of(checkpoint) / runs.EVAL
+def eval_dir(checkpoint: str | Path, out: str | Path | None = None) -> Path:
+    """Where results go: ``out`` (``--out``: a read-only run can be evaluated), else ``eval/``
+    of the run a checkpoint belongs to (:func:`runs.run_dir_of`), or ``eval/`` beside an
+    exported file."""
+    return Path(out) if out else runs.run_dir_of(checkpoint) / runs.EVAL
 
 
 @dataclass(frozen=True)
@@ -106,7 +108,8 @@ def run_frozen(request: EvalRequest, protocols: list[str]) -> tuple[dict, dict, 
             opts = request.options[p]
             results[p] = spec.run(models, setup, opts, spec.epochs(opts.epochs))
     header = {"n_train": len(setup.train), "n_test": len(setup.test)}
-    return results, header, f"{source.title} test top-1 (%)"
+    header["classes"] = setup.train.classes  # the one label mapping every split used
+    return results, header, f"{source.title} test top-1 (%), {_class_count(setup.train)} classes"
 
 
 def report(
@@ -119,7 +122,7 @@ def report(
     """Print one table of every protocol's rows, then write ``eval/<protocol>.json`` each
     (printed first: a failing write loses no result). Returns the rows per protocol."""
     print_results([r for p in request.protocols for r in results[p]["rows"]], title)
-    out = eval_dir(request.run.checkpoint)
+    out = eval_dir(request.run.checkpoint, request.run.out)
     for p in request.protocols:
         opts = request.options[p]
         payload = {"protocol": p, "checkpoint": str(request.run.checkpoint)}
@@ -145,13 +148,14 @@ def build_setup(source: Source, request: EvalRequest) -> EvalSetup:
     test = load_images(replace(data, max_images=run.max_test), "test")
     if train.labels is None or test.labels is None:
         raise DataError(f"{data.root} has no labels (class sub-folders) to evaluate with")
+    check_same_classes(train.classes, test.classes, str(data.root))
     # the frozen protocols of one request share the attention option (one flag)
     attentions = {request.options[p].attention for p in request.protocols if p in FROZEN_TABLE}
     causal = attentions == {"causal"}
     pooled = [p for p in request.protocols if FROZEN_TABLE.get(p) and FROZEN_TABLE[p].probe]
     cache = bool(pooled) and request.options[pooled[0]].feature_cache
     notes = [_subsample_note(len(train), len(test), run.max_train, run.max_test)]
-    out = eval_dir(run.checkpoint)
+    out = eval_dir(run.checkpoint, run.out)
     return EvalSetup(
         train=train,
         test=test,
@@ -166,6 +170,10 @@ def build_setup(source: Source, request: EvalRequest) -> EvalSetup:
         out=out,
         cache=out / "features" if cache else None,
     )
+
+
+def _class_count(images) -> int:
+    return len(images.classes) if images.classes else int(images.labels.max()) + 1
 
 
 def _subsample_note(n_train: int, n_test: int, max_train: int, max_test: int) -> str:

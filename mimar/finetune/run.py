@@ -26,6 +26,7 @@ from mimar.config import to_dict
 from mimar.data import DataConfig, ImageSet, iterate_eval_batches, load_images
 from mimar.downstream.config import record
 from mimar.downstream.runner import refuse_existing, tested_rows, train_downstream
+from mimar.data.image_set import check_same_classes
 from mimar.engine import checkpoint
 from mimar.engine.loop import RunResult, Session
 from mimar.engine.precision import autocast
@@ -67,6 +68,7 @@ def finetune(
     test_set = load_images(replace(data, max_images=max_test), "test")
     if train_set.labels is None or test_set.labels is None:
         raise DataError(f"{data.root} has no labels (class sub-folders) to fine-tune with")
+    check_same_classes(train_set.classes, test_set.classes, str(data.root))
     num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
     backbone_cfg = finetune_backbone_config(
         source_backbone, drop_path=ft.drop_path, pool=ft.pool, img_size=ft.img_size
