@@ -29,6 +29,9 @@ from mimar.errors import MAX_QUOTE, ConfigError, clip
 
 MAX_DEPTH = 64  # the deepest recipe nests 3 levels
 MAX_VALUES = 100_000  # values after alias expansion; the biggest recipe has ~150
+_MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
 class _Loader(yaml.SafeLoader):
     """SafeLoader with a depth bound while composing and a duplicate-key check."""
 

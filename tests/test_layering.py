@@ -128,7 +128,19 @@ def test_a_new_method_is_one_table_line_its_file_and_its_recipe(tmp_path, monkey
 # it `loading.teacher_backbone`) sits with `loading`, above `config`; and `evaluation` (frozen
 # probes) is a layer of its own below `finetune` / `dense`, so that it never drives training.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "runs", "nn", "masking", "losses", "targets"),
+    (
+        "errors",
+        "runs",
+        "writes",
+        "streams",
+        "interrupts",
+        "machine",
+        "recipe_yaml",
+        "nn",
+        "masking",
+        "losses",
+        "targets",
+    ),
     ("data", "teachers", "heads", "names", "engine"),
     ("backbones",),
     ("methods",),

@@ -14,10 +14,10 @@ import argparse
 import os
 import sys
 
+from mimar import runs
 from mimar.cli import bench, data, export, pretrain, weights
 from mimar.cli import eval as eval_group
 from mimar.cli.common import setup_logging
-from mimar import runs
 from mimar.errors import MimarError
 from mimar.interrupts import Interrupted, signals_stop_the_command
 from mimar.streams import quiet_when_closed

@@ -24,9 +24,9 @@ import torch
 from mimar import runs
 from mimar.config import to_dict
 from mimar.data import DataConfig, ImageSet, iterate_eval_batches, load_images
+from mimar.data.image_set import check_same_classes
 from mimar.downstream.config import record
 from mimar.downstream.runner import refuse_existing, tested_rows, train_downstream
-from mimar.data.image_set import check_same_classes
 from mimar.engine import checkpoint
 from mimar.engine.loop import RunResult, Session
 from mimar.engine.precision import autocast
