@@ -283,10 +283,11 @@ def test_a_signal_outside_training_is_one_line_and_128_plus_n(name, code):
     script = (
         "import os, signal, sys\n"
         "from mimar import cli\n"
+        "from mimar.cli import export as export_group\n"
         "def busy(args):\n"
         f"    os.kill(os.getpid(), signal.{name})\n"
         "    while True: pass\n"
-        "cli.cmd_export = busy\n"
+        "export_group.export = busy\n"
         "sys.exit(cli.main(['export', '--checkpoint', 'x', '--out', 'y.safetensors']))\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
