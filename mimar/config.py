@@ -5,6 +5,11 @@ errors that name the key, the expected type and close matches. A recipe may name
 ``base:`` recipe (path relative to itself) whose values it overrides; no other logic.
 ``method`` and ``backbone`` sections pick their dataclass by their ``name`` key, looked up in
 ``mimar.names`` (which imports only the module that name needs).
+
+Why one file of ~430 lines: the training sections (data, optim, train) and the one generic
+builder from YAML to typed dataclasses (coercion, unknown keys, overrides, diffs) are read
+together; method and backbone sections live with their modules, fine-tune / dense sections in
+``mimar/downstream/``.
 """
 
 from __future__ import annotations

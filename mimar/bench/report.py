@@ -7,6 +7,9 @@ baselines), ``loss_vs_time.png`` (each method's loss against its training wall t
 ``pictures.png`` (each method's run picture), ``knn_vs_time.png`` (the online monitor's kNN
 against training time, all methods). Figures use ``matplotlib.figure.Figure`` on the
 Agg canvas, without pyplot, as :mod:`mimar.viz`.
+
+Why one file of ~560 lines: every number, table and plot of the bench's report, each a short
+function of the same run records; the control flow is :mod:`mimar.bench.quality`.
 """
 
 from __future__ import annotations
