@@ -116,3 +116,18 @@ def split_qkv_bias(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     softmax is invariant to it)."""
     dim = bias.shape[0] // 3
     return bias[:dim], bias[2 * dim :]
+
+
+def ema_copies(
+    weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], teacher: str = "ema."
+) -> dict[str, torch.Tensor]:
+    """A method's EMA teacher (``ema.*``, iTPN's MFM) that a release lacks, as a copy of the
+    release's ``backbone.*``: the method starts its teacher as a copy of the student, and a
+    random teacher would make continued pretraining chase noise."""
+    return {
+        key: weights["backbone." + key[len(teacher) :]].clone()
+        for key in target
+        if key.startswith(teacher)
+        and key not in weights
+        and "backbone." + key[len(teacher) :] in weights
+    }
