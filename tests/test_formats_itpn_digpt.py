@@ -168,6 +168,15 @@ def test_itpn_release_imports_backbone_neck_decoder_and_exports_back(tmp_path, c
         assert torch.allclose(exported[key], value, atol=1e-6), key  # pos table: recomputed
         if key != "decoder_pos_embed":
             assert torch.equal(exported[key], value), key
+    assert_same_run(back, tmp_path, overrides)
+
+
+def assert_same_run(back, tmp_path, overrides) -> None:
+    """import(export(run)) holds the run's weights (``--format auto`` again)."""
+    import_release(back, tmp_path / "again", overrides=overrides)
+    first, again = run_weights(tmp_path / "run"), run_weights(tmp_path / "again")
+    assert first.keys() == again.keys()
+    assert all(torch.equal(first[k], again[k]) for k in first)
 
 
 def test_itpn_import_keeps_the_official_level_order(tmp_path):
@@ -279,6 +288,7 @@ def test_digpt_release_imports_encoder_and_both_decoders_and_exports_back(tmp_pa
         assert torch.allclose(exported[key], sd[key], atol=1e-6), key
         if key != "decoder_pos_embed":
             assert torch.equal(exported[key], sd[key]), key
+    assert_same_run(back, tmp_path, overrides)
 
 
 def test_digpt_repeated_memory_norms_must_be_one_module(tmp_path):

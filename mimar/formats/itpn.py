@@ -220,8 +220,8 @@ def export(weights: dict[str, torch.Tensor], backbone: dict) -> dict:
     state dict). MFM's heads and EMA teacher have no official counterpart and are left out."""
     if backbone.get("final_norm"):
         raise CheckpointError(
-            "--format itpn: the official pixel encoder has no final norm; this run has one "
-            "(backbone.final_norm=true)"
+            "--format itpn: the official pixel encoder has no final norm and this run has one "
+            "(backbone.final_norm=true): pretrain with backbone.final_norm=false to export"
         )
     parts = {
         k: v for k, v in weights.items() if k.startswith(("backbone.", "decoder.", "pixel_head."))
