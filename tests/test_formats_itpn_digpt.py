@@ -311,3 +311,22 @@ def test_the_cli_names_itpn_and_digpt(tmp_path, capsys):
     args = ["import", str(release), "--format", "digpt", "--out", str(tmp_path / "run")]
     assert main([*args, "backbone.num_heads=2", "method.decoder_heads=2"]) == 0
     assert math.isfinite(run_weights(tmp_path / "run")["gen_decoder.head.weight"].sum().item())
+
+
+def test_resume_of_an_imported_run_says_it_is_a_starting_point(tmp_path, capsys):
+    from helpers import DEMO, TINY
+
+    src = tmp_path / "src"
+    assert main(["pretrain", DEMO, *TINY, "train.steps=1", "--run-dir", str(src)]) == 0
+    release = tmp_path / "official.pth"
+    args = ["export", "--checkpoint", str(src), "--format", "simmim-vit", "--out", str(release)]
+    assert main(args) == 0
+    imported = tmp_path / "imp"
+    data = [o for o in TINY if o.startswith("data.") and "img_size" not in o]
+    import_release(release, imported, overrides=["backbone.num_heads=2", *data])
+    capsys.readouterr()
+    args = ["pretrain", str(imported / "config.yaml"), "--run-dir", str(imported), "--resume"]
+    assert main(args) != 0
+    err = capsys.readouterr().err
+    assert "imported release" in err and f"train.init={imported}" in err
+    assert "missing keys" not in err
