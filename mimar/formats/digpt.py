@@ -24,7 +24,7 @@ import torch
 
 from mimar.errors import CheckpointError
 from mimar.formats.family import Converted, Format
-from mimar.formats.keymap import Table, refuse_unknown, rename
+from mimar.formats.keymap import Table, check_fixed_sincos, refuse_unknown, rename
 from mimar.nn import sincos_pos_embed_2d
 
 ENCODER: Table = (
@@ -73,6 +73,7 @@ def detect(weights: dict[str, torch.Tensor]) -> bool:
 
 def to_mimar(weights: dict[str, torch.Tensor], extra: dict) -> Converted:
     ignored = {k: why for k, why in _DERIVED.items() if k in weights}
+    check_fixed_sincos(weights, "decoder_pos_embed", 1, "digpt")
     ignored |= _repeated_norms(weights)
     rest = {k: v for k, v in weights.items() if k not in ignored}
     out, keys, unknown = rename(rest, DIGPT)

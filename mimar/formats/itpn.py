@@ -34,7 +34,7 @@ import torch
 
 from mimar.errors import CheckpointError
 from mimar.formats.family import Converted, Format
-from mimar.formats.keymap import Table, refuse_unknown, rename
+from mimar.formats.keymap import Table, check_fixed_sincos, refuse_unknown, rename
 from mimar.nn import sincos_pos_embed_2d
 
 # official name (the flat ``blocks`` list split by _by_stage) -> mimar method name
@@ -158,6 +158,7 @@ def _flat(key: str, m: int) -> str:
 
 def to_mimar(weights: dict[str, torch.Tensor], extra: dict) -> Converted:
     ignored = {k: why for k, why in ((k, _derived(k)) for k in weights) if why}
+    check_fixed_sincos(weights, "decoder_pos_embed", 0, "itpn")
     m = _mlp_depth(weights)
     staged = {_by_stage(k, m): k for k in weights if k not in ignored}
     out, keys, unknown = rename({new: weights[old] for new, old in staged.items()}, ITPN)

@@ -131,3 +131,22 @@ def ema_copies(
         and key not in weights
         and "backbone." + key[len(teacher) :] in weights
     }
+
+
+def check_fixed_sincos(
+    weights: dict[str, torch.Tensor], key: str, prefix_rows: int, fmt: str
+) -> None:
+    """A release's fixed sin-cos table that mimar recomputes instead of importing (a decoder's
+    ``decoder_pos_embed``) must be that table: one line if it is not (it was trained)."""
+    from mimar.nn import sincos_pos_embed_2d
+
+    if (table := weights.get(key)) is None:
+        return
+    n = table.shape[1] - prefix_rows
+    side = int(round(n**0.5))
+    want = sincos_pos_embed_2d(table.shape[-1], side) if side * side == n else None
+    if want is None or not torch.allclose(table[0, prefix_rows:].float(), want, atol=1e-4):
+        raise CheckpointError(
+            f"{fmt}: {key} of shape {tuple(table.shape)} is not the fixed 2-D sin-cos table "
+            "the official code builds (and mimar recomputes)"
+        )
