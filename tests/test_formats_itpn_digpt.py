@@ -330,3 +330,18 @@ def test_resume_of_an_imported_run_says_it_is_a_starting_point(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "imported release" in err and f"train.init={imported}" in err
     assert "missing keys" not in err
+
+
+def test_a_trained_decoder_pos_embed_is_refused_not_dropped(tmp_path):
+    """The fixed sin-cos decoder table is recomputed, not imported: one that is not that
+    table (trained, or another layout) would be lost silently, so it is refused."""
+    for fmt, sd in (("itpn", official_itpn()), ("digpt", official_digpt())):
+        sd["decoder_pos_embed"] = sd["decoder_pos_embed"] + 0.01
+        release = tmp_path / f"{fmt}.pth"
+        save_like_official(sd, release)
+        try:
+            import_release(release, tmp_path / fmt, fmt=fmt, overrides=["backbone.num_heads=2"])
+        except CheckpointError as err:
+            assert "decoder_pos_embed" in str(err) and "sin-cos" in str(err)
+        else:
+            raise AssertionError(f"{fmt}: a changed decoder_pos_embed was dropped silently")
