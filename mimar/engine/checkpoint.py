@@ -130,7 +130,15 @@ def restore(
     state = _load_sharded(run_dir, model, optimizer) if sharded else None
     if state is None:
         last = runs.last_checkpoint(run_dir)
-        state = load(last, require=RESUME_KEYS)
+        try:
+            state = load(last, require=RESUME_KEYS)
+        except CheckpointError:
+            if (run_dir / "import.json").is_file():  # written by ``mimar import``
+                raise CheckpointError(
+                    f"{run_dir} is an imported release (import.json): a starting point, not a "
+                    f"run to resume; continue it with train.init={run_dir} and a new --run-dir"
+                ) from None
+            raise
         try:
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])

@@ -12,27 +12,36 @@ import torch
 
 from mimar.errors import ConfigError
 from mimar.formats.aim import AIM_L3M, AIM_V1
+from mimar.formats.digpt import DIGPT_VIT
 from mimar.formats.eva import EVA01
 from mimar.formats.family import Converted, Format
+from mimar.formats.itpn import ITPN_PIXEL
 from mimar.formats.simmim import SIMMIM_SWIN, SIMMIM_VIT
 from mimar.formats.timm import TIMM
 from mimar.formats.transformers import TRANSFORMERS
 
 # --format name -> its layout; detection tries them in this order (most specific first)
 FORMATS: dict[str, Format] = {
-    f.name: f for f in (SIMMIM_VIT, SIMMIM_SWIN, EVA01, AIM_V1, AIM_L3M, TRANSFORMERS, TIMM)
+    f.name: f
+    for f in (
+        ITPN_PIXEL,
+        DIGPT_VIT,
+        SIMMIM_VIT,
+        SIMMIM_SWIN,
+        EVA01,
+        AIM_V1,
+        AIM_L3M,
+        TRANSFORMERS,
+        TIMM,
+    )
 }
-PLANNED = ("itpn", "digpt")
+PLANNED: tuple[str, ...] = ()  # formats the CLI names before they exist (none left)
 
 
 def get_format(name: str) -> Format:
     """The format called ``name``; a ConfigError lists the ones there are."""
     if name in FORMATS:
         return FORMATS[name]
-    if name in PLANNED:
-        raise ConfigError(
-            f"--format {name} is not implemented yet (issue 25); available: {', '.join(FORMATS)}"
-        )
     raise ConfigError(f"unknown --format {name!r}; choose one of: auto, {', '.join(FORMATS)}")
 
 

@@ -29,7 +29,7 @@ from mimar.config import (
 from mimar.engine import checkpoint
 from mimar.errors import CheckpointError, ConfigError
 from mimar.formats import Format, detect_format, get_format
-from mimar.formats.keymap import unwrap
+from mimar.formats.keymap import ema_copies, unwrap
 from mimar.formats.reading import read_release
 from mimar.formats.resample import fit_positions
 from mimar.formats.vit_shapes import vit_fields
@@ -66,12 +66,13 @@ def import_release(
     target = method.state_dict()
     resampled = fit_positions(converted.weights, target, _prefix_tokens(cfg))
     check_fit(converted.weights, target)
+    copies = ema_copies(converted.weights, target)
     # assign: the module takes the release's tensors (memory-mapped for zip files) instead of
     # copying them into its random ones, which are freed: one copy of the weights, not two
-    weights = {k: v.to(target[k].dtype) for k, v in converted.weights.items()}
+    weights = {k: v.to(target[k].dtype) for k, v in (converted.weights | copies).items()}
     method.load_state_dict(weights, strict=False, assign=True)
     del target, weights
-    fresh = sorted(k for k in method.state_dict() if k not in converted.weights)
+    fresh = sorted(k for k in method.state_dict() if k not in converted.weights | copies)
     state = {"model": method.state_dict(), "step": 0, "config": to_dict(cfg)}
     checkpoint.save(state, runs.last_checkpoint(out))
     save_config(cfg, out / runs.CONFIG)
@@ -86,6 +87,10 @@ def import_release(
         "not_in_weights": untold_values,
         "imported_parts": sorted({k.split(".")[0] for k in converted.weights}),
         "fresh": fresh,
+        "copied": {
+            f"{p}.*": "backbone.* (the EMA teacher starts as the student)"
+            for p in sorted({k.split(".")[0] for k in copies})
+        },
         "keys": converted.keys,
         "ignored": converted.ignored | {k: "training state, not weights" for k in other},
         "resampled": resampled,
@@ -185,14 +190,18 @@ def _build_method(cfg: PretrainConfig, teacher_dim: int | None) -> torch.nn.Modu
     if teacher_dim is None:
         raise CheckpointError("the release holds no head that tells the teacher's width")
     backbone = build_backbone(cfg.backbone)
-    return entry.module_class()(cfg.method, backbone, TeacherWidth(teacher_dim))
+    grid = getattr(backbone, "grid_size", None)
+    return entry.module_class()(cfg.method, backbone, TeacherWidth(teacher_dim, grid))
 
 
 class TeacherWidth:
-    """Stands in for a frozen teacher while an import builds the method: its width only."""
+    """Stands in for a frozen teacher while an import builds the method: its width, and a
+    token grid (the student's) for a method that cuts the teacher's tokens into clusters
+    (D-iGPT): the teacher's grid shapes no weight, only index buffers that are not saved."""
 
-    def __init__(self, dim: int) -> None:
+    def __init__(self, dim: int, grid: int | None = None) -> None:
         self.dim = dim
+        self.grid = (grid, grid)
 
     def __call__(self, images):
         raise RuntimeError("an imported run's method has no teacher: set teacher.* to train")
@@ -218,6 +227,8 @@ def _log_summary(report: dict, out: Path) -> None:
     if report["not_in_weights"]:
         told = ", ".join(f"{k}={v}" for k, v in report["not_in_weights"].items())
         log.info("not in the weights (recipe, or 64-wide heads; override with key=value): %s", told)
+    for part, source in report["copied"].items():
+        log.info("copied %s from %s", part, source)
     if report["fresh"]:
         log.info("start fresh (not in the release): %s", ", ".join(report["fresh"]))
     for row in report["resampled"]:

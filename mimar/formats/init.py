@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from mimar.errors import CheckpointError, MissingFileError
+from mimar.formats.keymap import ema_copies
 from mimar.formats.resample import fit_positions
 
 log = logging.getLogger("mimar")
@@ -40,6 +41,7 @@ def init_method(method: nn.Module, source: str | Path) -> dict:
         from mimar.backbones.vit import expand_shared_rel_pos_bias
 
         weights = expand_shared_rel_pos_bias(weights, "backbone.")
+    weights = weights | ema_copies(weights, target)  # a release's missing EMA teacher
     prefix = getattr(getattr(method, "backbone", None), "num_prefix_tokens", 0)
     resampled = fit_positions(weights, target, prefix)
     for key, value in weights.items():

@@ -116,3 +116,37 @@ def split_qkv_bias(bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     softmax is invariant to it)."""
     dim = bias.shape[0] // 3
     return bias[:dim], bias[2 * dim :]
+
+
+def ema_copies(
+    weights: dict[str, torch.Tensor], target: dict[str, torch.Tensor], teacher: str = "ema."
+) -> dict[str, torch.Tensor]:
+    """A method's EMA teacher (``ema.*``, iTPN's MFM) that a release lacks, as a copy of the
+    release's ``backbone.*``: the method starts its teacher as a copy of the student, and a
+    random teacher would make continued pretraining chase noise."""
+    return {
+        key: weights["backbone." + key[len(teacher) :]].clone()
+        for key in target
+        if key.startswith(teacher)
+        and key not in weights
+        and "backbone." + key[len(teacher) :] in weights
+    }
+
+
+def check_fixed_sincos(
+    weights: dict[str, torch.Tensor], key: str, prefix_rows: int, fmt: str
+) -> None:
+    """A release's fixed sin-cos table that mimar recomputes instead of importing (a decoder's
+    ``decoder_pos_embed``) must be that table: one line if it is not (it was trained)."""
+    from mimar.nn import sincos_pos_embed_2d
+
+    if (table := weights.get(key)) is None:
+        return
+    n = table.shape[1] - prefix_rows
+    side = int(round(n**0.5))
+    want = sincos_pos_embed_2d(table.shape[-1], side) if side * side == n else None
+    if want is None or not torch.allclose(table[0, prefix_rows:].float(), want, atol=1e-4):
+        raise CheckpointError(
+            f"{fmt}: {key} of shape {tuple(table.shape)} is not the fixed 2-D sin-cos table "
+            "the official code builds (and mimar recomputes)"
+        )
