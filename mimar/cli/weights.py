@@ -8,11 +8,11 @@ from __future__ import annotations
 
 
 def add_parser(sub) -> None:
-    from mimar.formats import FORMATS, PLANNED
+    from mimar.formats import FORMATS
 
     im = sub.add_parser("import", help="a released checkpoint (paper, timm, HF) -> a run folder")
     im.add_argument("source", metavar="FILE|FOLDER", help="the release (.pth, .safetensors, ...)")
-    im.add_argument("--format", default="auto", choices=["auto", *FORMATS, *PLANNED])
+    im.add_argument("--format", default="auto", choices=["auto", *FORMATS])
     im.add_argument("--recipe", help="recipe YAML for what the weights cannot tell")
     im.add_argument("--img-size", type=int, help="resample the position tables to this size")
     im.add_argument("--out", required=True, help="the run folder to write")

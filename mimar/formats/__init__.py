@@ -35,7 +35,6 @@ FORMATS: dict[str, Format] = {
         TIMM,
     )
 }
-PLANNED: tuple[str, ...] = ()  # formats the CLI names before they exist (none left)
 
 
 def get_format(name: str) -> Format:
