@@ -1,14 +1,15 @@
 #!/usr/bin/env bash
 # One prepared GPU check (<= ~8 minutes on one H100): `mimar bench speed` on every paper
 # recipe that fits one GPU, at a realistic batch, on synthetic data, fp32 and bf16, then a
-# 200-step real `mimar pretrain` (AIM tiny recipe on Fashion-MNIST, monitor on) with
+# 200-step real `mimar pretrain` (AIM tiny recipe on Fashion-MNIST, monitor on), each with
 # train.compile off and on. Writes OUT/gpu.json and OUT/gpu.md (one table).
 #
 #   bash benchmarks/gpu.sh                         # --device cuda, paper recipes, OUT=runs/gpu
 #   bash benchmarks/gpu.sh --device cpu --tiny     # the CI form (tests/test_monitor.py): tiny
 #                                                  # recipes, a few steps, synthetic data
-# `mimar bench speed` times eager steps (it has no compile switch); compile on/off is
-# measured on the real pretrain, whose rows carry step_s, perf/mfu and data_wait_s.
+# Both parts run with train.compile off and on (`mimar bench speed` compiles the forward as
+# `mimar pretrain` does; the compile time falls in its warm-up steps); the pretrain's rows
+# carry step_s, perf/mfu and data_wait_s.
 set -euo pipefail
 DEVICE=cuda TINY=0 OUT=runs/gpu
 while [ $# -gt 0 ]; do
@@ -37,11 +38,14 @@ else
   PRE=(configs/aim/vit_tiny_fmnist.yaml train.steps=200 train.monitor_every=100)
   COMPILE=(false true)
 fi
-for entry in "${SPEED[@]}"; do
-  recipe="${entry%%:*}" batch="${entry##*:}"
-  name="$(basename "$(dirname "$recipe")")_$(basename "$recipe" .yaml)"
-  "$PY" -m mimar.cli bench speed --device "$DEVICE" --recipe "$recipe" --batch "$batch" \
-    "${STEPS[@]}" --no-classify --json "$OUT/speed_$name.json" data.name=synthetic
+for compile in "${COMPILE[@]}"; do
+  for entry in "${SPEED[@]}"; do
+    recipe="${entry%%:*}" batch="${entry##*:}"
+    name="$(basename "$(dirname "$recipe")")_$(basename "$recipe" .yaml)_compile_$compile"
+    "$PY" -m mimar.cli bench speed --device "$DEVICE" --recipe "$recipe" --batch "$batch" \
+      "${STEPS[@]}" --no-classify --json "$OUT/speed_$name.json" data.name=synthetic \
+      train.compile="$compile"
+  done
 done
 for compile in "${COMPILE[@]}"; do
   rm -rf "$OUT/pretrain_compile_$compile"
@@ -58,7 +62,8 @@ for path in sorted(out.glob("speed_*.json")):
     for rec in report["recipes"]:
         for r in rec["rows"]:
             rows.append({"what": f"bench speed {rec['recipe'].split('configs/')[-1]}",
-                         "batch": rec["batch"], "precision": r["precision"], "compile": False,
+                         "batch": rec["batch"], "precision": r["precision"],
+                         "compile": path.stem.endswith("compile_true"),
                          "img_s": r["images_per_s"], "ms_step": r["ms_per_step"],
                          "gflop_step": r["gflop_per_step"], "mfu": None})
     machine = report["machine"]

@@ -105,6 +105,10 @@ class Stepper:
 
     def __init__(self, model: nn.Module, make_inputs, cfg, kernel: str | None = None) -> None:
         self.model, self.make_inputs, self.kernel = model.train(), make_inputs, kernel
+        # train.compile (a recipe key, or `mimar bench speed ... train.compile=true`): the
+        # forward compiled as `mimar pretrain` compiles it; its first steps are the warm-up's
+        compiled = getattr(getattr(cfg, "train", None), "compile", False)
+        self.forward = torch.compile(model) if compiled else model
         self.optimizer = build_optimizer(model, cfg.optim, lr=1e-4)
         self.clip_grad = cfg.optim.clip_grad
         self.device = next(model.parameters()).device
@@ -116,7 +120,7 @@ class Stepper:
         tic = time.perf_counter()
         inputs = self.make_inputs()
         with self.autocast:
-            loss = self.model(**inputs)["loss"]
+            loss = self.forward(**inputs)["loss"]
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if self.clip_grad:
