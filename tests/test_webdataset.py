@@ -296,3 +296,21 @@ def test_decoding_keeps_the_stored_pixels(data):
     assert torch.equal(decode_sample(sample, 3), torch.from_numpy(pixels).permute(2, 0, 1))
     gray = decode_sample(sample, 1)
     assert gray.shape == (1, *pixels.shape[:2])
+
+
+def test_the_monitor_on_shards_without_a_test_split_keeps_health_only(data, tmp_path):
+    """Train shards alone (no val-/test- shards beside them): the monitor says so once and
+    logs RankMe without the online kNN, instead of stopping the run (acceptance I6's case)."""
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    for shard in data["out"].glob("train-*.tar"):
+        shutil.copy(shard, alone / shard.name)
+    shutil.copy(data["out"] / "shards.json", alone / "shards.json")
+    run = tmp_path / "run"
+    words = [f"data.root={alone / SHARDS}", "data.batch_size=8", "data.in_chans=3"]
+    words += ["backbone.in_chans=3", "data.name=webdataset", "train.steps=2"]
+    words += ["train.monitor_every=2", "train.monitor_bank=16"]
+    assert main(["pretrain", DEMO, *TINY, *words, "--run-dir", str(run)]) == 0
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("monitor/rankme" in r for r in rows)
+    assert not any("monitor/knn_top1" in r for r in rows)

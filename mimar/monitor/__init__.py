@@ -78,7 +78,7 @@ def _efficiency(cfg, method: nn.Module, loader, device: torch.device) -> Efficie
 
 def _probe(cfg, loader, device: torch.device):
     from mimar.data import ImageSet, load_images
-    from mimar.errors import DataError
+    from mimar.errors import DataError, MissingFileError
     from mimar.monitor.probe import OnlineProbe, fixed_subset
 
     t = cfg.train
@@ -86,8 +86,8 @@ def _probe(cfg, loader, device: torch.device):
     train = images if isinstance(images, ImageSet) else load_images(cfg.data, "train")
     try:
         test = load_images(cfg.data, "test") if "knn" in t.monitor else None
-    except DataError as err:
-        log.info("monitor: no test split for the online kNN (%s)", err)
+    except (DataError, MissingFileError) as err:  # e.g. shards without val-*.tar: health only
+        log.info("monitor: no test split for the online kNN, health metrics only (%s)", err)
         test = None
     bank = fixed_subset(train, t.monitor_bank)
     queries = None if test is None else fixed_subset(test, t.monitor_queries)
