@@ -8,6 +8,9 @@ printed and written (``RUN_DIR/eval/<protocol>.json``).
   method), as AIM Table 3d compares. The mask stays in the backbone's raster token layout.
 * The random-init control is the very same backbone at its initialisation (same seed, so it is
   the network the run started from; an export, which keeps no seed: seed 0).
+* ``--data KIND:PATH`` (:mod:`mimar.data.eval_data`) evaluates on other images, fitted to the
+  backbone's size, channels and the run's statistics; a plain ``--data PATH`` is the run's
+  data set at that root.
 * An exported ``.safetensors`` carries no data section: its data defaults to Fashion-MNIST at
   the backbone's size, in fp32 (``--data`` names other images), as ``eval finetune`` reads it.
 """
@@ -23,6 +26,7 @@ from torch import nn
 
 from mimar import runs
 from mimar.data import DataConfig, load_images
+from mimar.data.eval_data import data_for_backbone, parse_data_spec
 from mimar.data.image_set import check_same_classes
 from mimar.engine.precision import autocast_dtype, resolve_device
 from mimar.errors import DataError
@@ -143,7 +147,13 @@ def evaluate(request: EvalRequest) -> dict[str, list[dict]]:
 def build_setup(source: Source, request: EvalRequest) -> EvalSetup:
     """The data (``--data`` or the source's), device, precision and attention."""
     run = request.run
-    data = source.data if run.data_root is None else replace(source.data, root=run.data_root)
+    data = source.data
+    spec = parse_data_spec(run.data_root)
+    if spec is not None:  # KIND:PATH: other images, fitted to the backbone
+        data, note = data_for_backbone(source.data, *spec)
+        print(note)
+    elif run.data_root is not None:  # a plain path: the run's data set at another root
+        data = replace(source.data, root=run.data_root)
     train = load_images(replace(data, max_images=run.max_train), "train")
     test = load_images(replace(data, max_images=run.max_test), "test")
     if train.labels is None or test.labels is None:
