@@ -111,6 +111,11 @@ def test_finetune_on_an_image_folder(gray_run, tmp_path, capsys):
     assert cfg["data"]["in_chans"] == 1
     result = json.loads((gray_run / "eval" / "finetune.json").read_text())
     assert result["rows"][0]["details"]["n_train"] == 8
+    # robustness: the corrupted copies of that folder's test split, as fine-tuned
+    argv = ["eval", "robustness", "--checkpoint", str(gray_run), "--max-test", "4"]
+    assert main([*argv, "--data", f"image_folder:{folder}"]) == 0
+    assert "converted to gray" in capsys.readouterr().out
+    assert json.loads((gray_run / "eval" / "robustness.json").read_text())["n_test"] == 4
 
 
 def test_a_bad_kind_is_one_line(gray_run, capsys):
