@@ -69,7 +69,7 @@ def test_gray_run_on_an_rgb_folder(gray_run, tmp_path, capsys):
     assert main(argv + SMALL) == 0
     out = capsys.readouterr().out
     assert out.count("1 channel (colour images converted to gray)") == 1
-    assert "16 px" in out and "test top-1" in out
+    assert "16 px" in out and "simmim vit: image_folder test top-1" in out
     result = json.loads((gray_run / "eval" / "knn.json").read_text())
     assert (result["n_train"], result["n_test"], result["classes"]) == (12, 6, ["a", "b"])
     assert 0 <= result["rows"][0]["top1"] <= 100

@@ -48,7 +48,7 @@ def eval_dir(checkpoint: str | Path, out: str | Path | None = None) -> Path:
 class Source:
     """What the frozen protocols need to know of what they evaluate."""
 
-    title: str  # the table's title up to "test top-1"
+    title: str  # the table's title up to the data set's name
     data: DataConfig  # the images (the run's own, or an export's defaults)
     precision: str  # train.precision the backbone was trained in: the features' autocast
     order: str  # the model's patch order (masking.patch_order kinds): what causal follows
@@ -62,7 +62,7 @@ def run_source(run_cfg, pretrained: nn.Module) -> Source:
     from mimar.loading import random_init_backbone
 
     return Source(
-        title=f"{run_cfg.method.name} {run_cfg.backbone.name}: {run_cfg.data.name}",
+        title=f"{run_cfg.method.name} {run_cfg.backbone.name}",
         data=run_cfg.data,
         precision=run_cfg.train.precision,
         # Only AIM reads its patches in a configurable order; every other method is raster.
@@ -90,7 +90,7 @@ def load_source(checkpoint: str | Path) -> Source:
         return build_backbone(c).eval()
 
     data = DataConfig(img_size=c.img_size, in_chans=c.in_chans)
-    return Source(f"{path.name}: {data.name}", data, "fp32", "raster", 0, backbone, random_init)
+    return Source(path.name, data, "fp32", "raster", 0, backbone, random_init)
 
 
 def run_frozen(request: EvalRequest, protocols: list[str]) -> tuple[dict, dict, str]:
@@ -113,7 +113,10 @@ def run_frozen(request: EvalRequest, protocols: list[str]) -> tuple[dict, dict, 
             results[p] = spec.run(models, setup, opts, spec.epochs(opts.epochs))
     header = {"n_train": len(setup.train), "n_test": len(setup.test)}
     header["classes"] = setup.train.classes  # the one label mapping every split used
-    return results, header, f"{source.title} test top-1 (%), {_class_count(setup.train)} classes"
+    spec = parse_data_spec(request.run.data_root)
+    data_name = source.data.name if spec is None else spec[0]  # the images evaluated on
+    title = f"{source.title}: {data_name} test top-1 (%)"
+    return results, header, f"{title}, {_class_count(setup.train)} classes"
 
 
 def report(
