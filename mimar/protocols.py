@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from mimar import runs
+from mimar.data.eval_data import fitted_note, parse_data_spec
 from mimar.errors import ConfigError, Stopped
 from mimar.evaluation.frozen import FROZEN_TABLE, EvalProtocol, result_row
 from mimar.evaluation.options import EvalRequest, build_request, option
@@ -70,6 +71,7 @@ def _finetune(request: EvalRequest) -> dict:
             max_test=run.max_test,
             scratch=scratch,
             resume=opts.resume,
+            data_spec=_data_spec(run.data_root),
         )
         if res.get("stopped_by"):
             raise Stopped(res["stopped_by"], "fine-tuning")
@@ -126,6 +128,12 @@ def _dense(task: str):
     return run_task
 
 
+def _data_spec(value: str | None) -> str | None:
+    """``--data`` for the fine-tune: ``KIND:PATH`` only (a plain path is the frozen protocols'
+    root of the run's data set; the fine-tune reads its recipe's data, as before)."""
+    return value if parse_data_spec(value) is not None else None
+
+
 def _robustness(request: EvalRequest) -> dict:
     """The fine-tuned classifier (and with ``--baselines`` the from-scratch one) on
     ImageNet-C-style corrupted copies of its test set; writes robustness.png and
@@ -141,9 +149,13 @@ def _robustness(request: EvalRequest) -> dict:
     run = request.run
     run_dir, device = runs.run_dir_of(run.checkpoint), resolve_device(run.device)
     rows, curves, test = [], [], None
+    spec = parse_data_spec(run.data_root)  # the fine-tune's own test set unless KIND:PATH
     for scratch in _rows_of(request):
         classifier, ft_cfg = load_finetuned(run_dir, scratch)  # one clear line if missing
         data = build_section(DataConfig, ft_cfg["data"], "data")
+        if spec is not None and test is None:  # KIND:PATH: another test set, as fine-tuned
+            data = replace(data, name=spec[0], root=spec[1])
+            print(fitted_note(data))
         if test is None:  # the fine-tune's own test split
             test = load_images(replace(data, max_images=run.max_test), "test")
         res = evaluate_robustness(

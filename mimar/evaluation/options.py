@@ -74,7 +74,9 @@ class RunOptions:
     )
     data_root: str | None = option(
         None,
-        "data root (default: the run's data.root); segment/detect: a COCO-format folder "
+        "KIND:PATH (image_folder:DIR, fashion_mnist:DIR, webdataset:PATTERN): evaluate on "
+        "those images at the backbone's size and channels; a plain PATH: the run's data set "
+        "at that root (default: the run's data); segment/detect: a COCO-format folder "
         "(or coco-format:FOLDER), default data/fmnist-scenes",
         flag="--data",
     )

@@ -8,6 +8,9 @@ printed and written (``RUN_DIR/eval/<protocol>.json``).
   method), as AIM Table 3d compares. The mask stays in the backbone's raster token layout.
 * The random-init control is the very same backbone at its initialisation (same seed, so it is
   the network the run started from; an export, which keeps no seed: seed 0).
+* ``--data KIND:PATH`` (:mod:`mimar.data.eval_data`) evaluates on other images, fitted to the
+  backbone's size, channels and the run's statistics; a plain ``--data PATH`` is the run's
+  data set at that root.
 * An exported ``.safetensors`` carries no data section: its data defaults to Fashion-MNIST at
   the backbone's size, in fp32 (``--data`` names other images), as ``eval finetune`` reads it.
 """
@@ -23,6 +26,7 @@ from torch import nn
 
 from mimar import runs
 from mimar.data import DataConfig, load_images
+from mimar.data.eval_data import data_for_backbone, parse_data_spec
 from mimar.data.image_set import check_same_classes
 from mimar.engine.precision import autocast_dtype, resolve_device
 from mimar.errors import DataError
@@ -44,7 +48,7 @@ def eval_dir(checkpoint: str | Path, out: str | Path | None = None) -> Path:
 class Source:
     """What the frozen protocols need to know of what they evaluate."""
 
-    title: str  # the table's title up to "test top-1"
+    title: str  # the table's title up to the data set's name
     data: DataConfig  # the images (the run's own, or an export's defaults)
     precision: str  # train.precision the backbone was trained in: the features' autocast
     order: str  # the model's patch order (masking.patch_order kinds): what causal follows
@@ -58,7 +62,7 @@ def run_source(run_cfg, pretrained: nn.Module) -> Source:
     from mimar.loading import random_init_backbone
 
     return Source(
-        title=f"{run_cfg.method.name} {run_cfg.backbone.name}: {run_cfg.data.name}",
+        title=f"{run_cfg.method.name} {run_cfg.backbone.name}",
         data=run_cfg.data,
         precision=run_cfg.train.precision,
         # Only AIM reads its patches in a configurable order; every other method is raster.
@@ -86,7 +90,7 @@ def load_source(checkpoint: str | Path) -> Source:
         return build_backbone(c).eval()
 
     data = DataConfig(img_size=c.img_size, in_chans=c.in_chans)
-    return Source(f"{path.name}: {data.name}", data, "fp32", "raster", 0, backbone, random_init)
+    return Source(path.name, data, "fp32", "raster", 0, backbone, random_init)
 
 
 def run_frozen(request: EvalRequest, protocols: list[str]) -> tuple[dict, dict, str]:
@@ -109,7 +113,10 @@ def run_frozen(request: EvalRequest, protocols: list[str]) -> tuple[dict, dict, 
             results[p] = spec.run(models, setup, opts, spec.epochs(opts.epochs))
     header = {"n_train": len(setup.train), "n_test": len(setup.test)}
     header["classes"] = setup.train.classes  # the one label mapping every split used
-    return results, header, f"{source.title} test top-1 (%), {_class_count(setup.train)} classes"
+    spec = parse_data_spec(request.run.data_root)
+    data_name = source.data.name if spec is None else spec[0]  # the images evaluated on
+    title = f"{source.title}: {data_name} test top-1 (%)"
+    return results, header, f"{title}, {_class_count(setup.train)} classes"
 
 
 def report(
@@ -143,7 +150,13 @@ def evaluate(request: EvalRequest) -> dict[str, list[dict]]:
 def build_setup(source: Source, request: EvalRequest) -> EvalSetup:
     """The data (``--data`` or the source's), device, precision and attention."""
     run = request.run
-    data = source.data if run.data_root is None else replace(source.data, root=run.data_root)
+    data = source.data
+    spec = parse_data_spec(run.data_root)
+    if spec is not None:  # KIND:PATH: other images, fitted to the backbone
+        data, note = data_for_backbone(source.data, *spec)
+        print(note)
+    elif run.data_root is not None:  # a plain path: the run's data set at another root
+        data = replace(source.data, root=run.data_root)
     train = load_images(replace(data, max_images=run.max_train), "train")
     test = load_images(replace(data, max_images=run.max_test), "test")
     if train.labels is None or test.labels is None:

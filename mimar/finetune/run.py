@@ -24,6 +24,7 @@ import torch
 from mimar import runs
 from mimar.config import to_dict
 from mimar.data import DataConfig, ImageSet, iterate_eval_batches, load_images
+from mimar.data.eval_data import data_for_backbone, parse_data_spec
 from mimar.data.image_set import check_same_classes
 from mimar.downstream.config import record
 from mimar.downstream.runner import refuse_existing, tested_rows, train_downstream
@@ -55,15 +56,23 @@ def finetune(
     max_test: int = 0,
     scratch: bool = False,
     resume: bool = False,
+    data_spec: str | None = None,
 ) -> dict:
     """Fine-tune the backbone of ``source`` (a run folder, a checkpoint, or an exported
     ``.safetensors`` backbone, whose fine-tune goes to ``eval/`` beside it); returns the summary
-    ``{"top1": final-epoch test top-1, "best_top1", "best_epoch", "curve", ...}``."""
+    ``{"top1": final-epoch test top-1, "best_top1", "best_epoch", "curve", ...}``.
+
+    ``data_spec``: ``KIND:PATH`` (``--data``) fine-tunes on those images instead of the recipe's,
+    with the backbone's channels and the run's statistics (:mod:`mimar.data.eval_data`)."""
+    spec = parse_data_spec(data_spec)  # a bad KIND fails before anything is read
     source_backbone, source_data, method, state = _source(source)
     out = finetune_dir(runs.run_dir_of(source), scratch)
     if not resume:
         refuse_existing(out, "fine-tune")
     ft, data = load_finetune_config(source_data, recipe, overrides)
+    if spec is not None:
+        data, note = data_for_backbone(source_data, *spec, base=data)
+        print(note)
     train_set = load_images(replace(data, max_images=max_train), "train")
     test_set = load_images(replace(data, max_images=max_test), "test")
     if train_set.labels is None or test_set.labels is None:
