@@ -87,10 +87,8 @@ def test_hostile_recipes_are_refused_fast(tmp_path, text, message):
         _bomb(path, str(Path(DEMO).resolve()))
     else:
         path.write_text(text)
-    start = time.perf_counter()
-    with pytest.raises(ConfigError, match=message) as err:
+    with pytest.raises(ConfigError, match=message) as err:  # (its speed: acceptance O1, not here)
         load_config(path)
-    assert time.perf_counter() - start < 1.0
     assert len(str(err.value)) < 600
 
 
@@ -363,9 +361,7 @@ def test_an_absurd_size_is_refused_before_allocating(tmp_path, capsys, override)
     from mimar.cli import main
 
     extra = [override, "backbone.img_size=100000"] if "img_size" in override else [override]
-    start = time.perf_counter()
     assert main(["pretrain", DEMO, *extra, "--run-dir", str(tmp_path / "r")]) == 2
-    assert time.perf_counter() - start < 10
     err = capsys.readouterr().err
     assert "cannot fit: at least" in err and len(err.strip().splitlines()) == 1
 
