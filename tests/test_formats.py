@@ -258,11 +258,18 @@ def _old_timm_swin(model) -> dict:
     return sd | buffers
 
 
-@pytest.mark.parametrize(
-    "layout,size,window",
-    [("timm", 56, 7), ("old", 32, 8)],  # 56: one 7x7 window at the end; 32: the last one shrunk
-)
-def test_timm_swin_imports_with_equal_tokens_and_exports_back(tmp_path, layout, size, window):
+# timm: 56 px, patch 4, window 7 -> grids 14, 7 (one window at the end); old: 32 px, patch 2,
+# window 8 -> grids 16, 8, 4 (shifted windows in stage 0; the last stage's window shrunk to 4)
+SWINS = {
+    "timm": dict(img_size=56, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                 window_size=7),
+    "old": dict(img_size=32, patch_size=2, embed_dim=8, depths=(2, 1, 1), num_heads=(2, 2, 4),
+                window_size=8),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(SWINS))
+def test_timm_swin_imports_with_equal_tokens_and_exports_back(tmp_path, layout):
     """timm >= 0.9's Swin as ``.safetensors`` (--format timm) and timm < 0.9's layout as a
     ``.pth`` (--format auto); neither says the image size, which the windows imply."""
     import timm
@@ -270,9 +277,9 @@ def test_timm_swin_imports_with_equal_tokens_and_exports_back(tmp_path, layout, 
     from mimar.export import create_timm_model
 
     torch.manual_seed(0)
-    shape = dict(embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=window)
+    shape = SWINS[layout]
     model = timm.create_model(
-        "swin_tiny_patch4_window7_224", pretrained=False, img_size=size, num_classes=5, **shape
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, **shape
     ).eval()
     with torch.no_grad():  # non-trivial values everywhere (norms, biases, tables)
         for p in model.parameters():
@@ -288,9 +295,8 @@ def test_timm_swin_imports_with_equal_tokens_and_exports_back(tmp_path, layout, 
     assert report["fresh"] == ["backbone.mask_token", "head.conv.bias", "head.conv.weight"]
     assert {"head.fc.weight", "head.weight"} & set(report["ignored"])
     cfg = load_run(tmp_path / "run")[0].backbone
-    assert (cfg.img_size, cfg.depths, cfg.num_heads, cfg.window_size) == (
-        size, (2, 2), (2, 4), window,
-    )  # fmt: skip
+    assert {k: getattr(cfg, k) for k in shape} == shape  # img_size: from the windows
+    size = shape["img_size"]
     x = torch.randn(2, 3, size, size)
     with torch.no_grad():
         want = model.forward_features(x).flatten(1, 2)  # (B, H, W, C) -> (B, N, C)

@@ -108,6 +108,9 @@ _DERIVED = {
 
 
 def detect(weights: dict[str, torch.Tensor]) -> bool:
+    # old timm / Microsoft Swins with ape=True have an absolute_pos_embed too (format timm)
+    if "layers.0.blocks.0.attn.qkv.weight" in weights:
+        return False
     return "split_16to8.reduction.weight" in weights or "absolute_pos_embed" in weights
 
 
