@@ -316,6 +316,11 @@ def test_timm_swin_imports_with_equal_tokens_and_exports_back(tmp_path, layout):
     import_release(back, tmp_path / "again")
     a, b = run_weights(tmp_path / "run"), run_weights(tmp_path / "again")
     assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone.model."))
+    from mimar.formats.init import release_weights  # train.init=FILE reads it alike
+
+    initial = release_weights(path)
+    assert initial.keys() == {k for k in a if k.startswith("backbone.model.")}
+    assert all(torch.equal(v, a[k]) for k, v in initial.items())
 
 
 def test_timm_swin_classifier_exports_with_its_head(tmp_path):
