@@ -551,6 +551,13 @@ def test_simmim_swin_release_imports_with_equal_tokens_and_exports_back(tmp_path
     }
     assert exported.keys() == kept.keys()
     assert all(torch.equal(exported[k], v) for k, v in kept.items())
+    # the encoder alone (unwrap removes its common encoder. prefix): its mask token tells it
+    # from a timm / Microsoft Swin under --format auto
+    encoder = tmp_path / "encoder.pth"
+    torch.save({"model": {k: v for k, v in official.items() if k.startswith("encoder.")}}, encoder)
+    report = import_release(encoder, tmp_path / "enc", overrides=["backbone.img_size=32"])
+    assert report["format"] == "simmim-swin"
+    assert report["fresh"] == ["head.conv.bias", "head.conv.weight"]
 
 
 def test_aim_release_imports_exactly_and_exports_back(tmp_path):
