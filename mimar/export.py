@@ -1,20 +1,22 @@
-"""Export a pretrained ViT to timm: a safetensors file plus the kwargs to build the model.
+"""Export a pretrained ViT or Swin to timm: a safetensors file plus the kwargs to build it.
 
 ``FILE.json`` beside ``FILE.safetensors`` holds ``timm_model`` and ``kwargs`` for
 ``timm.create_model(timm_model, pretrained=False, num_classes=0, **kwargs)``, which then loads
 the file with ``load_state_dict(strict=True)``; ``norm_eps`` (timm builds its LayerNorms with
 1e-6, and a kwarg cannot carry another value: :func:`create_timm_model` sets it); and
-``mimar_backbone``, our config, from which ``mimar.load_backbone`` rebuilds the ViT.
+``mimar_backbone``, our config, from which ``mimar.load_backbone`` rebuilds the backbone.
 
 * A plain ViT -> timm's ``VisionTransformer`` (``vit_base_patch16_224`` + kwargs): same
   weight names, no key surgery.
 * A ViT with a relative position bias (SimMIM's, ``rel_pos_bias`` shared or per block) ->
   timm's ``Beit`` (``beit_base_patch16_224`` + kwargs), under Beit's names
   (``mimar.backbones.timm_beit``).
+* A Swin -> timm's ``SwinTransformer`` (``swin_tiny_patch4_window7_224`` + kwargs), the very
+  model it holds: its names without ``model.`` (``mimar.formats.timm_swin``).
 
-Either way ``forward_features`` equals our ``tokens`` (``fc_norm`` off: timm's final ``norm``
-stays inside ``forward_features``), and pooling is the class token when there is one, else
-the mean of the patch tokens.
+Either way ``forward_features`` equals our ``tokens`` (flattened, for a Swin; ``fc_norm`` off:
+timm's final ``norm`` stays inside ``forward_features``), and pooling is the class token when
+there is one, else the mean of the patch tokens.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from mimar import writes
+from mimar.backbones.swin import Swin
 from mimar.backbones.timm_beit import to_beit
 from mimar.backbones.vit import ViT
 from mimar.config import to_dict
@@ -92,17 +95,21 @@ def export_timm(model: nn.Module, out: str | Path) -> tuple[Path, Path]:
     whose pooling, ``fc_norm`` and head go along) as timm weights + kwargs."""
     classifier = model if hasattr(model, "head") and hasattr(model, "backbone") else None
     backbone = model.backbone if classifier is not None else model
-    if not isinstance(backbone, ViT):
+    if not isinstance(backbone, (ViT, Swin)):
         raise ConfigError(
-            f"--format timm exports mimar's ViT; this run's backbone is {type(backbone).__name__}"
+            "--format timm exports mimar's ViT and Swin; this run's backbone is "
+            f"{type(backbone).__name__}"
         )
     out = Path(out)
     if out.suffix != ".safetensors":
         raise ConfigError(f"--out must end with .safetensors, got {out}")
+    if isinstance(backbone, Swin):  # timm's own SwinTransformer inside (mimar.formats.timm_swin)
+        from mimar.formats import timm_swin
+
+        return _write(out, *timm_swin.export_timm(backbone, classifier))
     beit = backbone.cfg.rel_pos_bias != "none"
     pooled = classifier is not None and classifier.pool == "avg"
     kwargs = beit_kwargs(backbone, pooled) if beit else timm_kwargs(backbone)
-    writes.make_dir(out.parent, "export folder")
     weights = {
         k: v.detach().contiguous().cpu()
         for k, v in backbone.state_dict().items()
@@ -116,7 +123,6 @@ def export_timm(model: nn.Module, out: str | Path) -> tuple[Path, Path]:
         for name in ("fc_norm", "head"):
             for key, value in getattr(classifier, name).state_dict().items():
                 weights[f"{name}.{key}"] = value.detach().contiguous().cpu()
-    writes.save_with(out, lambda name: save_file(weights, name), "export")
     meta = {
         "timm_model": "beit_base_patch16_224" if beit else "vit_base_patch16_224",
         "kwargs": kwargs,
@@ -128,6 +134,12 @@ def export_timm(model: nn.Module, out: str | Path) -> tuple[Path, Path]:
             f"LayerNorm eps {backbone.cfg.norm_eps}, timm's default is {TIMM_NORM_EPS}: build "
             "with mimar.export.create_timm_model(path) or set every LayerNorm's eps by hand"
         )
+    return _write(out, weights, meta)
+
+
+def _write(out: Path, weights: dict, meta: dict) -> tuple[Path, Path]:
+    writes.make_dir(out.parent, "export folder")
+    writes.save_with(out, lambda name: save_file(weights, name), "export")
     meta_path = out.with_suffix(".json")
     writes.write_text(meta_path, json.dumps(meta, indent=2), "export metadata")
     return out, meta_path

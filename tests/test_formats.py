@@ -12,7 +12,7 @@ import types
 import pytest
 import torch
 from helpers import DEMO, TINY, losses
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import mimar
 from mimar.cli import main
@@ -222,17 +222,122 @@ def test_timm_models_import_with_equal_tokens(tmp_path, kind):
 
 
 @pytest.mark.parametrize(
-    "name,why",
-    [("eva02_tiny_patch14_224", "rotary"), ("swin_tiny_patch4_window7_224", "Swin")],
+    "name,why,kwargs",
+    [
+        ("eva02_tiny_patch14_224", "rotary", {}),
+        ("swin_tiny_patch4_window7_224", "absolute position", {}),  # timm < 0.9's ape=True
+    ],
 )
-def test_timm_variants_mimar_cannot_hold_are_refused_in_one_line(tmp_path, name, why):
+def test_timm_variants_mimar_cannot_hold_are_refused_in_one_line(tmp_path, name, why, kwargs):
     import timm
 
-    model = timm.create_model(name, pretrained=False, num_classes=0)
+    model = timm.create_model(name, pretrained=False, num_classes=0, **kwargs)
+    sd = {k: v.contiguous() for k, v in model.state_dict().items()}
+    if "swin" in name:  # timm 1.0 cannot build it any more: the key old timm saved
+        sd["absolute_pos_embed"] = torch.zeros(1, 56 * 56, 96)
     path = tmp_path / "m.safetensors"
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    save_file(sd, str(path))
     with pytest.raises(CheckpointError, match=why):
         import_release(path, tmp_path / "run", fmt="timm")
+
+
+def _old_timm_swin(model) -> dict:
+    """timm < 0.9's (and Microsoft's) layout of a timm 1.0 Swin's weights: the patch merging
+    closing stage s (not opening s + 1), ``head.*`` for ``head.fc.*``, and the index buffers
+    saved (they were persistent there)."""
+    import re
+
+    merging = re.compile(r"^layers\.(\d+)\.downsample\.")
+    sd = {
+        merging.sub(lambda m: f"layers.{int(m[1]) - 1}.downsample.", k): v
+        for k, v in model.state_dict().items()
+    }
+    sd = {k.replace("head.fc.", "head."): v for k, v in sd.items()}
+    buffers = {k: v for k, v in model.named_buffers() if k.endswith(("index", "attn_mask"))}
+    assert any(k.endswith("attn_mask") for k in buffers)  # the test holds a shifted window
+    return sd | buffers
+
+
+# timm: 56 px, patch 4, window 7 -> grids 14, 7 (one window at the end); old: 32 px, patch 2,
+# window 8 -> grids 16, 8, 4 (shifted windows in stage 0; the last stage's window shrunk to 4)
+SWINS = {
+    "timm": dict(img_size=56, patch_size=4, embed_dim=16, depths=(2, 2), num_heads=(2, 4),
+                 window_size=7),
+    "old": dict(img_size=32, patch_size=2, embed_dim=8, depths=(2, 1, 1), num_heads=(2, 2, 4),
+                window_size=8),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("layout", list(SWINS))
+def test_timm_swin_imports_with_equal_tokens_and_exports_back(tmp_path, layout):
+    """timm >= 0.9's Swin as ``.safetensors`` (--format timm) and timm < 0.9's layout as a
+    ``.pth`` (--format auto); neither says the image size, which the windows imply."""
+    import timm
+
+    from mimar.export import create_timm_model
+
+    torch.manual_seed(0)
+    shape = SWINS[layout]
+    model = timm.create_model(
+        "swin_tiny_patch4_window7_224", pretrained=False, num_classes=5, **shape
+    ).eval()
+    with torch.no_grad():  # non-trivial values everywhere (norms, biases, tables)
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    if layout == "timm":
+        path, fmt = tmp_path / "swin.safetensors", "timm"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    else:
+        path, fmt = tmp_path / "swin_tiny_patch4_window7_224.pth", "auto"
+        torch.save({"model": _old_timm_swin(model)}, path)
+    report = import_release(path, tmp_path / "run", fmt=fmt)
+    assert report["format"] == "timm" and report["detected"] == (fmt == "auto")
+    assert report["fresh"] == ["backbone.mask_token", "head.conv.bias", "head.conv.weight"]
+    assert {"head.fc.weight", "head.weight"} & set(report["ignored"])
+    cfg = load_run(tmp_path / "run")[0].backbone
+    assert {k: getattr(cfg, k) for k in shape} == shape  # img_size: from the windows
+    size = shape["img_size"]
+    x = torch.randn(2, 3, size, size)
+    with torch.no_grad():
+        want = model.forward_features(x).flatten(1, 2)  # (B, H, W, C) -> (B, N, C)
+        got = mimar.load_backbone(tmp_path / "run")(x)["tokens"]
+    assert (got - want).abs().max() < 1e-5
+    back = tmp_path / "back" / "swin.safetensors"
+    args = ["export", "--checkpoint", str(tmp_path / "run"), "--format", "timm"]
+    assert main([*args, "--out", str(back)]) == 0
+    exported = load_file(str(back))
+    kept = {k: v for k, v in model.state_dict().items() if not k.startswith("head.")}
+    assert exported.keys() == kept.keys()
+    assert all(torch.equal(exported[k], v) for k, v in kept.items())
+    again = create_timm_model(back)  # strict=True, built from the written kwargs
+    with torch.no_grad():
+        assert (again.forward_features(x).flatten(1, 2) - got).abs().max() < 1e-5
+        assert (mimar.load_backbone(back)(x)["tokens"] - got).abs().max() < 1e-5
+    import_release(back, tmp_path / "again")
+    a, b = run_weights(tmp_path / "run"), run_weights(tmp_path / "again")
+    assert all(torch.equal(a[k], b[k]) for k in a if k.startswith("backbone.model."))
+    from mimar.formats.init import release_weights  # train.init=FILE reads it alike
+
+    initial = release_weights(path)
+    assert initial.keys() == {k for k in a if k.startswith("backbone.model.")}
+    assert all(torch.equal(v, a[k]) for k, v in initial.items())
+
+
+def test_timm_swin_classifier_exports_with_its_head(tmp_path):
+    """A fine-tuned Swin (mean of the normed tokens -> head) is timm's avg ClassifierHead."""
+    from mimar.backbones.swin import Swin, SwinConfig
+    from mimar.export import create_timm_model, export_timm
+    from mimar.finetune.classifier import Classifier
+
+    torch.manual_seed(0)
+    cfg = SwinConfig(img_size=32, embed_dim=16, depths=(2, 2), num_heads=(2, 4), window_size=4)
+    classifier = Classifier(Swin(cfg), 3).eval()
+    with torch.no_grad():
+        classifier.head.weight.normal_()
+    out, _ = export_timm(classifier, tmp_path / "ft.safetensors")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (create_timm_model(out)(x) - classifier.logits(x)).abs().max() < 1e-5
 
 
 def _evil_pickles(tmp_path):
@@ -446,6 +551,13 @@ def test_simmim_swin_release_imports_with_equal_tokens_and_exports_back(tmp_path
     }
     assert exported.keys() == kept.keys()
     assert all(torch.equal(exported[k], v) for k, v in kept.items())
+    # the encoder alone (unwrap removes its common encoder. prefix): its mask token tells it
+    # from a timm / Microsoft Swin under --format auto
+    encoder = tmp_path / "encoder.pth"
+    torch.save({"model": {k: v for k, v in official.items() if k.startswith("encoder.")}}, encoder)
+    report = import_release(encoder, tmp_path / "enc", overrides=["backbone.img_size=32"])
+    assert report["format"] == "simmim-swin"
+    assert report["fresh"] == ["head.conv.bias", "head.conv.weight"]
 
 
 def test_aim_release_imports_exactly_and_exports_back(tmp_path):

@@ -345,3 +345,107 @@ def test_a_trained_decoder_pos_embed_is_refused_not_dropped(tmp_path):
             assert "decoder_pos_embed" in str(err) and "sin-cos" in str(err)
         else:
             raise AssertionError(f"{fmt}: a changed decoder_pos_embed was dropped silently")
+
+
+# train.init from an imported release (as the SimMIM test in test_formats.py): a tiny run
+# continued from it starts from exactly its weights, so its first logged loss is the imported
+# model's loss on the first batch, with the run's own draws (kept patches or cluster order
+# from the "method" stream, network draws under step_draws of the "network" seed)
+RUN = [
+    "data.name=synthetic",
+    "data.synthetic_size=8",
+    "data.batch_size=4",
+    "data.num_workers=0",
+    "train.precision=fp32",
+    "train.progress=false",
+    "train.threads=1",
+    "train.monitor_every=0",
+    "train.log_every=1",
+    "train.checkpoint_every=5",
+    "train.steps=1",
+    "optim.warmup_steps=1",
+    "train.seed=3",
+]
+
+
+def first_loss_of_imported(imported, overrides: list[str]) -> float:
+    from mimar.config import load_config
+    from mimar.data import build_train_loader
+    from mimar.factory import build_method
+    from mimar.nn.layers import step_draws
+
+    cfg = load_config(str(imported / "config.yaml"), overrides)
+    torch.manual_seed(0)  # fresh parts (none after the import) must not matter: all loaded
+    method = build_method(cfg)
+    method.load_state_dict(run_weights(imported))  # strict: every weight is the import's
+    loader = build_train_loader(cfg.data, seed=cfg.train.seed, rank=0, world_size=1)
+    corruption = method.sample_corruption(cfg.data.batch_size, loader.generator_for(0))
+    method.train()
+    with torch.no_grad(), step_draws(loader.generator_for(0, "network").initial_seed()):
+        return method(**loader.inputs(0), **corruption)["loss"].item()
+
+
+def continue_from(imported, tmp_path, overrides: list[str]) -> float:
+    from helpers import losses
+
+    out = tmp_path / "continued"
+    args = ["pretrain", str(imported / "config.yaml"), *overrides, f"train.init={imported}"]
+    assert main([*args, "--run-dir", str(out)]) == 0
+    return losses(out)[1]
+
+
+def test_itpn_train_init_starts_from_the_imported_release(tmp_path):
+    """Pixel loss and MFM (its heads fresh at import, its EMA teacher the imported student):
+    the continued run's first loss is the imported method's."""
+    release = tmp_path / "itpn_base_1600e.pt"
+    save_like_official(official_itpn(), release)
+    shape = ["backbone.num_heads=2", "method.decoder_num_heads=2"]
+    import_release(release, tmp_path / "imp", overrides=shape)
+    overrides = [*RUN, "data.img_size=32", "data.in_chans=3"]
+    want = first_loss_of_imported(tmp_path / "imp", overrides)
+    assert abs(continue_from(tmp_path / "imp", tmp_path, overrides) - want) < 1e-6
+
+
+def tiny_teacher(path) -> str:
+    """A frozen mimar ViT of D-iGPT's target width (``DG_T``), exported as a file: the
+    ``teacher.*`` of the continued run (a release never holds the teacher)."""
+    from mimar.backbones import build_backbone
+    from mimar.config import section_from_dict
+    from mimar.export import export_timm
+
+    torch.manual_seed(5)
+    shape = dict(img_size=DG_IMG, patch_size=DG_PATCH, embed_dim=DG_T, depth=1, num_heads=2)
+    backbone = build_backbone(section_from_dict("backbone", {"name": "vit", **shape}))
+    return str(export_timm(backbone, path)[0])
+
+
+def test_digpt_train_init_starts_from_the_imported_release(tmp_path):
+    """Both decoders imported; the teacher is what teacher.* says (a fixed tiny mimar ViT)."""
+    release = tmp_path / "digpt_base.pth"
+    save_like_official(official_digpt(), release)
+    shape = ["backbone.num_heads=2", "method.decoder_heads=2"]
+    import_release(release, tmp_path / "imp", overrides=shape)
+    teacher = tiny_teacher(tmp_path / "teacher.safetensors")
+    overrides = [*RUN, f"data.img_size={DG_IMG}", "data.in_chans=3", "teacher.kind=mimar"]
+    overrides += [f"teacher.path={teacher}", "teacher.precision=inherit", "teacher.img_size=0"]
+    want = first_loss_of_imported(tmp_path / "imp", overrides)
+    assert abs(continue_from(tmp_path / "imp", tmp_path, overrides) - want) < 1e-6
+
+
+def test_itpn_export_of_a_run_with_a_final_norm_says_what_to_do(tmp_path):
+    """The official pretraining HiViT has no final norm: a run that has one cannot be written
+    as an official file; the one line names the override that makes an exportable run."""
+    from mimar.formats import get_format
+
+    release = tmp_path / "itpn.pt"
+    save_like_official(official_itpn(), release)
+    import_release(release, tmp_path / "run", overrides=["backbone.num_heads=2"])
+    weights = run_weights(tmp_path / "run")
+    weights |= {"backbone.trunk.norm.weight": torch.ones(IT_D)}
+    fields = {"final_norm": True, "mlp_depth": IT_M, "img_size": IT_IMG, "patch_size": 16}
+    try:
+        get_format("itpn").export(weights, fields)
+    except CheckpointError as err:
+        assert "backbone.final_norm=false" in str(err) and "\n" not in str(err)
+    else:
+        raise AssertionError("a run with a final norm was exported as the official model")

@@ -36,6 +36,7 @@ from mimar.nn.layers import GradCheckpointing, replace_drop_paths
 _EMBED = ("mask_token", "model.patch_embed.", "model.absolute_pos_embed")
 _BLOCK = re.compile(r"model\.layers\.(\d+)\.blocks\.(\d+)\.")
 _DOWNSAMPLE = re.compile(r"model\.layers\.(\d+)\.downsample\.")
+_TIMM_NAMES = ("patch_embed.", "layers.", "norm.")  # timm SwinTransformer's, ours under model.
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -149,6 +150,8 @@ class Swin(GradCheckpointing, nn.Module):
             # timm's default cut at +-2 (absolute, i.e. +-100 std) as SimMIM's Swin; unlike
             # SimMIM's ViT, which cuts at +-1 std (docs/METHODS.md §10.7).
             trunc_normal_(self.mask_token, std=0.02)
+        # also load timm's own names (``mimar export --format timm`` writes them, no ``model.``)
+        self.register_load_state_dict_pre_hook(_accept_timm_names)
 
     def embed(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> torch.Tensor:
         """Patch embedding (conv + LayerNorm) with hidden tokens replaced by the mask token.
@@ -242,3 +245,9 @@ class Swin(GradCheckpointing, nn.Module):
         """The mask token and every relative position bias table (SimMIM §2.5)."""
         names = {f"model.{n}" for n in self.model.no_weight_decay()}
         return names | ({"mask_token"} if self.mask_token is not None else set())
+
+
+def _accept_timm_names(module: Swin, state_dict: dict, prefix: str, *args) -> None:
+    for key in [k for k in state_dict if k.startswith(prefix)]:
+        if key[len(prefix) :].startswith(_TIMM_NAMES):
+            state_dict[prefix + "model." + key[len(prefix) :]] = state_dict.pop(key)

@@ -40,6 +40,13 @@ class Format:
     # backbone.* fields from the weights (``backbone.`` removed) and the recipe's backbone
     # section; None: a ViT's (mimar.formats.vit_shapes.vit_fields)
     architecture: Callable[[dict[str, torch.Tensor], dict], dict] | None = None
+    # a format spanning several backbones (timm: ViT-family or Swin) names the one of
+    # the unwrapped weights: its own recipe, map and architecture reader
+    variant: Callable[[dict[str, torch.Tensor]], Format] | None = None
+
+    def for_weights(self, weights: dict[str, torch.Tensor]) -> Format:
+        """This layout, or the variant of it that ``weights`` (unwrapped) are."""
+        return self if self.variant is None else self.variant(weights)
 
     @property
     def recipe_path(self) -> Path:

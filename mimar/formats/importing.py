@@ -55,7 +55,7 @@ def import_release(
         raise ConfigError(f"{out} already holds a run: choose another --out")
     obj, weights_file = read_release(source)
     weights, other = unwrap(obj)
-    layout = detect_format(weights) if fmt == "auto" else get_format(fmt)
+    layout = (detect_format(weights) if fmt == "auto" else get_format(fmt)).for_weights(weights)
     log.info("format: %s (%s)", layout.name, "detected" if fmt == "auto" else "given")
     converted = layout.to_mimar(weights, obj)
     cfg, untold_values = import_config(

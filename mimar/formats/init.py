@@ -95,6 +95,6 @@ def release_weights(path: Path) -> dict[str, torch.Tensor]:
 
     obj, _ = read_release(path)
     weights, _ = unwrap(obj)
-    layout = detect_format(weights)
+    layout = detect_format(weights).for_weights(weights)
     log.info("train.init: %s is a %s release", path, layout.name)
     return layout.to_mimar(weights, obj).weights

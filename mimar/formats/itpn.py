@@ -108,6 +108,9 @@ _DERIVED = {
 
 
 def detect(weights: dict[str, torch.Tensor]) -> bool:
+    # old timm / Microsoft Swins with ape=True have an absolute_pos_embed too (format timm)
+    if "layers.0.blocks.0.attn.qkv.weight" in weights:
+        return False
     return "split_16to8.reduction.weight" in weights or "absolute_pos_embed" in weights
 
 
@@ -220,9 +223,13 @@ def export(weights: dict[str, torch.Tensor], backbone: dict) -> dict:
     writes it, the fixed ``decoder_pos_embed`` included (the official model has it in its
     state dict). MFM's heads and EMA teacher have no official counterpart and are left out."""
     if backbone.get("final_norm"):
+        # sunsmarterjie/iTPN @ 638eff48 itpn_pixel/models/models_itpn_mim.py: the pretraining
+        # iTPNMaskedAutoencoder has no encoder norm (its neck takes the raw last-stage tokens)
         raise CheckpointError(
-            "--format itpn: the official pixel encoder has no final norm and this run has one "
-            "(backbone.final_norm=true): pretrain with backbone.final_norm=false to export"
+            "--format itpn: this run's HiViT has a final norm (backbone.final_norm=true, the "
+            "default of mimar's iTPN recipes) and the official pretraining model has none, so "
+            "no official file can hold it: pretrain with backbone.final_norm=false added to "
+            "the command line (an imported itpn release already has it), then export that run"
         )
     parts = {
         k: v for k, v in weights.items() if k.startswith(("backbone.", "decoder.", "pixel_head."))

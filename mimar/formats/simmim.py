@@ -18,7 +18,6 @@ cannot see it); export drops ours for the same reason.
 
 from __future__ import annotations
 
-import math
 import re
 
 import torch
@@ -26,6 +25,7 @@ import torch
 from mimar.errors import ConfigError
 from mimar.formats.family import Converted, Format
 from mimar.formats.keymap import Table, merge_qv_biases, refuse_unknown, rename, split_qkv_bias
+from mimar.formats.swin_shapes import swin_fields
 from mimar.nn import relative_position_index
 
 # official (SimMIM) name -> mimar method name
@@ -166,7 +166,11 @@ _MERGING_BACK = re.compile(r"encoder\.merging\.(\d+)\.")
 
 
 def detect_swin(weights: dict[str, torch.Tensor]) -> bool:
-    return "encoder.layers.0.blocks.0.attn.qkv.weight" in weights
+    # with its decoder, or the encoder alone (its ``encoder.`` prefix removed by unwrap): the
+    # mask token tells it from a timm / Microsoft Swin
+    return "encoder.layers.0.blocks.0.attn.qkv.weight" in weights or (
+        "mask_token" in weights and "layers.0.blocks.0.attn.qkv.weight" in weights
+    )
 
 
 def swin_to_mimar(weights: dict[str, torch.Tensor], extra: dict) -> Converted:
@@ -182,32 +186,6 @@ def swin_to_mimar(weights: dict[str, torch.Tensor], extra: dict) -> Converted:
     out, keys, unknown = rename({new: weights[old] for new, old in shifted.items()}, SWIN)
     refuse_unknown([shifted[k] for k in unknown], "simmim-swin")
     return Converted(out, {shifted[k]: v for k, v in keys.items()}, ignored)
-
-
-def swin_fields(weights: dict[str, torch.Tensor], recipe: dict) -> dict:
-    """Swin's shape from its weights: width, patch, channels, stage depths, heads per stage
-    (the relative position tables' columns), window (their rows), MLP width, qkv bias."""
-    proj = weights["model.patch_embed.proj.weight"]  # (C, in, p, p)
-    blocks = [k.split(".") for k in weights if ".blocks." in k and k.endswith("norm1.weight")]
-    stages = 1 + max(int(parts[2]) for parts in blocks)
-    depths = [sum(1 for parts in blocks if int(parts[2]) == s) for s in range(stages)]
-    tables = [
-        weights[f"model.layers.{s}.blocks.0.attn.relative_position_bias_table"]
-        for s in range(stages)
-    ]
-    fc1 = weights["model.layers.0.blocks.0.mlp.fc1.weight"]
-    return {
-        "name": "swin",
-        "embed_dim": int(proj.shape[0]),
-        "in_chans": int(proj.shape[1]),
-        "patch_size": int(proj.shape[2]),
-        "depths": depths,
-        "num_heads": [int(t.shape[1]) for t in tables],
-        "window_size": (math.isqrt(tables[0].shape[0]) + 1) // 2,
-        "mlp_ratio": fc1.shape[0] / proj.shape[0],
-        "qkv_bias": "model.layers.0.blocks.0.attn.qkv.bias" in weights,
-        "use_mask_token": True,
-    }
 
 
 def swin_export(weights: dict[str, torch.Tensor], backbone: dict) -> dict:

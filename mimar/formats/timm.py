@@ -8,14 +8,17 @@ Names from timm 1.0 (``timm/models/vision_transformer.py`` ``VisionTransformer``
 bias, LayerScale ``gamma_1`` / ``gamma_2``, and a per-block
 ``attn.relative_position_bias_table``.
 
+A timm ``SwinTransformer`` (``swin_*``, any timm version's layout) is the format's other
+variant: :mod:`mimar.formats.timm_swin` maps it into mimar's Swin (a SimMIM Swin run, recipe
+``configs/simmim/swin_base_in1k.yaml``), chosen by :attr:`Format.variant` from the weights.
+
 Refused, because mimar's ViT cannot express them: EVA-02 and other ``Eva`` variants with
 SwiGLU MLPs (``mlp.fc1_g`` / ``fc1_x``, or packed: ``fc1`` twice as wide as ``fc2``'s input)
 or a norm inside the attention / MLP (``attn.norm``, ``mlp.norm``). Rotary position
 embeddings (EVA-02) are non-persistent buffers, invisible in the weights: an ``Eva`` with
 RoPE but a plain MLP would import as a ViT without it (EVA-02's SwiGLU refuses every released
 one). Also refused: timm ViTs with register tokens (``reg_token``), a pre-norm
-(``norm_pre``) or a position table without the class token's row (``no_embed_class``); Swin
-(mimar's Swin keeps timm's names under ``model.*``, but its import is not written yet). The
+(``norm_pre``) or a position table without the class token's row (``no_embed_class``). The
 classifier (``head.*``) and the pooled classifier's norm (``fc_norm.*``, which
 ``forward_features`` does not apply) are left out and listed.
 """
@@ -27,8 +30,10 @@ import math
 import torch
 
 from mimar.errors import CheckpointError
+from mimar.formats import timm_swin
 from mimar.formats.family import Converted, Format
 from mimar.formats.keymap import Table, merge_qv_biases, refuse_unknown, rename
+from mimar.formats.swin_shapes import swin_fields
 
 # timm name -> mimar method name: VisionTransformer's names are ours
 VIT: Table = (
@@ -66,7 +71,6 @@ _REFUSED = {
     "attn.q_proj": "separate q/k/v projections (EVA-02)",
     "reg_token": "register tokens",
     "norm_pre": "a norm before the blocks",
-    "layers.0.blocks": "a Swin model (not mapped yet: mimar's Swin import is unwritten)",
     "attn_pool": "attention pooling (MAP head)",
 }
 _IGNORED = {
@@ -119,5 +123,21 @@ def _check_embed_class(weights: dict[str, torch.Tensor]) -> None:
             )
 
 
-TIMM = Format(name="timm", method="simmim", recipe="simmim/vit_base_in1k.yaml", detect=detect,
-              to_mimar=to_mimar)  # fmt: skip
+# a timm Swin (mimar.formats.timm_swin) imports as a SimMIM Swin run, its width etc. read as
+# simmim-swin's; both layouts are one --format
+TIMM_SWIN = Format(
+    name="timm",
+    method="simmim",
+    recipe="simmim/swin_base_in1k.yaml",
+    detect=timm_swin.is_swin,
+    to_mimar=timm_swin.to_mimar,
+    architecture=swin_fields,
+)
+TIMM = Format(
+    name="timm",
+    method="simmim",
+    recipe="simmim/vit_base_in1k.yaml",
+    detect=detect,
+    to_mimar=to_mimar,
+    variant=lambda weights: TIMM_SWIN if timm_swin.is_swin(weights) else TIMM,
+)
