@@ -255,3 +255,40 @@ def test_no_file_is_written_outside_the_write_layer():
 
 def _in_docstring(code: str) -> bool:
     return "``" in code  # prose that names a call, e.g. ``torch.save``
+
+
+def test_data_shard_writes_through_the_layer_and_fails_in_one_line(tmp_path, monkeypatch, capsys):
+    """`mimar data shard` under the harness: every file it leaves was a recorded write, and
+    each write site failing (ENOSPC) ends it in one line, exit 74, no shard of a torn size."""
+    pytest.importorskip("webdataset")
+    import numpy as np
+    from PIL import Image
+
+    images = tmp_path / "images"
+    for c in "ab":
+        (images / c).mkdir(parents=True)
+        for i in range(3):
+            Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(images / c / f"{i}.png")
+
+    def shard(root: Path, harness: Harness) -> tuple[int, str]:
+        harness.stage = "data"
+        rc = main(["data", "shard", str(images), f"{root}/out/train-%06d.tar", "--shard-size", "4"])
+        return rc, capsys.readouterr().err
+
+    clean = Harness(tmp_path / "clean")
+    with monkeypatch.context() as patch:
+        clean.install(patch)
+        assert shard(clean.root, clean)[0] == 0
+    written = {_key(clean.root, p) for p in clean.root.rglob("*") if p.is_file()}
+    assert written == {"out/train-000000.tar", "out/train-000001.tar", "out/shards.json"}
+    assert written <= {key for _, key in clean.sites}
+    for site in clean.sites:
+        root = tmp_path / re.sub(r"[^a-z0-9]+", "_", site[1])
+        failing = Harness(root, (*site, clean.counts[site]), EXCEPTIONS["ENOSPC"])
+        with monkeypatch.context() as patch:
+            failing.install(patch)
+            rc, err = shard(root, failing)
+        lines = [line for line in err.splitlines() if line.startswith("mimar ")]
+        assert rc == writes.EXIT_CODE and "Traceback" not in err, (site, err)
+        assert len(lines) == 1 and "mimar data: error: cannot write" in lines[0], (site, err)
+        assert not list(root.rglob("*.tmp")), site  # no temp file left behind
