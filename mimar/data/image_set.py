@@ -124,9 +124,10 @@ def unknown_note(counts: dict[str, int]) -> str:
         return ""
     shown = ", ".join(f"{name} {n}" for name, n in list(counts.items())[:5])
     more = " ..." if len(counts) > 5 else ""
+    classes = f"{len(counts)} class{'es' if len(counts) > 1 else ''}"
     return (
-        f"{sum(counts.values())} test images of {len(counts)} classes unknown to training "
-        f"scored wrong ({shown}{more})"
+        f"{sum(counts.values())} test images of {classes} unknown to training scored wrong "
+        f"({shown}{more})"
     )
 
 
