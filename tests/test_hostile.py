@@ -97,7 +97,7 @@ def test_unknown_test_classes_can_be_scored_wrong(tmp_path, k):
         note = f"{k} test images of 1 class unknown to training scored wrong (zebra {k})"
         for row in saved["rows"]:
             assert note in row["notes"]
-            assert row["top1"] <= by_hand + 1e-6  # never a point for an unknown class
+            assert row["top1"] <= by_hand + 1e-4  # never a point for an unknown class
         if protocol == "knn":
             pixels = next(r for r in saved["rows"] if r["model"] == "raw pixels")
             assert pixels["top1"] == pytest.approx(by_hand)
