@@ -146,7 +146,8 @@ def check_complete(paths: list[Path], root: str = "") -> None:
                 "or remove the folder and shard again"
             )
         names = {p.name for p in paths if p.parent == folder}
-        index_them = f"mimar data index '{root or folder / sorted(names)[0]}'"
+        glob = folder / re.sub(r"\d+", "*", sorted(names)[0])  # e.g. DIR/val-*.tar
+        index_them = f"mimar data index '{root or glob}'"
         listed = set(read_index(folder).get("shards", {}))
         if not listed:
             raise DataError(
@@ -288,7 +289,7 @@ def _unchanged(item):
 def load_shards(cfg: DataConfig, split: str) -> ImageSet:
     """One split of shards in memory (stored order; ``cfg.max_images``: the first ones)."""
     paths = shard_paths(cfg.root, split)
-    check_complete(paths, cfg.root)
+    check_complete(paths, cfg.root if split == "train" else "")
     if cfg.max_images:  # only the shards that hold the first max_images samples
         ends = np.cumsum(sample_counts(paths))
         paths = paths[: int(np.searchsorted(ends, cfg.max_images)) + 1]
