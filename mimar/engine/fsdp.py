@@ -179,6 +179,8 @@ class ShardedSaver:
             _replace_dir(tmp, paths[0])
         except OSError as err:  # a WriteError too: the write layer's line, plus what is kept
             shutil.rmtree(tmp, ignore_errors=True)
+            if isinstance(err, WriteError) and err.errno:  # name the checkpoint, not its .tmp
+                err = OSError(err.errno, os.strerror(err.errno))
             raise _intact(writes.explain(err, paths[0], "checkpoint")) from None
 
 
