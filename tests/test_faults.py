@@ -295,3 +295,23 @@ def test_data_shard_writes_through_the_layer_and_fails_in_one_line(tmp_path, mon
         assert rc == writes.EXIT_CODE and "Traceback" not in err, (site, err)
         assert len(lines) == 1 and "mimar data: error: cannot write" in lines[0], (site, err)
         assert not list(root.rglob("*.tmp")), site  # no temp file left behind
+
+
+def test_a_picture_that_cannot_be_written_is_a_warning(tmp_path, monkeypatch, caplog):
+    """Pictures are optional writes: the monitor figure and a bench report's figures on a
+    full disk log one warning and the work goes on (no picture, no exception)."""
+    from mimar.bench import report
+    from mimar.monitor import plot
+
+    def full(path, save, what=""):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+    monkeypatch.setattr(writes, "save_with", full)
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1, "loss": 1.0, "time": 0}\n')
+    assert plot.draw(tmp_path) == tmp_path / "monitor.png"
+    import matplotlib.pyplot as plt
+
+    report._save_picture(plt.figure(), tmp_path / "accuracy.png", 80)
+    warned = [r.getMessage() for r in caplog.records if "cannot write" in r.getMessage()]
+    assert len(warned) == 2 and all("no space left" in w for w in warned), warned
+    assert not list(tmp_path.glob("*.png"))

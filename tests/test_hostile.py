@@ -103,6 +103,32 @@ def test_unknown_test_classes_can_be_scored_wrong(tmp_path, k):
             assert pixels["top1"] == pytest.approx(by_hand)
 
 
+def test_unknown_test_classes_count_as_wrong_in_the_finetune_and_robustness(tmp_path):
+    import json
+
+    from mimar.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", DEMO, *TINY_RUN, "train.steps=1", "--run-dir", str(run)]) == 0
+    known = {"a": 4, "b": 4}
+    data = _patterns(tmp_path / "d", {"train": known, "val": {"a": 2, "b": 2, "zebra": 3}})
+    ft = ["--recipe", "configs/finetune/fmnist.yaml", "finetune.schedule.epochs=1",
+          "finetune.batch_size=4", "finetune.progress=false", "finetune.precision=fp32",
+          "finetune.threads=1"]  # fmt: skip
+    where = ["--checkpoint", str(run), "--data", f"image_folder:{data}"]
+    assert main(["eval", "finetune", *where, *ft]) == 2  # the default: refused, naming zebra
+    assert main(["eval", "finetune", *where, *ft, "--unknown-classes", "wrong"]) == 0
+    bound = 100.0 * 4 / 7  # at most the 4 known of 7 test images
+    row = json.loads((run / "eval" / "finetune.json").read_text())["rows"][0]
+    assert row["details"]["unknown_classes"] == {"zebra": 3} and row["details"]["n_test"] == 7
+    assert row["top1"] <= bound + 1e-4 and "3 test images of 1 class unknown" in row["notes"]
+    robust = ["eval", "robustness", *where]
+    assert main(robust) == 2
+    assert main([*robust, "--unknown-classes", "wrong"]) == 0
+    saved = json.loads((run / "eval" / "robustness.json").read_text())
+    assert saved["n_test"] == 7 and saved["rows"][0]["details"]["clean_top1"] <= bound + 1e-4
+
+
 def test_unknown_classes_map_by_name_onto_the_train_indices():
     import torch
 
