@@ -336,3 +336,13 @@ def test_the_monitor_on_shards_without_a_test_split_keeps_health_only(data, tmp_
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("monitor/rankme" in r for r in rows)
     assert not any("monitor/knn_top1" in r for r in rows)
+
+
+def test_a_negative_label_is_refused():
+    """A negative cls would index the class list from its end: another class, silently."""
+    from mimar.data.shards import _labels
+
+    samples = [{"__key__": "0", "cls": b"1"}, {"__key__": "1", "__url__": "s.tar", "cls": b"-1"}]
+    with pytest.raises(DataError, match="sample 1 of s.tar: cls must be >= 0, got -1"):
+        _labels(samples)
+    assert _labels(samples[:1]).tolist() == [1]
