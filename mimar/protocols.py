@@ -22,6 +22,7 @@ from typing import Any, Literal
 
 from mimar import runs
 from mimar.data.eval_data import fitted_note, parse_data_spec
+from mimar.data.image_set import UNKNOWN_LABEL, unknown_note
 from mimar.errors import ConfigError, Stopped
 from mimar.evaluation.frozen import FROZEN_TABLE, EvalProtocol, result_row
 from mimar.evaluation.options import EvalRequest, build_request, option
@@ -72,6 +73,7 @@ def _finetune(request: EvalRequest) -> dict:
             scratch=scratch,
             resume=opts.resume,
             data_spec=_data_spec(run.data_root),
+            unknown_classes=run.unknown_classes,
         )
         if res.get("stopped_by"):
             raise Stopped(res["stopped_by"], "fine-tuning")
@@ -80,6 +82,8 @@ def _finetune(request: EvalRequest) -> dict:
         if res.get("best_top1") is not None:
             notes += f"; best {res['best_top1']:.2f} at epoch {res['best_epoch']:g}"
         notes += f"; {res.get('n_train')} train; {res['seconds'] / 60:.1f} min"
+        if res.get("unknown_classes"):
+            notes += f"; {unknown_note(res['unknown_classes'])}"
         name = "random init" if scratch else "pretrained"
         rows.append(result_row(name, "finetune", "all blocks", res, notes))
     return {"rows": rows}
@@ -157,7 +161,14 @@ def _robustness(request: EvalRequest) -> dict:
             data = replace(data, name=spec[0], root=spec[1])
             print(fitted_note(data))
         if test is None:  # the fine-tune's own test split
-            test = load_images(replace(data, max_images=run.max_test), "test")
+            test = load_images(
+                replace(data, max_images=run.max_test), "test", unknown_classes=run.unknown_classes
+            )
+            if run.unknown_classes == "wrong" and test.labels is not None:
+                # classes past the fine-tune's (an image folder lists them after the train
+                # split's) are scored as wrong, as the fine-tune scored them
+                known = test.labels < int(ft_cfg["num_classes"])
+                test = replace(test, labels=test.labels.where(known, UNKNOWN_LABEL))
         res = evaluate_robustness(
             _in_precision(classifier.to(device).logits, device, trained_precision(ft_cfg)),
             test,

@@ -99,7 +99,16 @@ def make_dir(path: str | os.PathLike, what: str = "folder") -> Path:
 def atomic_write(
     path: str | os.PathLike, write: Callable[[BinaryIO], object], what: str = ""
 ) -> None:
-    """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``.
+    """Call ``write(f)`` on a temp file beside ``path``, then rename it over ``path``
+    (:func:`atomic_file`)."""
+    with atomic_file(path, what) as f:
+        write(f)
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike, what: str = "") -> Iterator[BinaryIO]:
+    """A binary file to write ``path`` through: a temp file beside it, renamed over ``path``
+    when the block ends without an error (a stream written piece by piece: a shard's tar).
 
     Readers see either the old file or the complete new one: the temp file lives in the same
     folder (so ``os.replace`` is a rename on one file system), is flushed and fsync-ed first,
@@ -112,7 +121,7 @@ def atomic_write(
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "wb") as f:
-                write(f)
+                yield f
                 f.flush()
                 os.fsync(f.fileno())
             os.chmod(tmp, 0o644)
@@ -120,6 +129,12 @@ def atomic_write(
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+
+def rename(src: str | os.PathLike, dst: str | os.PathLike, what: str = "") -> None:
+    """``os.replace(src, dst)`` (a file or a folder put into place), failing as one line."""
+    with guard(dst, what):
+        os.replace(src, dst)
 
 
 def write_bytes(path: str | os.PathLike, data: bytes, what: str = "") -> None:

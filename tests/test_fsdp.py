@@ -182,6 +182,50 @@ def test_dcp_checkpoint_is_verified_and_resumes(dcp_run, tmp_path):
         checkpoint.load(bad)
 
 
+@pytest.mark.parametrize("site", ["dcp.save", "mimar.pt"])
+def test_a_failed_dcp_save_is_the_write_layers_one_line(tmp_path, monkeypatch, capsys, site):
+    """Issue 27 class 5: DCP's own write (its gathered error names the errno) and the
+    mimar.pt beside it end in one `cannot write` line, exit 74, the previous one intact."""
+    import errno
+
+    import torch.distributed.checkpoint as dcp
+
+    from mimar import writes
+
+    calls = {"n": 0}
+    if site == "dcp.save":
+        save = dcp.save
+
+        def full(state, **kwargs):
+            calls["n"] += 1
+            if calls["n"] > 1:  # as DCP reports a rank's OSError(ENOSPC)
+                raise RuntimeError("CheckpointException ranks:{0: OSError(28, 'No space left')}")
+            return save(state, **kwargs)
+
+        monkeypatch.setattr(dcp, "save", full)
+    else:
+        torch_save = writes.torch_save
+
+        def read_only(obj, path, what=""):
+            if Path(path).name == fsdp.META:
+                calls["n"] += 1
+                if calls["n"] > 1:
+                    raise writes.explain(OSError(errno.EROFS, "Read-only file system"), path)
+            return torch_save(obj, path, what)
+
+        monkeypatch.setattr(writes, "torch_save", read_only)
+    run = tmp_path / "run"
+    argv = ["pretrain", "configs/simmim/vit_tiny_fmnist.yaml", *TINY, "train.steps=4"]
+    argv += ["train.checkpoint_every=2", "train.strategy=fsdp", "--run-dir", str(run)]
+    capsys.readouterr()
+    assert main(argv) == 74
+    stderr = capsys.readouterr().err
+    err = [line for line in stderr.splitlines() if "error:" in line]
+    assert len(err) == 1 and "cannot write checkpoint" in err[0], stderr
+    assert "previous checkpoint is intact" in err[0] and "Traceback" not in stderr
+    assert checkpoint.load(run / "checkpoints" / "last.dcp")["step"] == 2
+
+
 def test_the_bench_sees_a_dcp_checkpoint(dcp_run, tmp_path):
     from mimar.bench.quality import run_state
 

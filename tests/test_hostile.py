@@ -60,6 +60,96 @@ def test_a_test_class_unknown_to_training_is_named(tmp_path):
         load_images(_cfg(root), "test")
 
 
+def _patterns(root: Path, split_classes: dict[str, dict[str, int]]) -> Path:
+    """``root/<split>/<class>/<i>.png``, image i of every class its own random 16 px pattern
+    (the same pattern in every split, so a test image is a copy of a train image)."""
+    for split, counts in split_classes.items():
+        for name, n in counts.items():
+            (root / split / name).mkdir(parents=True)
+            for i in range(n):
+                rng = np.random.default_rng([sum(map(ord, name)), i])
+                pixels = rng.integers(0, 256, (16, 16)).astype(np.uint8)
+                Image.fromarray(pixels).save(root / split / name / f"{i}.png")
+    return root
+
+
+@pytest.mark.parametrize("k", [2, 5])
+def test_unknown_test_classes_can_be_scored_wrong(tmp_path, k):
+    """--unknown-classes wrong: the k images of a test-only class count as wrong in every
+    protocol's top-1 over all test images, and the JSON and notes say how many of which."""
+    import json
+
+    from mimar.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", DEMO, *TINY_RUN, "train.steps=1", "--run-dir", str(run)]) == 0
+    known = {"a": 3, "b": 3}
+    data = _patterns(tmp_path / "d", {"train": known, "val": known | {"zebra": k}})
+    args = ["eval", "knn", "linear", "--checkpoint", str(run), "--data", f"image_folder:{data}"]
+    args += ["--baselines", "--k", "1", "--epochs", "2", "--no-feature-cache"]
+    assert main(args) == 2  # the default: an error naming the class (checked in the next test)
+    assert main([*args, "--unknown-classes", "wrong"]) == 0
+    by_hand = 100.0 * 6 / (6 + k)  # each known test image is a copy of its nearest neighbour
+    for protocol in ("knn", "linear"):
+        saved = json.loads((run / "eval" / f"{protocol}.json").read_text())
+        assert saved["n_test"] == 6 + k and saved["unknown_classes"] == {"zebra": k}
+        assert saved["classes"] == ["a", "b"]
+        note = f"{k} test images of 1 class unknown to training scored wrong (zebra {k})"
+        for row in saved["rows"]:
+            assert note in row["notes"]
+            assert row["top1"] <= by_hand + 1e-4  # never a point for an unknown class
+        if protocol == "knn":
+            pixels = next(r for r in saved["rows"] if r["model"] == "raw pixels")
+            assert pixels["top1"] == pytest.approx(by_hand)
+
+
+def test_unknown_test_classes_count_as_wrong_in_the_finetune_and_robustness(tmp_path):
+    import json
+
+    from mimar.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", DEMO, *TINY_RUN, "train.steps=1", "--run-dir", str(run)]) == 0
+    known = {"a": 4, "b": 4}
+    data = _patterns(tmp_path / "d", {"train": known, "val": {"a": 2, "b": 2, "zebra": 3}})
+    ft = ["--recipe", "configs/finetune/fmnist.yaml", "finetune.schedule.epochs=1",
+          "finetune.batch_size=4", "finetune.progress=false", "finetune.precision=fp32",
+          "finetune.threads=1"]  # fmt: skip
+    where = ["--checkpoint", str(run), "--data", f"image_folder:{data}"]
+    assert main(["eval", "finetune", *where, *ft]) == 2  # the default: refused, naming zebra
+    assert main(["eval", "finetune", *where, *ft, "--unknown-classes", "wrong"]) == 0
+    bound = 100.0 * 4 / 7  # at most the 4 known of 7 test images
+    row = json.loads((run / "eval" / "finetune.json").read_text())["rows"][0]
+    assert row["details"]["unknown_classes"] == {"zebra": 3} and row["details"]["n_test"] == 7
+    assert row["top1"] <= bound + 1e-4 and "3 test images of 1 class unknown" in row["notes"]
+    robust = ["eval", "robustness", *where]
+    assert main(robust) == 2
+    assert main([*robust, "--unknown-classes", "wrong"]) == 0
+    saved = json.loads((run / "eval" / "robustness.json").read_text())
+    assert saved["n_test"] == 7 and saved["rows"][0]["details"]["clean_top1"] <= bound + 1e-4
+
+
+def test_unknown_classes_map_by_name_onto_the_train_indices():
+    import torch
+
+    from mimar.data.image_set import UNKNOWN_LABEL, ImageSet, align_classes
+
+    def images(labels, classes):
+        n = len(labels)
+        pixels = torch.zeros(n, 1, 2, 2, dtype=torch.uint8)
+        return ImageSet(pixels, torch.tensor(labels), classes, (0.5,), (0.5,))
+
+    train = images([0, 1, 2], ["a", "b", "c"])
+    test = images([0, 1, 2, 3, 3], ["c", "zebra", "a", "yak"])  # another order, two unknown
+    with pytest.raises(DataError, match="zebra"):
+        align_classes(train, test, "d")
+    aligned, unknown = align_classes(train, test, "d", "wrong")
+    assert aligned.labels.tolist() == [2, UNKNOWN_LABEL, 0, UNKNOWN_LABEL, UNKNOWN_LABEL]
+    assert aligned.classes == ["a", "b", "c"] and unknown == {"zebra": 1, "yak": 2}
+    same, none = align_classes(train, images([1, 0], ["a", "b", "c"]), "d", "wrong")
+    assert same.labels.tolist() == [1, 0] and none == {}
+
+
 # --- class 7: hostile recipes ----------------------------------------------------------------
 def _bomb(path: Path, base: str) -> Path:
     lines = ["x0: &x0 [0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25, 0.25]"]

@@ -109,9 +109,9 @@ def test_online_knn_equals_eval_knn_on_the_same_subsets(tmp_path, monkeypatch):
 
     real = runner.load_images
 
-    def subsets(cfg, split):
+    def subsets(cfg, split, **kwargs):
         n = 64 if split == "train" else 32
-        return probe.fixed_subset(real(cfg, split), n)
+        return probe.fixed_subset(real(cfg, split, **kwargs), n)
 
     monkeypatch.setattr(runner, "load_images", subsets)
     assert main(["eval", "knn", "--checkpoint", str(run)]) == 0

@@ -267,6 +267,26 @@ def test_reader_errors_name_the_path(tmp_path):
         load_coco_dense(tmp_path / "mixed", "test")
 
 
+def test_an_annotation_of_an_unlisted_category_is_one_line(tmp_path):
+    """Issue 27 class 1: a category_id that categories lacks was a KeyError traceback."""
+    write_coco(tmp_path / "coco")
+    path = tmp_path / "coco" / "annotations" / "instances_train.json"
+    coco = json.loads(path.read_text())
+    coco["annotations"][0]["category_id"] = 9
+    path.write_text(json.dumps(coco))
+    message = r"instances_train\.json: annotation 1 has category_id 9.*ids: 3, 7"
+    with pytest.raises(DataError, match=message):
+        load_coco_dense(tmp_path / "coco", "train")
+    coco["annotations"][0]["image_id"] = 6
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match=message):  # also when its image is not read
+        load_coco_dense(tmp_path / "coco", "train", max_images=1)
+    coco["annotations"][0]["category_id"] = None
+    path.write_text(json.dumps(coco))
+    with pytest.raises(DataError, match="annotation 1 has category_id None"):
+        load_coco_dense(tmp_path / "coco", "train")
+
+
 # --- the command line --------------------------------------------------------------------
 
 

@@ -20,7 +20,7 @@ from mimar.cli import main
 from mimar.data import DataConfig, load_images
 from mimar.data.shard_loader import ShardLoader, build_shard_loader
 from mimar.data.shard_writer import write_shards
-from mimar.data.shards import decode_sample, sample_counts
+from mimar.data.shards import count_samples, decode_sample, open_shards
 from mimar.data.sources import normalization_stats
 from mimar.engine.logger import MetricsLog
 from mimar.errors import ConfigError, DataError
@@ -96,11 +96,33 @@ def test_shards_hold_every_image_once_with_its_bytes_and_class(data, tmp_path):
     assert pairs == originals  # the original encoded bytes, no re-encoding; labels kept
     first = [m.name for m in _members(shards[0])][:2]  # written in a shuffled order
     assert all(name[:8].isdigit() for name in first)
-    bare = tmp_path / "bare"  # shards from elsewhere: no shards.json, counted from the headers
+    assert count_samples(shards) == [6] * 6 + [4]  # the tar headers agree with the index
+
+
+def test_shards_without_an_index_are_refused_until_indexed(data, tmp_path, capsys):
+    """Shards from another tool (no shards.json): training and evaluation refuse them in
+    one line naming `mimar data index`, which counts them once; then both read them."""
+    bare = tmp_path / "bare"
     bare.mkdir()
-    for path in shards:
+    for path in data["out"].glob("*.tar"):
         shutil.copy(path, bare / path.name)
-    assert sample_counts(sorted(bare.glob("*.tar"))) == [6] * 6 + [4]
+    root = str(bare / SHARDS)
+    with pytest.raises(DataError, match=r"no shards\.json.*mimar data index '.*train-\{"):
+        open_shards(root, (0.5,), (0.5,))  # training's loader
+    cfg = DataConfig(name="webdataset", root=root, img_size=16, in_chans=3)
+    with pytest.raises(DataError, match="mimar data index"):
+        load_images(cfg, "train")  # evaluation's reader
+    assert main(["data", "index", root, "--classes", "a,b"]) == 0
+    assert "indexed 7 shards (40 samples, 2 classes)" in capsys.readouterr().out
+    with pytest.raises(DataError, match=r"val-000000\.tar is not in it.*mimar data index"):
+        load_images(cfg, "test")  # the val shards are not indexed yet
+    assert main(["data", "index", str(bare / "val-*.tar")]) == 0  # a glob; classes kept
+    index = json.loads((bare / "shards.json").read_text())
+    mine = json.loads((data["out"] / "shards.json").read_text())
+    assert index == mine  # the same counts, sizes and classes as data shard wrote
+    assert len(open_shards(root, (0.5,), (0.5,))) == 40
+    assert load_images(cfg, "test").classes == ["a", "b"]
+    assert "not found" in _error(["data", "index", str(bare / "nope-{0..1}.tar")], capsys)
 
 
 def test_shard_order_is_a_permutation_of_seed_and_pass(data):
@@ -314,3 +336,13 @@ def test_the_monitor_on_shards_without_a_test_split_keeps_health_only(data, tmp_
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("monitor/rankme" in r for r in rows)
     assert not any("monitor/knn_top1" in r for r in rows)
+
+
+def test_a_negative_label_is_refused():
+    """A negative cls would index the class list from its end: another class, silently."""
+    from mimar.data.shards import _labels
+
+    samples = [{"__key__": "0", "cls": b"1"}, {"__key__": "1", "__url__": "s.tar", "cls": b"-1"}]
+    with pytest.raises(DataError, match="sample 1 of s.tar: cls must be >= 0, got -1"):
+        _labels(samples)
+    assert _labels(samples[:1]).tolist() == [1]

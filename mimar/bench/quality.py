@@ -46,7 +46,7 @@ from typing import get_args
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from mimar import names, runs
+from mimar import names, runs, writes
 from mimar.bench.report import step_seconds, write_report
 from mimar.config import PretrainConfig, load_config, to_dict
 from mimar.data.config import DatasetName
@@ -363,7 +363,7 @@ def calibrate_all(settings: QualityConfig, out: Path, order: list[str], bar: Ben
         teacher = calibration_teacher(settings, out, method, stored) if taught else None
         with bar.phase(("calibrate", method, 0), f"calibrate {method}"):
             stored[method] = calibrate(settings, out, method, teacher)
-        path.write_text(json.dumps(stored, indent=2) + "\n")
+        writes.write_text(path, json.dumps(stored, indent=2) + "\n", "calibration")
     return stored
 
 
@@ -442,8 +442,7 @@ def open_bench(out: Path, given: dict, resume: bool) -> QualityConfig:
         raise ConfigError(f"{out} holds no {BENCH_FILE}: it is not a bench folder to resume")
     if not busy:
         settings = QualityConfig(**given)
-        out.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(asdict(settings), indent=2) + "\n")
+        writes.write_text(path, json.dumps(asdict(settings), indent=2) + "\n", "bench settings")
         return settings
     stored = QualityConfig(**json.loads(path.read_text()))
     wanted = QualityConfig(**(asdict(stored) | given))
@@ -521,7 +520,7 @@ def load_timings(out: Path) -> dict:
 
 
 def save_timings(out: Path, timings: dict) -> None:
-    (out / TIMINGS_FILE).write_text(json.dumps(timings, indent=2) + "\n")
+    writes.write_text(out / TIMINGS_FILE, json.dumps(timings, indent=2) + "\n", "timings")
 
 
 def bench_record(settings: QualityConfig, cells: list[Cell], calibration: dict, timings: dict):

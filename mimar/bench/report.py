@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from mimar import runs
+from mimar import runs, writes
 from mimar.evaluation.report import write_json
 
 NOISE_RULE = (
@@ -306,7 +306,7 @@ def write_report(out: str | Path, record: dict) -> dict:
     out = Path(out)
     report = build_report(record)
     write_json(out / "report.json", report)
-    (out / "report.md").write_text(markdown(report))
+    writes.write_text(out / "report.md", markdown(report), "report")
     plot_accuracy(report, out / "accuracy.png")
     plot_loss_vs_time(report, out / "loss_vs_time.png")
     plot_pictures(report, out / "pictures.png")
@@ -483,7 +483,16 @@ def plot_accuracy(report: dict, path: Path) -> None:
         ax.set_ylabel("test top-1 (%)")
     fig.legend(*axes[0].get_legend_handles_labels(), loc="lower center", ncol=3, fontsize=8)
     fig.tight_layout(rect=(0, 0.07, 1, 1))  # room for the legend below the panels
-    fig.savefig(path, dpi=110)
+    _save_picture(fig, path, 110)
+
+
+def _save_picture(fig, path: Path, dpi: int) -> None:
+    """A picture is optional: a failed write is a warning, and the report goes on."""
+    import matplotlib.pyplot as plt
+
+    with writes.optional("picture"):
+        writes.save_with(path, lambda name: fig.savefig(name, dpi=dpi), "picture")
+    plt.close(fig)
 
 
 def _nan(value: float | None) -> float:
@@ -514,7 +523,7 @@ def plot_loss_vs_time(report: dict, path: Path) -> None:
     for ax in axes[len(methods) :]:
         ax.set_visible(False)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_picture(fig, path, 110)
 
 
 def plot_knn_vs_time(report: dict, path: Path) -> None:
@@ -538,7 +547,7 @@ def plot_knn_vs_time(report: dict, path: Path) -> None:
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    _save_picture(fig, path, 110)
 
 
 def plot_pictures(report: dict, path: Path) -> None:
@@ -560,4 +569,4 @@ def plot_pictures(report: dict, path: Path) -> None:
         ax.set_title(f"{m} (seed {first[m]['seed']})")
         ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=130)
+    _save_picture(fig, path, 130)

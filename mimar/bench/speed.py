@@ -66,7 +66,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 import mimar
-from mimar import names
+from mimar import names, writes
 from mimar.engine.optim import build_optimizer
 from mimar.engine.precision import autocast, autocast_dtype
 from mimar.export import export_timm
@@ -299,7 +299,8 @@ def local_teacher(path: str, overrides: list[str], workdir: Path) -> tuple[list[
         import open_clip
 
         file = workdir / f"{cfg.method.name}_open_clip_teacher.pt"
-        torch.save(open_clip.create_model(cfg.teacher.model).state_dict(), file)
+        state = open_clip.create_model(cfg.teacher.model).state_dict()
+        writes.torch_save(state, file, "teacher checkpoint")
         return [f"teacher.checkpoint={file}"], f"teacher: random-init open_clip {cfg.teacher.model}"
     if cfg.teacher.kind != "mimar" or cfg.teacher.path:
         return [], ""
@@ -540,8 +541,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = {k: v for k, v in vars(args).items() if k != "json"}
     report = {"machine": machine(args.device), "settings": settings, "recipes": records}
     out = Path(args.json)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2))
+    writes.write_text(out, json.dumps(report, indent=2), "speed report")
     print(f"wrote {out}")
     return 0
 

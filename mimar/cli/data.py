@@ -1,4 +1,4 @@
-"""``mimar data scenes | shard``: build data sets."""
+"""``mimar data scenes | shard | index``: build data sets."""
 
 from __future__ import annotations
 
@@ -52,6 +52,25 @@ def add_parser(sub) -> None:
         help="an image PIL cannot read: stop with its path (error) or leave it out (skip)",
     )
     sh.set_defaults(func=shard)
+    ix = data_sub.add_parser(
+        "index",
+        help="write shards.json for shards another tool wrote (readers refuse shards without)",
+        description="Count the samples of each shard once from its tar headers and write "
+        "shards.json beside them (data shard writes it itself), so that training and "
+        "evaluation read the shards; existing entries of other shards stay.",
+    )
+    ix.add_argument(
+        "pattern",
+        metavar="PATTERN",
+        help="the shards, as data.root names them: 'DIR/train-{000000..000009}.tar' or "
+        "'DIR/val-*.tar'",
+    )
+    ix.add_argument(
+        "--classes",
+        help="class names in label order: a,b,c or a text file with one name a line "
+        "(default: those of an existing shards.json there)",
+    )
+    ix.set_defaults(func=index)
 
 
 def scenes(args) -> int:
@@ -70,6 +89,25 @@ def scenes(args) -> int:
         f"wrote {images['train']} train + {images['test']} test scenes "
         f"({instances['train']} + {instances['test']} instances) to {summary['out']} "
         f"in {summary['seconds']:.1f} s"
+    )
+    return 0
+
+
+def index(args) -> int:
+    from pathlib import Path
+
+    from mimar.data.shard_writer import index_shards
+
+    classes = None
+    if args.classes:
+        path = Path(args.classes)
+        words = path.read_text().splitlines() if path.is_file() else args.classes.split(",")
+        classes = [w.strip() for w in words if w.strip()]
+    summary = index_shards(args.pattern, classes)
+    print(
+        f"indexed {summary['shards']} shards ({summary['samples']} samples, "
+        f"{summary['classes']} classes) in {', '.join(summary['index'])}; train on them with: "
+        f"data.name=webdataset 'data.root={args.pattern}'"
     )
     return 0
 

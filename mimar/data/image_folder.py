@@ -35,8 +35,12 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 _SIXTEEN_BIT_MODES = ("I", "I;16", "I;16B", "I;16L", "I;16N")
 
 
-def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
-    """Decode every image of one split; see the module docstring for the layout."""
+def load_image_folder(cfg: DataConfig, split: str, unknown_classes: str = "error") -> ImageSet:
+    """Decode every image of one split; see the module docstring for the layout.
+
+    ``unknown_classes="wrong"``: a held-out class folder that the train split lacks is kept,
+    its class named after the train split's classes (see :func:`class_labels`), for an
+    evaluation that scores its images as wrong; "error" (the default) refuses it."""
     folder = split_folder(Path(cfg.root), split)
     paths = list_images(folder)
     if not paths:
@@ -44,7 +48,8 @@ def load_image_folder(cfg: DataConfig, split: str) -> ImageSet:
             f"no images found under {folder}: expected files with extensions "
             f"{', '.join(IMAGE_EXTENSIONS)} (any case), directly or in class sub-folders"
         )
-    classes, labels = class_labels(folder, paths, _reference_classes(Path(cfg.root), split))
+    reference = _reference_classes(Path(cfg.root), split)
+    classes, labels = class_labels(folder, paths, reference, unknown_classes)
     if cfg.max_images and len(paths) > cfg.max_images:
         # Files are sorted by class folder, so the first max_images would cover only the first
         # classes; an evenly spaced subset keeps them all. Skipped files still count.
@@ -162,25 +167,29 @@ def _resize_center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 def class_labels(
-    folder: Path, paths: list[Path], reference: list[str] | None
+    folder: Path, paths: list[Path], reference: list[str] | None, unknown_classes: str = "error"
 ) -> tuple[list[str] | None, list[int]]:
     """Classes from first-level sub-folders when every image has one, else (None, []).
 
     The classes are the sub-folders that hold images: an empty folder is no class (counting
     it would shift every later label by one). ``reference`` (the train split's classes) is the
-    one mapping of a held-out split, which may lack some classes but never add one.
+    one mapping of a held-out split, which may lack some classes but never add one: such a
+    class is an error, or with ``unknown_classes="wrong"`` appended after the reference's
+    classes (their labels unchanged), for :func:`mimar.data.image_set.align_classes` to score.
     """
     names = folder_classes(folder, paths)
     if names is None:
         return None, []
     classes = names if reference is None else reference
     unknown = sorted(set(names) - set(classes))
-    if unknown:
+    if unknown and unknown_classes == "wrong":
+        classes = [*classes, *unknown]
+    elif unknown:
         shown = ", ".join(unknown[:5]) + (" ..." if len(unknown) > 5 else "")
         raise DataError(
             f"{folder} has {len(unknown)} class folder(s) that the train split lacks: {shown}; "
             f"a test image of a class the model never saw cannot be scored (train classes: "
-            f"{len(classes)})"
+            f"{len(classes)}; --unknown-classes wrong scores them as wrong)"
         )
     index = {name: i for i, name in enumerate(classes)}
     return classes, [index[path.relative_to(folder).parts[0]] for path in paths]

@@ -6,7 +6,7 @@ what lets the step loader be a pure function of (seed, step).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -79,6 +79,56 @@ def match_stats(values: tuple[float, ...], in_chans: int) -> tuple[float, ...]:
     if in_chans == 1:
         return (sum(values) / len(values),)
     raise DataError(f"cannot fit statistics {values} to in_chans={in_chans}")
+
+
+UNKNOWN_LABEL = -1  # a test image of a class training lacks: no classifier ever predicts it
+UNKNOWN_CLASSES = ("error", "wrong")  # mimar eval --unknown-classes
+
+
+def align_classes(
+    train: ImageSet, test: ImageSet, where: str, unknown_classes: str = "error"
+) -> tuple[ImageSet, dict[str, int]]:
+    """``test`` labelled by the train split's class list, and the images per test class that
+    training lacks.
+
+    ``unknown_classes="error"``: any difference of the two lists is an error
+    (:func:`check_same_classes`). ``"wrong"``: the test labels are mapped by class name onto the
+    train split's indices and an image of a class training lacks gets :data:`UNKNOWN_LABEL`,
+    which no prediction equals: it counts as wrong in every top-1, whose denominator stays
+    every test image. Either class list None (names unknown): nothing to map.
+    """
+    if unknown_classes not in UNKNOWN_CLASSES:
+        raise DataError(
+            f"unknown_classes must be one of {UNKNOWN_CLASSES}, got {unknown_classes!r}"
+        )
+    if unknown_classes == "error" or train.classes is None or test.classes is None:
+        check_same_classes(train.classes, test.classes, where)
+        return test, {}
+    if list(train.classes) == list(test.classes) or test.labels is None:
+        return test, {}
+    index = {name: i for i, name in enumerate(train.classes)}
+    lookup = torch.tensor([index.get(name, UNKNOWN_LABEL) for name in test.classes])
+    labels = lookup[test.labels]  # (N,) train indices, UNKNOWN_LABEL for the unknown
+    counts = {
+        name: int((test.labels == k).sum())
+        for k, name in enumerate(test.classes)
+        if name not in index
+    }
+    counts = {name: n for name, n in counts.items() if n}
+    return replace(test, labels=labels, classes=list(train.classes)), counts
+
+
+def unknown_note(counts: dict[str, int]) -> str:
+    """The table's note of :func:`align_classes`'s count ("" when there is none)."""
+    if not counts:
+        return ""
+    shown = ", ".join(f"{name} {n}" for name, n in list(counts.items())[:5])
+    more = " ..." if len(counts) > 5 else ""
+    classes = f"{len(counts)} class{'es' if len(counts) > 1 else ''}"
+    return (
+        f"{sum(counts.values())} test images of {classes} unknown to training scored wrong "
+        f"({shown}{more})"
+    )
 
 
 def check_same_classes(train: list[str] | tuple[str, ...] | None, test, where: str) -> None:

@@ -15,9 +15,10 @@ num_workers)`` and a per-rank batch ``b = data.batch_size / world_size``:
   consecutive samples; step ``t`` of a rank is batch ``t // W`` of its stream ``t % W``.
 * each sample's crop and flip are drawn from ``(seed, p, shard, its index in the shard)``.
 * epochs are nominal: ``steps_per_epoch = samples // data.batch_size``, the samples counted
-  once at start from ``shards.json`` beside the shards (written by ``mimar data shard``) or
-  else from the tar headers. Streams cross their pass boundaries on their own: with shards of
-  unequal sizes a stream's pass drifts from the step-epochs by its shards' size differences.
+  once at start from ``shards.json`` beside the shards (written by ``mimar data shard`` or
+  ``mimar data index``; a folder without it is refused). Streams cross their pass boundaries
+  on their own: with shards of unequal sizes a stream's pass drifts from the step-epochs by
+  its shards' size differences.
 
 Exact resume: for the same shards, seed, ``data.batch_size``, world size and
 ``data.num_workers``, the batches from step ``t`` on are those of an uninterrupted run, at

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import re
 import time
 from pathlib import Path
@@ -35,7 +34,14 @@ from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
 from mimar import writes
 from mimar.data.image_folder import class_labels, folder_classes, list_images
-from mimar.data.shards import INDEX, read_index, require_webdataset, sample_counts, writing_marker
+from mimar.data.shards import (
+    INDEX,
+    WRITING,
+    count_samples,
+    read_index,
+    require_webdataset,
+    writing_marker,
+)
 from mimar.errors import ConfigError, DataError, MissingFileError
 
 _NUMBER = re.compile(r"%0?\d*d")  # the shard number of a pattern: %d, %06d
@@ -95,7 +101,7 @@ def write_shards(
                 picks = order[first : first + shard_size]
                 target = Path(pattern % shard)
                 if resume and target.is_file():  # complete: shards are renamed when done
-                    size, count = target.stat().st_size, sample_counts([target])[0]
+                    size, count = target.stat().st_size, count_samples([target])[0]
                     bar.advance(task, len(picks))
                 else:
                     samples = _samples(picks, paths, labels, on_bad_image, skipped)
@@ -205,26 +211,58 @@ def _sample(index: int, path: Path, data: bytes, label: int | None) -> dict:
 
 
 def _write_shard(wds, target: Path, samples, advance) -> tuple[int, int]:
-    """Write one shard under a temporary name, then rename it; returns its size in bytes and
-    its number of samples (None items are skipped)."""
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    """Write one shard under a temporary name, renamed when complete (the write layer's
+    :func:`~mimar.writes.atomic_file`); returns its size in bytes and its number of samples
+    (None items are skipped)."""
     count = 0
-    try:
-        with (
-            writes.guard(target, "shard"),
-            partial.open("wb") as stream,
-            wds.TarWriter(stream, mtime=0.0) as tar,
-        ):
-            for sample in samples:
-                if sample is not None:
-                    tar.write(sample)
-                    count += 1
-                advance()
-        os.replace(partial, target)
-    except BaseException:
-        partial.unlink(missing_ok=True)
-        raise
+    with writes.atomic_file(target, "shard") as stream, wds.TarWriter(stream, mtime=0.0) as tar:
+        for sample in samples:
+            if sample is not None:
+                tar.write(sample)
+                count += 1
+            advance()
     return target.stat().st_size, count
+
+
+def index_shards(pattern: str, classes: list[str] | None = None) -> dict:
+    """``mimar data index``: write the ``shards.json`` of shards another tool wrote (readers
+    refuse shards without one): each shard's samples counted once from its tar headers, and
+    its size. ``pattern``: brace ranges, ``::`` lists and ``*`` globs, as ``data.root``;
+    ``classes``: the class names, label order (default: those an index there already has).
+    Shards already listed are recounted; other entries stay. Returns a summary."""
+    wds = require_webdataset()
+    words = [Path(url) for url in wds.shardlists.expand_urls(pattern)]
+    paths: list[Path] = []
+    for word in words:
+        if any(c in word.name for c in "*?["):
+            paths += sorted(p for p in word.parent.glob(word.name) if p.is_file())
+        elif word.is_file():
+            paths.append(word)
+        else:
+            raise MissingFileError(f"shard {word} (of {pattern}) not found")
+    if not paths:
+        raise MissingFileError(f"no shard files match {pattern}")
+    folders = sorted({p.parent for p in paths})
+    for folder in folders:
+        if any(folder.glob(f"{WRITING}-*")):
+            raise ConfigError(
+                f"an interrupted mimar data shard left {folder}: finish it with the same "
+                "command and --resume (it writes the index), or remove the folder"
+            )
+    counts = dict(zip(paths, count_samples(paths), strict=True))
+    for folder in folders:
+        written = {
+            p.name: {"samples": n, "bytes": p.stat().st_size}
+            for p, n in counts.items()
+            if p.parent == folder
+        }
+        _update_index(folder, classes or read_index(folder).get("classes"), written)
+    return {
+        "shards": len(paths),
+        "samples": sum(counts.values()),
+        "classes": len(classes or read_index(folders[0]).get("classes") or []),
+        "index": [str(f / INDEX) for f in folders],
+    }
 
 
 def _update_index(out: Path, classes: list[str] | None, written: dict[str, dict]) -> None:

@@ -4,8 +4,13 @@
 ``::``-joined lists, as webdataset expands them; local files). A sample is the tar members
 sharing a key: one image (``jpg``, ``jpeg``, ``png``, ``webp`` or ``bmp``) and an optional
 ``cls`` class index, as ``mimar data shard`` writes them (``mimar/data/shard_writer.py``),
-with ``shards.json`` beside them (classes; samples and bytes per shard). Shards without it are
-counted from their tar headers. Pretraining streams the shards (``mimar/data/shard_loader.py``).
+with ``shards.json`` beside them (classes; samples and bytes per shard), which ``data shard``
+writes last. Readers (training's loader and :func:`load_shards`) refuse a shard folder without
+it, or whose shards disagree with it (a listed shard missing, one present but not listed, a
+size that changed): it is what tells a complete set from a partial one. Shards written by
+another tool get their ``shards.json`` once with ``mimar data index 'PATTERN'``
+(:func:`mimar.data.shard_writer.index_shards`: their tar headers counted).
+Pretraining streams the shards (``mimar/data/shard_loader.py``).
 
 Evaluation (:func:`load_shards`, the ``load_images`` source) reads a whole split into an
 ``ImageSet`` in the stored order, resized and center-cropped like image folders, in
@@ -73,7 +78,7 @@ class ShardSet:
 def open_shards(root: str, mean: tuple[float, ...], std: tuple[float, ...]) -> ShardSet:
     """Expand ``root``, check every shard exists, count samples; empty shards are left out."""
     paths = shard_paths(root, "train")
-    check_complete(paths)
+    check_complete(paths, root)
     counts = sample_counts(paths)
     kept = [(p, n) for p, n in zip(paths, counts) if n > 0]
     if not kept:
@@ -128,11 +133,11 @@ def writing_marker(folder: Path, pattern_name: str = "") -> Path:
     return folder / f"{WRITING}-{_stem(pattern_name)}"
 
 
-def check_complete(paths: list[Path]) -> None:
+def check_complete(paths: list[Path], root: str = "") -> None:
     """Refuse shards that an interrupted ``mimar data shard`` left (its marker is still
-    there), and a set that disagrees with the ``shards.json`` beside it (a listed shard of the
-    same name pattern missing, or one present that it does not list): either would be read
-    silently as a smaller or another data set. Foreign shards without an index pass."""
+    there), a folder without ``shards.json``, and a set that disagrees with it (a listed shard
+    of the same name pattern missing, or one present that it does not list): each would be
+    read silently as a smaller or another data set. ``root``: the pattern, for the message."""
     for folder in sorted({p.parent for p in paths}):
         if any(folder.glob(f"{WRITING}-*")):
             raise DataError(
@@ -140,10 +145,16 @@ def check_complete(paths: list[Path]) -> None:
                 f"there ({WRITING} is present, {INDEX} not written); rerun it with --resume, "
                 "or remove the folder and shard again"
             )
+        names = {p.name for p in paths if p.parent == folder}
+        glob = folder / re.sub(r"\d+", "*", sorted(names)[0])  # e.g. DIR/val-*.tar
+        index_them = f"mimar data index '{root or glob}'"
         listed = set(read_index(folder).get("shards", {}))
         if not listed:
-            continue
-        names = {p.name for p in paths if p.parent == folder}
+            raise DataError(
+                f"the shards in {folder} have no {INDEX} (mimar data shard writes it last, so "
+                f"without it a set may be partial); shards from another tool: index them once "
+                f"with {index_them}"
+            )
         unknown = sorted(names - listed)
         same_pattern = {n for n in listed if _stem(n) in {_stem(m) for m in names}}
         missing = sorted(same_pattern - {p.name for p in folder.iterdir()})
@@ -151,7 +162,7 @@ def check_complete(paths: list[Path]) -> None:
             problem = f"{unknown[0]} is not in it" if unknown else f"{missing[0]} is missing"
             raise DataError(
                 f"the shards in {folder} disagree with its {INDEX} ({problem}); shard the "
-                "images again into an empty folder"
+                f"images again into an empty folder, or (shards from another tool) {index_them}"
             )
 
 
@@ -167,24 +178,35 @@ def read_index(folder: Path) -> dict:
     try:
         return json.loads(path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError):
-        raise DataError(f"{path} is not valid JSON; delete it to count the shards anew") from None
+        raise DataError(
+            f"{path} is not valid JSON; delete it and count the shards anew with "
+            f"mimar data index 'PATTERN'"
+        ) from None
 
 
 def sample_counts(paths: list[Path]) -> list[int]:
-    """Samples per shard: from ``shards.json`` where it knows the file (same size), else the
-    tar headers are read (members are seeked over, not read)."""
-    wds = require_webdataset()
+    """Samples per shard, from the ``shards.json`` beside each (:func:`check_complete` has
+    checked that it lists them); a shard whose size is not the indexed one was rewritten
+    since, and is counted again from its tar headers."""
     indexes: dict[Path, dict] = {}
-    counts, scanned = [], 0
+    counts = []
     for path in paths:
         index = indexes.setdefault(path.parent, read_index(path.parent)).get("shards", {})
         entry = index.get(path.name, {})
         if entry.get("bytes") == path.stat().st_size and "samples" in entry:
             counts.append(int(entry["samples"]))
             continue
-        if not scanned:
-            log.info("counting samples from the tar headers (no %s entry for %s)", INDEX, path)
-        scanned += 1
+        log.info("counting %s from its tar headers (its size is not the one in %s)", path, INDEX)
+        counts += count_samples([path])
+    return counts
+
+
+def count_samples(paths: list[Path]) -> list[int]:
+    """Samples per shard from its tar headers (members are seeked over, not read): what
+    ``mimar data shard`` and ``mimar data index`` write into ``shards.json``."""
+    wds = require_webdataset()
+    counts = []
+    for path in paths:
         try:
             with tarfile.open(path, "r:") as tar:
                 keys = [wds.tariterators.base_plus_ext(m.name)[0] for m in tar if m.isreg()]
@@ -267,7 +289,7 @@ def _unchanged(item):
 def load_shards(cfg: DataConfig, split: str) -> ImageSet:
     """One split of shards in memory (stored order; ``cfg.max_images``: the first ones)."""
     paths = shard_paths(cfg.root, split)
-    check_complete(paths)
+    check_complete(paths, cfg.root if split == "train" else "")
     if cfg.max_images:  # only the shards that hold the first max_images samples
         ends = np.cumsum(sample_counts(paths))
         paths = paths[: int(np.searchsorted(ends, cfg.max_images)) + 1]
@@ -322,10 +344,17 @@ def _labels(samples: list[dict]) -> torch.Tensor | None:
     if len(has) < len(samples):
         raise DataError(f"{len(samples) - len(has)} of {len(samples)} samples have no cls label")
     try:
-        return torch.tensor([int(s["cls"].decode()) for s in samples], dtype=torch.long)
+        labels = torch.tensor([int(s["cls"].decode()) for s in samples], dtype=torch.long)
     except (ValueError, UnicodeDecodeError):
         bad = next(s for s in samples if not s["cls"].strip().isdigit())
         raise DataError(
             f"sample {bad.get('__key__')} of {bad.get('__url__')}: cls must be an integer, "
             f"got {bad['cls'][:20]!r}"
         ) from None
+    if int(labels.min()) < 0:  # would index the class list from its end: another class
+        bad = samples[int(labels.argmin())]
+        raise DataError(
+            f"sample {bad.get('__key__')} of {bad.get('__url__')}: cls must be >= 0, "
+            f"got {int(labels.min())}"
+        )
+    return labels

@@ -23,16 +23,25 @@ _SOURCES = {
 }
 
 
-def load_images(cfg: DataConfig, split: Literal["train", "test"]) -> ImageSet:
+def load_images(
+    cfg: DataConfig, split: Literal["train", "test"], *, unknown_classes: str = "error"
+) -> ImageSet:
     """Load one split into memory, apply ``max_images`` and any configured mean/std.
 
     Args:
         cfg: data configuration; ``cfg.name`` picks the source.
         split: "train" or "test" (image folders read ``val/`` or ``test/`` for "test").
+        unknown_classes: an image folder's held-out class that the train split lacks: "error"
+            (refused, naming it) or "wrong" (kept after the train classes, to be scored wrong
+            by :func:`mimar.data.image_set.align_classes`). Other sources name their classes
+            per split, and ``align_classes`` compares them.
     """
     if split not in ("train", "test"):
         raise DataError(f"split must be 'train' or 'test', got {split!r}")
-    images = _SOURCES[cfg.name](cfg, split)
+    if cfg.name == "image_folder":
+        images = load_image_folder(cfg, split, unknown_classes)
+    else:
+        images = _SOURCES[cfg.name](cfg, split)
     if cfg.max_images and len(images) > cfg.max_images:
         keep = cfg.max_images
         # clone() so the truncated set does not pin the full split's storage.

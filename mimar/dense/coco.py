@@ -99,6 +99,7 @@ def load_coco_dense(
     records = sorted(coco["images"], key=lambda r: r["id"])[: max_images or None]
     per_image = defaultdict(list)
     for ann in coco.get("annotations", []):
+        category_label(ann, label_of, json_path)  # every one, also of images not kept
         per_image[ann["image_id"]].append(ann)
     out_h, out_w = (img_size, img_size) if img_size else _common_size(records, json_path)
     label_dir = root / "labels" / folder.name
@@ -115,7 +116,7 @@ def load_coco_dense(
             labels = labels.resize((out_w, out_h), Image.Resampling.NEAREST)
         images[i] = np.asarray(picture).reshape(out_h, out_w, in_chans)
         semantic[i] = np.asarray(labels)
-        box, cls = _boxes(anns, label_of, out_w / w, out_h / h)
+        box, cls = _boxes(anns, label_of, out_w / w, out_h / h, json_path)
         boxes.append(box)
         classes.append(cls)
     _check_labels(semantic, len(category_ids), label_dir)
@@ -128,6 +129,22 @@ def load_coco_dense(
         source=f"COCO-format {folder.name} ({len(records)} images, {len(category_ids)} "
         f"categories) from {root}",
     )
+
+
+def category_label(ann: dict, label_of: dict[int, int], source: Path | str = "") -> int:
+    """The contiguous label of an annotation's ``category_id``; an id that ``categories`` does
+    not list is one line naming the file, the annotation and the id (never a KeyError: a
+    guessed label would be scored as another category)."""
+    category = ann.get("category_id")
+    try:
+        return label_of[int(category)]  # type: ignore[arg-type]
+    except (KeyError, TypeError, ValueError):
+        known = sorted(label_of)
+        shown = ", ".join(map(str, known[:10])) + (" ..." if len(known) > 10 else "")
+        raise DataError(
+            f"{source}: annotation {ann.get('id')} has category_id {category!r}, which its "
+            f"categories do not list (ids: {shown}); add the category or fix the annotation"
+        ) from None
 
 
 def encode_rle(mask: np.ndarray) -> dict:
@@ -164,7 +181,7 @@ def paint_semantic(
                 f"can be painted; add masks or label maps under labels/"
             )
         mask = decode_segmentation(ann["segmentation"], height, width)
-        semantic[mask] = IGNORE if ann.get("iscrowd", 0) else label_of[ann["category_id"]]
+        semantic[mask] = IGNORE if ann.get("iscrowd", 0) else category_label(ann, label_of, source)
     return semantic
 
 
@@ -233,12 +250,12 @@ def _open(path: Path, mode: str | None, size: tuple[int, int]) -> Image.Image:
     return img if mode is None else img.convert(mode)
 
 
-def _boxes(anns: list[dict], label_of: dict[int, int], sx: float, sy: float):
+def _boxes(anns: list[dict], label_of: dict[int, int], sx: float, sy: float, source=""):
     """COCO ``[x, y, w, h]`` boxes as scaled xyxy; crowds and empty boxes are left out."""
     kept = [a for a in anns if not a.get("iscrowd", 0) and a["bbox"][2] > 0 and a["bbox"][3] > 0]
     xywh = np.asarray([a["bbox"] for a in kept], dtype=np.float64).reshape(-1, 4)
     xyxy = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1) * [sx, sy, sx, sy]
-    labels = [label_of[a["category_id"]] for a in kept]
+    labels = [category_label(a, label_of, source) for a in kept]
     return torch.from_numpy(xyxy.astype(np.float32)), torch.tensor(labels, dtype=torch.int64)
 
 

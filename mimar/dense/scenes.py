@@ -41,6 +41,7 @@ from PIL import Image
 from rich.console import Console
 from rich.progress import MofNCompleteColumn, Progress, TimeElapsedColumn
 
+from mimar import writes
 from mimar.data.config import DataConfig
 from mimar.data.fashion_mnist import CLASSES, load_fashion_mnist
 from mimar.dense.coco import encode_rle
@@ -108,7 +109,7 @@ def build_scenes(
     sources = {split: load_fashion_mnist(cfg, split) for split in SPLITS}  # fails before writing
     params = {"seed": seed, "size": size, "num_train": num_train, "num_test": num_test}
     params |= _drawing_rules(size)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    writes.make_dir(out.parent, "scenes folder")
     work = out.parent / f".{out.name}.partial-{os.getpid()}"
     shutil.rmtree(work, ignore_errors=True)
     instances = {}
@@ -127,7 +128,8 @@ def build_scenes(
                 instances[split] = len(coco["annotations"])
                 log.info("scenes %s: %d canvases, %d instances", split, n, instances[split])
         summary = {"images": counts, "instances": instances}
-        (work / "scenes.json").write_text(json.dumps(params | summary, sort_keys=True, indent=2))
+        text = json.dumps(params | summary, sort_keys=True, indent=2)
+        writes.write_text(work / "scenes.json", text, "scenes")
         _move_into_place(work, out)
     except BaseException:
         shutil.rmtree(work, ignore_errors=True)
@@ -185,7 +187,7 @@ def resize_item(item: np.ndarray, side: int) -> np.ndarray:
 
 def _write_split(work, split, n, seed, items, labels, size, params, advance) -> dict:
     for folder in (work / split, work / "labels" / split, work / "annotations"):
-        folder.mkdir(parents=True, exist_ok=True)
+        writes.make_dir(folder, "scenes folder")
     images, annotations = [], []
     for i in range(n):
         scene = compose_scene(scene_rng(seed, split, i), items, labels, size)
@@ -201,7 +203,8 @@ def _write_split(work, split, n, seed, items, labels, size, params, advance) -> 
     ]
     info = {"description": f"Fashion-MNIST scenes, {split} split", **params}
     coco = {"info": info, "images": images, "annotations": annotations, "categories": categories}
-    (work / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco, sort_keys=True))
+    path = work / "annotations" / f"instances_{split}.json"
+    writes.write_text(path, json.dumps(coco, sort_keys=True), "scene annotations")
     return coco
 
 
@@ -263,7 +266,8 @@ def _min_pixels(size: int) -> int:
 
 
 def _save_png(array: np.ndarray, path: Path) -> None:
-    Image.fromarray(array).save(path, format="PNG", compress_level=1)
+    with writes.guard(path, "scene image"):  # the whole folder is put into place at the end
+        Image.fromarray(array).save(path, format="PNG", compress_level=1)
 
 
 def _check_target(out: Path) -> None:
@@ -281,8 +285,8 @@ def _move_into_place(work: Path, out: Path) -> None:
     if out.exists():  # a previous build (checked before): swap, then delete the old one
         old = out.parent / f".{out.name}.old-{os.getpid()}"
         shutil.rmtree(old, ignore_errors=True)
-        out.rename(old)
-        work.rename(out)
+        writes.rename(out, old, "scenes")
+        writes.rename(work, out, "scenes")
         shutil.rmtree(old)
     else:
-        work.rename(out)
+        writes.rename(work, out, "scenes")

@@ -39,7 +39,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from mimar.errors import CheckpointError, MissingFileError
+from mimar import writes
+from mimar.errors import CheckpointError, MissingFileError, WriteError
 
 META = "mimar.pt"  # step, config, rng, git sha and the files' hashes, beside DCP's files
 DCP_SUFFIX = ".dcp"
@@ -136,11 +137,7 @@ class ShardedSaver:
             with _single_process_quiet():
                 dcp.save(state, checkpoint_id=str(tmp), process_group=self.group)
         except Exception as err:  # DCP gathers every rank's write errors and raises on all
-            text = str(err).strip().splitlines()
-            reason = "no space left" if "No space left" in str(err) else (text or ["error"])[0]
-            raise CheckpointError(
-                f"{reason[:200]} writing {paths[0]}; the previous checkpoint is intact"
-            ) from None
+            raise _save_failed(err, paths[0]) from None
         self._finish(tmp, paths, meta)
 
     def wait(self) -> None:
@@ -148,16 +145,19 @@ class ShardedSaver:
         if self.pending is not None:
             future, tmp, paths, meta = self.pending
             self.pending = None
-            future.result()
+            try:
+                future.result()
+            except Exception as err:
+                raise _save_failed(err, paths[0]) from None
             self._finish(tmp, paths, meta)
 
     def _finish(self, tmp: Path, paths: list[Path], meta: dict) -> None:
         _barrier(self.group)  # every rank's file is complete
-        failed: CheckpointError | None = None
+        failed: CheckpointError | WriteError | None = None
         if self.rank == 0:
             try:
                 self._publish(tmp, paths, meta)
-            except CheckpointError as err:
+            except (CheckpointError, WriteError) as err:
                 failed = err
         if _any_rank(failed is not None, self.group):  # every rank stops, none waits
             raise failed or CheckpointError(
@@ -169,21 +169,19 @@ class ShardedSaver:
         """Rank 0: hash the files, write ``mimar.pt``, rename the folder into place."""
         try:
             files = {p.name: _sha256(p) for p in sorted(tmp.iterdir())}
-            torch.save({**meta, "files": files}, tmp / META)
+            writes.torch_save({**meta, "files": files}, tmp / META, "checkpoint")
             for extra in paths[1:]:
                 extra_tmp = _tmp_dir(extra)
                 shutil.rmtree(extra_tmp, ignore_errors=True)
-                shutil.copytree(tmp, extra_tmp)
+                with writes.guard(extra, "checkpoint"):
+                    shutil.copytree(tmp, extra_tmp)
                 _replace_dir(extra_tmp, extra)
             _replace_dir(tmp, paths[0])
-        except OSError as err:
-            reason = (
-                "no space left" if err.errno == errno.ENOSPC else f"{err.strerror or err} while"
-            )
+        except OSError as err:  # a WriteError too: the write layer's line, plus what is kept
             shutil.rmtree(tmp, ignore_errors=True)
-            raise CheckpointError(
-                f"{reason} writing {paths[0]}; the previous checkpoint is intact"
-            ) from None
+            if isinstance(err, WriteError) and err.errno:  # name the checkpoint, not its .tmp
+                err = OSError(err.errno, os.strerror(err.errno))
+            raise _intact(writes.explain(err, paths[0], "checkpoint")) from None
 
 
 @contextmanager
@@ -202,7 +200,7 @@ def restore_interrupted(folder: str | Path) -> None:
     for old in Path(folder).glob(".*.dcp.old.tmp"):
         target = old.parent / old.name[1 : -len(".old.tmp")]
         if not target.exists():
-            os.replace(old, target)
+            writes.rename(old, target, "checkpoint")
 
 
 def _tmp_dir(path: Path) -> Path:
@@ -214,9 +212,35 @@ def _replace_dir(src: Path, dst: Path) -> None:
     old = dst.parent / f".{dst.name}.old.tmp"
     shutil.rmtree(old, ignore_errors=True)
     if dst.exists():
-        os.replace(dst, old)
-    os.replace(src, dst)
+        writes.rename(dst, old, "checkpoint")
+    writes.rename(src, dst, "checkpoint")
     shutil.rmtree(old, ignore_errors=True)
+
+
+# DCP gathers each rank's exception into one CheckpointException: its text names the errno
+_DCP_REASONS = {
+    "No space left": errno.ENOSPC,
+    "Disk quota exceeded": errno.EDQUOT,
+    "Read-only file system": errno.EROFS,
+    "Permission denied": errno.EACCES,
+    "Not a directory": errno.ENOTDIR,
+}
+
+
+def _save_failed(err: Exception, path: Path) -> Exception:
+    """A failed ``dcp.save``: the write layer's one line (exit 74) when a rank's write failed
+    (DCP's message names the reason), else a CheckpointError with the message's first line."""
+    code = next((c for text, c in _DCP_REASONS.items() if text in str(err)), None)
+    if code is not None:
+        return _intact(writes.explain(OSError(code, os.strerror(code)), path, "checkpoint"))
+    if isinstance(err, OSError) or writes.is_write_failure(err):
+        return _intact(writes.explain(err, path, "checkpoint"))
+    first = (str(err).strip().splitlines() or ["error"])[0]
+    return CheckpointError(f"{first[:200]} writing {path}; the previous checkpoint is intact")
+
+
+def _intact(error: WriteError) -> WriteError:
+    return WriteError(f"{error}; the previous checkpoint is intact", errno_=error.errno)
 
 
 def _any_rank(flag: bool, group) -> bool:

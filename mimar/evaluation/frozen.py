@@ -74,6 +74,7 @@ class EvalSetup:
     notes: str
     out: Path  # the eval/ folder results go to (adapters, pictures)
     cache: Path | None = None  # pooled features by content key (eval/features/); None = off
+    unknown: dict[str, int] | None = None  # --unknown-classes wrong: images scored wrong
 
     def batches(self, images: ImageSet):
         return iterate_eval_batches(images, self.img_size, self.batch_size)

@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from mimar import writes
 from mimar.data import ImageSet, eval_transform
 from mimar.engine.precision import autocast
 from mimar.errors import ConfigError
@@ -74,7 +75,8 @@ def merge_lora(adapted: nn.Module) -> nn.Module:
 def save_adapter(adapted: nn.Module, folder: str | Path) -> Path:
     """The adapter weights and config in peft's format (``adapter_config.json``,
     ``adapter_model.safetensors``) in ``folder``."""
-    adapted.save_pretrained(str(folder))
+    with writes.guard(folder, "LoRA adapter"):  # peft writes the files: one line if it fails
+        adapted.save_pretrained(str(folder))
     return Path(folder)
 
 
@@ -132,7 +134,8 @@ def lora_finetune(
         model, train, img_size, epochs, lr, weight_decay, batch_size, generator, autocast_dtype
     )
     if adapter_dir is not None:
-        save_adapter(adapted, adapter_dir)
+        with writes.optional("the LoRA adapter"):  # the scores survive a failed adapter write
+            save_adapter(adapted, adapter_dir)
     return {
         "top1": _accuracy(model, test, img_size, batch_size, autocast_dtype),
         "train_loss": loss,

@@ -92,12 +92,21 @@ class RunOptions:
     out: str | None = option(
         None, "frozen protocols: the results folder (default RUN_DIR/eval; for a read-only run)"
     )
+    unknown_classes: Literal["error", "wrong"] = option(
+        "error",
+        "a test class that training lacks: refuse it, naming it (error), or score its images "
+        "as wrong in every top-1 (of all test images) and count them in the notes (wrong)",
+    )
 
     def __post_init__(self) -> None:
         for name in ("max_train", "max_test"):
             if not _is_int(getattr(self, name)) or getattr(self, name) < 0:
                 raise ConfigError(f"{name} must be >= 0 (0 = all), got {getattr(self, name)!r}")
         _positive(self, "batch_size")
+        if self.unknown_classes not in ("error", "wrong"):
+            raise ConfigError(
+                f"unknown_classes must be error or wrong, got {self.unknown_classes!r}"
+            )
         if self.device != "auto":
             try:
                 torch.device(self.device)

@@ -27,7 +27,7 @@ from torch import nn
 from mimar import runs
 from mimar.data import DataConfig, load_images
 from mimar.data.eval_data import data_for_backbone, parse_data_spec
-from mimar.data.image_set import check_same_classes
+from mimar.data.image_set import align_classes, unknown_note
 from mimar.engine.precision import autocast_dtype, resolve_device
 from mimar.errors import DataError
 from mimar.evaluation.frozen import FROZEN_TABLE, EvalProtocol, EvalSetup, pooled_probes
@@ -113,6 +113,8 @@ def run_frozen(request: EvalRequest, protocols: list[str]) -> tuple[dict, dict, 
             results[p] = spec.run(models, setup, opts, spec.epochs(opts.epochs))
     header = {"n_train": len(setup.train), "n_test": len(setup.test)}
     header["classes"] = setup.train.classes  # the one label mapping every split used
+    if setup.unknown is not None:  # --unknown-classes wrong: what was scored wrong
+        header["unknown_classes"] = setup.unknown
     spec = parse_data_spec(request.run.data_root)
     data_name = source.data.name if spec is None else spec[0]  # the images evaluated on
     title = f"{source.title}: {data_name} test top-1 (%)"
@@ -157,17 +159,21 @@ def build_setup(source: Source, request: EvalRequest) -> EvalSetup:
         print(note)
     elif run.data_root is not None:  # a plain path: the run's data set at another root
         data = replace(source.data, root=run.data_root)
+    unknown_classes = run.unknown_classes
     train = load_images(replace(data, max_images=run.max_train), "train")
-    test = load_images(replace(data, max_images=run.max_test), "test")
+    test = load_images(
+        replace(data, max_images=run.max_test), "test", unknown_classes=unknown_classes
+    )
     if train.labels is None or test.labels is None:
         raise DataError(f"{data.root} has no labels (class sub-folders) to evaluate with")
-    check_same_classes(train.classes, test.classes, str(data.root))
+    test, unknown = align_classes(train, test, str(data.root), unknown_classes)
     # the frozen protocols of one request share the attention option (one flag)
     attentions = {request.options[p].attention for p in request.protocols if p in FROZEN_TABLE}
     causal = attentions == {"causal"}
     pooled = [p for p in request.protocols if FROZEN_TABLE.get(p) and FROZEN_TABLE[p].probe]
     cache = bool(pooled) and request.options[pooled[0]].feature_cache
     notes = [_subsample_note(len(train), len(test), run.max_train, run.max_test)]
+    notes += [unknown_note(unknown)] * bool(unknown)
     out = eval_dir(run.checkpoint, run.out)
     return EvalSetup(
         train=train,
@@ -182,6 +188,7 @@ def build_setup(source: Source, request: EvalRequest) -> EvalSetup:
         notes="; ".join(notes + ["causal attention"] * causal),
         out=out,
         cache=out / "features" if cache else None,
+        unknown=unknown if unknown_classes == "wrong" else None,
     )
 
 

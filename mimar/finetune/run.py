@@ -25,7 +25,7 @@ from mimar import runs
 from mimar.config import to_dict
 from mimar.data import DataConfig, ImageSet, iterate_eval_batches, load_images
 from mimar.data.eval_data import data_for_backbone, parse_data_spec
-from mimar.data.image_set import check_same_classes
+from mimar.data.image_set import align_classes
 from mimar.downstream.config import record
 from mimar.downstream.runner import refuse_existing, tested_rows, train_downstream
 from mimar.engine import checkpoint
@@ -57,13 +57,16 @@ def finetune(
     scratch: bool = False,
     resume: bool = False,
     data_spec: str | None = None,
+    unknown_classes: str = "error",
 ) -> dict:
     """Fine-tune the backbone of ``source`` (a run folder, a checkpoint, or an exported
     ``.safetensors`` backbone, whose fine-tune goes to ``eval/`` beside it); returns the summary
     ``{"top1": final-epoch test top-1, "best_top1", "best_epoch", "curve", ...}``.
 
     ``data_spec``: ``KIND:PATH`` (``--data``) fine-tunes on those images instead of the recipe's,
-    with the backbone's channels and the run's statistics (:mod:`mimar.data.eval_data`)."""
+    with the backbone's channels and the run's statistics (:mod:`mimar.data.eval_data`).
+    ``unknown_classes="wrong"``: test images of a class the train split lacks count as wrong
+    (:func:`mimar.data.image_set.align_classes`; the summary's ``unknown_classes``)."""
     spec = parse_data_spec(data_spec)  # a bad KIND fails before anything is read
     source_backbone, source_data, method, state = _source(source)
     out = finetune_dir(runs.run_dir_of(source), scratch)
@@ -74,10 +77,12 @@ def finetune(
         data, note = data_for_backbone(source_data, *spec, base=data)
         print(note)
     train_set = load_images(replace(data, max_images=max_train), "train")
-    test_set = load_images(replace(data, max_images=max_test), "test")
+    test_set = load_images(
+        replace(data, max_images=max_test), "test", unknown_classes=unknown_classes
+    )
     if train_set.labels is None or test_set.labels is None:
         raise DataError(f"{data.root} has no labels (class sub-folders) to fine-tune with")
-    check_same_classes(train_set.classes, test_set.classes, str(data.root))
+    test_set, unknown = align_classes(train_set, test_set, str(data.root), unknown_classes)
     num_classes = int(max(train_set.labels.max(), test_set.labels.max())) + 1
     backbone_cfg = finetune_backbone_config(
         source_backbone, drop_path=ft.drop_path, pool=ft.pool, img_size=ft.img_size
@@ -95,7 +100,8 @@ def finetune(
         num_classes, train_set, test_set,
     )  # fmt: skip
     result = train_downstream(task, out, config, resume=resume)
-    return summarize(out, result, ft, len(train_set), len(test_set))
+    summary = summarize(out, result, ft, len(train_set), len(test_set))
+    return summary | ({"unknown_classes": unknown} if unknown_classes == "wrong" else {})
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import torch
 
-from mimar import runs
+from mimar import runs, writes
 from mimar.config import (
     PretrainConfig,
     apply_overrides,
@@ -95,7 +95,7 @@ def import_release(
         "ignored": converted.ignored | {k: "training state, not weights" for k in other},
         "resampled": resampled,
     }
-    (out / IMPORT_JSON).write_text(json.dumps(report, indent=1))
+    writes.write_text(out / IMPORT_JSON, json.dumps(report, indent=1), "import report")
     _log_summary(report, out)
     return report
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 
+from mimar import writes
 from mimar.errors import CheckpointError, ConfigError
 from mimar.formats.family import Converted, Format
 from mimar.formats.keymap import Table, refuse_unknown, rename
@@ -141,9 +142,9 @@ def write(release: dict, out: Path) -> None:
     """A ``save_pretrained`` folder: ``ViTModel.from_pretrained(out)`` loads it."""
     from safetensors.torch import save_file
 
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.json").write_text(json.dumps(release["config.json"], indent=2))
-    save_file(release["model.safetensors"], str(out / "model.safetensors"))
+    writes.write_text(out / "config.json", json.dumps(release["config.json"], indent=2), "export")
+    tensors = release["model.safetensors"]
+    writes.save_with(out / "model.safetensors", lambda name: save_file(tensors, name), "export")
 
 
 TRANSFORMERS = Format(

@@ -6,7 +6,7 @@ import json
 import time
 from pathlib import Path
 
-from mimar import runs
+from mimar import runs, writes
 
 PANELS = (("loss", "loss"), ("monitor/knn_top1", "kNN top-1 (%)"), ("monitor/rankme", "RankMe"))
 
@@ -56,8 +56,8 @@ def draw(run_dir: Path, extra: list[dict] = (), path: Path | None = None) -> Pat
             axes[0][col].set_yscale("log")
             axes[1][col].set_yscale("log")
     fig.tight_layout()
-    tmp = path.with_suffix(".tmp.png")
-    fig.savefig(tmp, dpi=80)
+    # a reader never sees half a picture; a picture is optional: a failed write is a warning
+    with writes.optional("the monitor picture"):
+        writes.save_with(path, lambda name: fig.savefig(name, dpi=80), "monitor picture")
     plt.close(fig)
-    tmp.replace(path)  # a reader never sees half a picture
     return path
