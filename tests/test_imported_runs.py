@@ -10,6 +10,7 @@ never changed. An imported iTPN release covers the dense tasks' pretrained neck.
 
 import hashlib
 import json
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -124,6 +125,22 @@ def test_every_frozen_protocol_on_an_image_folder(imported, folder, capsys):
     _unchanged(imported)
 
 
+def test_an_rgb_release_reads_fashion_mnist_with_replicated_channels(imported, tmp_path, capsys):
+    if not any(FMNIST.glob("train*")):
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    argv = ["eval", "knn", "--checkpoint", str(imported), "--data", f"fashion_mnist:{FMNIST}"]
+    argv += ["--max-train", "40", "--max-test", "20", "--out", str(tmp_path), *SMALL]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    fitted = f"resized to the backbone's {IMG} px, 3 channels (gray images replicated)"
+    assert out.count(fitted) == 1
+    assert "fashion_mnist test top-1 (%), 10 classes" in out
+    result = _result(tmp_path, "knn")
+    assert (result["n_train"], result["n_test"]) == (40, 20)
+    assert 0 <= _top1(result) <= 100
+    _unchanged(imported)
+
+
 def test_webdataset_shards_give_the_image_folders_knn_result(imported, folder, tmp_path, capsys):
     shards = tmp_path / "shards"
     for split in ("train", "val"):  # 12 and 6 images in shards of 5: 3 + 2 shards, shuffled
@@ -148,11 +165,21 @@ def test_webdataset_shards_give_the_image_folders_knn_result(imported, folder, t
     _unchanged(imported)
 
 
-def test_finetune_without_a_recipe_says_which_to_pass(imported, folder, capsys):
-    argv = ["eval", "finetune", "--checkpoint", str(imported), "--data", f"image_folder:{folder}"]
-    assert main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "--recipe" in err
+def test_what_an_import_cannot_know_is_one_line(imported, folder, tmp_path, capsys):
+    """The release names no data (the recipe's ImageNet root is a placeholder) and an image
+    folder has no default fine-tune recipe: each says what to pass, in one line."""
+    run = tmp_path / "run"  # a copy: the other tests' evaluations are not in its eval/
+    shutil.copytree(imported, run, ignore=shutil.ignore_patterns("eval"))
+    cases = {
+        ("eval", "knn"): ("/path/to/imagenet", []),
+        ("eval", "finetune"): ("--recipe", ["--data", f"image_folder:{folder}"]),
+        ("visualize",): ("/path/to/imagenet", ["--out", str(folder / "v.png")]),
+    }
+    for command, (words, extra) in cases.items():
+        assert main([*command, "--checkpoint", str(run), *extra]) == 2, command
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and words in err, err
+    assert not (run / "eval" / "finetune").exists()
 
 
 def test_finetune_then_robustness_on_an_image_folder(imported, folder, capsys):
