@@ -27,7 +27,14 @@ def add_parser(sub) -> None:
     vi.add_argument("--split", choices=["train", "test"], default="test")
     vi.add_argument("--num", type=int, default=8, help="number of images")
     vi.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
-    vi.set_defaults(func=visualize)
+    vi.add_argument(
+        "teacher",
+        nargs="*",
+        metavar="teacher.KEY=VALUE",
+        help="another teacher for an EVA / D-iGPT / iTPN-CLIP run's picture (e.g. an imported "
+        "release's: teacher.kind=mimar teacher.path=RUN)",
+    )
+    vi.set_defaults(func=visualize, extra="teacher")  # key=value words after the options
 
 
 def export(args) -> int:
@@ -52,7 +59,7 @@ def visualize(args) -> int:
     from mimar.factory import load_method
     from mimar.viz import has_picture, save_reconstruction
 
-    cfg, method = load_method(args.checkpoint)
+    cfg, method = load_method(args.checkpoint, args.teacher)
     if not has_picture(method):
         raise ConfigError(f"{type(method).__name__} has no reconstruction picture")
     spec = parse_data_spec(args.data)
