@@ -17,9 +17,10 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import DEMO, TINY
 from PIL import Image
 from test_formats import IMG, official_simmim_vit, save_like_simmim
-from test_formats_itpn_digpt import IT_IMG, official_itpn, save_like_official
+from test_formats_itpn_digpt import DG_T, IT_IMG, official_digpt, official_itpn, save_like_official
 
 import mimar
 from mimar.cli import main
@@ -272,6 +273,31 @@ def test_visualize(imported, folder, tmp_path, spec, capsys):
     with Image.open(out) as picture:
         assert picture.size[0] > 4 * IMG and picture.size[1] > 2 * IMG
     _unchanged(imported)
+
+
+def test_visualize_an_imported_digpt_with_the_teacher_given(folder, tmp_path, capsys):
+    """D-iGPT's picture compares with its teacher, which no release holds: the recipe's CLIP
+    files are named in one line, and ``teacher.*`` words give another (here a mimar run of
+    the release's teacher width)."""
+    teacher = tmp_path / "teacher"
+    argv = ["pretrain", DEMO, *TINY, f"backbone.embed_dim={DG_T}", "train.steps=1"]
+    assert main([*argv, "--run-dir", str(teacher)]) == 0
+    release = tmp_path / "digpt_base.pth"
+    save_like_official(official_digpt(), release)
+    words = ["backbone.num_heads=2", "method.decoder_heads=2", "data.num_workers=0"]
+    run = _imported(release, tmp_path / "digpt", words)
+    out = tmp_path / "digpt.png"
+    argv = ["visualize", "--checkpoint", str(run), "--data", f"image_folder:{folder}"]
+    argv += ["--num", "4", "--out", str(out)]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "teacher.checkpoint=" in err and len(err.splitlines()) == 1
+    mimar_teacher = ["teacher.kind=mimar", f"teacher.path={teacher}", "teacher.img_size=0"]
+    assert main([*argv, *mimar_teacher]) == 0
+    assert out.is_file()
+    assert main([*argv, "backbone.depth=3"]) == 2  # only the teacher can change
+    assert "only teacher.* keys" in capsys.readouterr().err
+    _unchanged(run)
 
 
 EVA = [
