@@ -231,13 +231,17 @@ def imported_itpn(tmp_path_factory) -> Path:
     return _imported(release, base / "itpn", ["backbone.num_heads=2", "method.decoder_num_heads=2"])
 
 
-def test_segment_with_the_imported_itpn_neck(imported_itpn, scenes):
+@pytest.mark.parametrize(
+    "neck, folder", [("pretrained", "segment"), ("scratch", "segment-scratch-neck")]
+)
+def test_segment_with_the_imported_itpn_neck(imported_itpn, scenes, neck, folder):
     argv = ["eval", "segment", "--checkpoint", str(imported_itpn), "--data", str(scenes)]
-    assert main([*argv, "--neck", "pretrained", *DENSE]) == 0
-    cfg = yaml.safe_load((imported_itpn / "eval" / "segment" / "config.yaml").read_text())
-    assert cfg["neck"] == "pretrained" and cfg["method"] == "itpn"
+    assert main([*argv, "--neck", neck, *DENSE]) == 0
+    cfg = yaml.safe_load((imported_itpn / "eval" / folder / "config.yaml").read_text())
+    assert cfg["neck"] == neck and cfg["method"] == "itpn"
     assert cfg["img_size"] == IT_IMG
-    assert 0 <= _result(imported_itpn / "eval", "segment")["miou"] <= 100
+    result = _result(imported_itpn / "eval", "segment")
+    assert result["neck"] == neck and 0 <= result["miou"] <= 100
     _unchanged(imported_itpn)
 
 
