@@ -14,7 +14,7 @@ from torch import nn
 
 from mimar import names
 from mimar.backbones import build_backbone
-from mimar.config import PretrainConfig
+from mimar.config import PretrainConfig, apply_overrides, from_dict, to_dict
 from mimar.data import normalization_stats
 from mimar.errors import ConfigError
 from mimar.loading import load_run, teacher_backbone
@@ -42,9 +42,20 @@ def build_method(cfg: PretrainConfig) -> nn.Module:
         raise ConfigError(str(err)) from None
 
 
-def load_method(source: str | Path) -> tuple[PretrainConfig, nn.Module]:
-    """The config and the whole trained method of a run folder or checkpoint (pictures)."""
+def load_method(
+    source: str | Path, teacher: list[str] | tuple[str, ...] = ()
+) -> tuple[PretrainConfig, nn.Module]:
+    """The config and the whole trained method of a run folder or checkpoint (pictures).
+
+    ``teacher``: ``teacher.*=value`` words replacing the run's teacher (not in a checkpoint):
+    an imported EVA / D-iGPT release names a recipe's teacher files the user may not have.
+    """
     cfg, state = load_run(source)
+    if teacher:
+        stray = [w for w in teacher if not w.startswith("teacher.")]
+        if stray:
+            raise ConfigError(f"only teacher.* keys can change a trained method, got {stray}")
+        cfg = from_dict(apply_overrides(to_dict(cfg), teacher))
     method = build_method(cfg)
     method.load_state_dict(state["model"])
     return cfg, method

@@ -18,11 +18,23 @@ def add_parser(sub) -> None:
     vi = sub.add_parser("visualize", help="draw original / masked / reconstruction rows")
     vi.add_argument("--checkpoint", required=True, help="run folder or checkpoint file")
     vi.add_argument("--out", required=True, help="output PNG")
-    vi.add_argument("--data", default=None, help="data root (default: the run's data.root)")
+    vi.add_argument(
+        "--data",
+        default=None,
+        help="KIND:PATH (image_folder:DIR, fashion_mnist:DIR, webdataset:PATTERN) as in mimar "
+        "eval, or a plain root of the run's data set (default: the run's data.root)",
+    )
     vi.add_argument("--split", choices=["train", "test"], default="test")
     vi.add_argument("--num", type=int, default=8, help="number of images")
     vi.add_argument("--seed", type=int, default=0, help="seed of the masks drawn")
-    vi.set_defaults(func=visualize)
+    vi.add_argument(
+        "teacher",
+        nargs="*",
+        metavar="teacher.KEY=VALUE",
+        help="another teacher for an EVA / D-iGPT / iTPN-CLIP run's picture (e.g. an imported "
+        "release's: teacher.kind=mimar teacher.path=RUN)",
+    )
+    vi.set_defaults(func=visualize, extra="teacher")  # key=value words after the options
 
 
 def export(args) -> int:
@@ -43,13 +55,19 @@ def visualize(args) -> int:
     import torch
 
     from mimar.data import iterate_eval_batches, load_images
+    from mimar.data.eval_data import data_for_backbone, parse_data_spec
     from mimar.factory import load_method
     from mimar.viz import has_picture, save_reconstruction
 
-    cfg, method = load_method(args.checkpoint)
+    cfg, method = load_method(args.checkpoint, args.teacher)
     if not has_picture(method):
         raise ConfigError(f"{type(method).__name__} has no reconstruction picture")
-    data = cfg.data if args.data is None else replace(cfg.data, root=args.data)
+    spec = parse_data_spec(args.data)
+    if spec is not None:  # KIND:PATH, as `mimar eval --data`: fitted to the backbone
+        data, note = data_for_backbone(cfg.data, *spec)
+        print(note)
+    else:
+        data = cfg.data if args.data is None else replace(cfg.data, root=args.data)
     images = load_images(replace(data, max_images=args.num), args.split)
     batch, _ = next(iter(iterate_eval_batches(images, data.img_size, args.num)))
     generator = torch.Generator().manual_seed(args.seed)

@@ -7,7 +7,8 @@ keeps its final norm and average-pools (SimMIM-Swin). The head starts at trunc-n
 with zero bias (MAE's fine-tuning init). How a pretraining run becomes this backbone: the
 run's backbone config with ``drop_path_rate`` set, no mask token (unused downstream), no final
 norm for ``avg``, a shared relative position table copied into every block (§2.6), and the
-position table resampled when the fine-tuning image size differs (ViT).
+position table and relative position tables resampled when the fine-tuning image size differs
+(ViT).
 """
 
 from __future__ import annotations
@@ -16,7 +17,6 @@ from dataclasses import fields, replace
 
 import torch
 import torch.nn.functional as F
-from timm.layers import resample_abs_pos_embed
 from timm.loss import SoftTargetCrossEntropy
 from timm.utils import ModelEmaV3
 from torch import nn
@@ -25,6 +25,7 @@ from mimar.backbones import build_backbone
 from mimar.backbones.vit import expand_shared_rel_pos_bias
 from mimar.engine.contracts import MethodDefaults
 from mimar.errors import ConfigError
+from mimar.formats.resample import fit_positions
 
 
 class Classifier(MethodDefaults, nn.Module):
@@ -110,7 +111,7 @@ def pretrained_weights(state: dict, source_cfg, target: nn.Module) -> dict:
     """The ``backbone.*`` weights of a pretraining checkpoint, made to fit ``target`` (the
     fine-tuning backbone): iTPN's trunk without its neck (unless ``target`` has one: the
     dense models), no mask token, no final norm when
-    the target has none, the shared rel-pos table per block, the position table resampled."""
+    the target has none, the shared rel-pos table per block, the position tables resampled."""
     # iTPN's trunk without its neck for a plain HiViT target; all of it for a pyramid one
     neckless = not hasattr(target, "trunk")
     trunk = any(k.startswith("backbone.trunk.") for k in state)
@@ -120,12 +121,9 @@ def pretrained_weights(state: dict, source_cfg, target: nn.Module) -> dict:
         weights = expand_shared_rel_pos_bias(weights)
     wanted = target.state_dict()
     weights = {k: v for k, v in weights.items() if k in wanted}  # mask token, final norm
-    pos = weights.get("pos_embed")
-    if pos is not None and pos.shape != wanted["pos_embed"].shape:
-        P = target.num_prefix_tokens
-        weights["pos_embed"] = resample_abs_pos_embed(
-            pos, new_size=[target.grid_size] * 2, num_prefix_tokens=P
-        )
+    # another image size: the position table and the relative position tables (SimMIM's,
+    # BEiT's), both sized by the token grid, are resampled to it
+    fit_positions(weights, wanted, getattr(target, "num_prefix_tokens", 0))
     return weights
 
 
