@@ -24,7 +24,10 @@ from test_formats_itpn_digpt import DG_T, IT_IMG, official_digpt, official_itpn,
 
 import mimar
 from mimar.cli import main
+from mimar.config import DataConfig
 from mimar.engine import checkpoint
+from mimar.errors import ConfigError
+from mimar.finetune.config import default_recipe
 
 RELEASE = "simmim_pretrain__vit_base__img224__800ep.pth"
 # the recipe reads ImageNet in 8 workers: the tiny folders here in the main process
@@ -167,20 +170,39 @@ def test_webdataset_shards_give_the_image_folders_knn_result(imported, folder, t
 
 
 def test_what_an_import_cannot_know_is_one_line(imported, folder, tmp_path, capsys):
-    """The release names no data (the recipe's ImageNet root is a placeholder) and an image
-    folder has no default fine-tune recipe: each says what to pass, in one line."""
+    """The release names no data (the recipe's ImageNet root is a placeholder): each command
+    that needs it says what to pass, in one line."""
     run = tmp_path / "run"  # a copy: the other tests' evaluations are not in its eval/
     shutil.copytree(imported, run, ignore=shutil.ignore_patterns("eval"))
     cases = {
         ("eval", "knn"): ("/path/to/imagenet", []),
-        ("eval", "finetune"): ("--recipe", ["--data", f"image_folder:{folder}"]),
         ("visualize",): ("/path/to/imagenet", ["--out", str(folder / "v.png")]),
     }
     for command, (words, extra) in cases.items():
         assert main([*command, "--checkpoint", str(run), *extra]) == 2, command
         err = capsys.readouterr().err.strip()
         assert len(err.splitlines()) == 1 and words in err, err
-    assert not (run / "eval" / "finetune").exists()
+
+
+def test_finetune_without_a_recipe_takes_the_papers(imported, folder, tmp_path, capsys):
+    """The issue's `mimar eval finetune --checkpoint RUN --data image_folder:DIR`: with no
+    --recipe, a run of another data set than Fashion-MNIST fine-tunes with its method's paper
+    recipe (SimMIM ViT's §2.6 here), said in one line; keys still override it."""
+    run = tmp_path / "run"
+    shutil.copytree(imported, run, ignore=shutil.ignore_patterns("eval"))
+    small = ["finetune.schedule.epochs=1", "finetune.schedule.batch_size=4",
+             "finetune.img_size=16", "finetune.train.precision=fp32",
+             "finetune.train.progress=false", "finetune.train.threads=1"]  # fmt: skip
+    argv = ["eval", "finetune", "--checkpoint", str(run), "--data", f"image_folder:{folder}"]
+    assert main([*argv, "--max-train", "8", "--max-test", "4", *small]) == 0
+    said = [line for line in capsys.readouterr().out.splitlines() if "fine-tune recipe" in line]
+    assert len(said) == 1 and "simmim_vit_base_in1k.yaml (the simmim paper's" in said[0]
+    cfg = yaml.safe_load((run / "eval" / "finetune" / "config.yaml").read_text())
+    ft = cfg["finetune"]
+    assert (ft["optim"]["layer_decay"], ft["mixup"], ft["drop_path"]) == (0.65, 0.8, 0.1)
+    assert (ft["schedule"]["epochs"], ft["img_size"]) == (1, 16)  # the overrides won
+    with pytest.raises(ConfigError, match="--recipe"):  # AIM's paper only probes
+        default_recipe(DataConfig(name="image_folder"), ("aim", "vit"))
 
 
 def test_finetune_then_robustness_on_an_image_folder(imported, folder, capsys):

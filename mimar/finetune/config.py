@@ -37,6 +37,17 @@ from mimar.errors import ConfigError
 
 RECIPES = Path(__file__).resolve().parents[2] / "configs" / "finetune"
 DEFAULT_RECIPES = {"fashion_mnist": "fmnist.yaml"}  # the CPU recipe per pretraining data set
+# Any other data (an imported release, a run on the user's images): the paper's own fine-tuning
+# recipe of the run's method and backbone (docs/METHODS.md). AIM's paper only probes, so an
+# AIM run names a recipe with --recipe.
+PAPER_RECIPES = {
+    ("simmim", "vit"): "simmim_vit_base_in1k.yaml",
+    ("simmim", "swin"): "simmim_swin_base_in1k.yaml",
+    ("eva", "vit"): "eva_vit_base_in1k.yaml",
+    ("itpn", "hivit"): "itpn_base_in1k.yaml",
+    ("itpn_clip", "hivit"): "itpn_base_in1k.yaml",
+    ("digpt", "vit"): "digpt_vit_base_in1k.yaml",
+}
 
 
 def _schedule() -> EpochSchedule:
@@ -93,18 +104,35 @@ class FinetuneConfig:
         return SupervisedAugmentConfig(**{k: getattr(self, k) for k in keys})
 
 
+def default_recipe(run_data: DataConfig, method: tuple[str, str] = ("", "")) -> Path:
+    """The fine-tune recipe when ``--recipe`` is not given: the CPU recipe of the run's data
+    set (Fashion-MNIST), else the paper recipe of ``method`` = (method name, backbone name),
+    said in one line."""
+    if run_data.name in DEFAULT_RECIPES:
+        return RECIPES / DEFAULT_RECIPES[run_data.name]
+    if method in PAPER_RECIPES:
+        recipe = RECIPES / PAPER_RECIPES[method]
+        print(
+            f"fine-tune recipe: {recipe} (the {method[0]} paper's; --recipe R.yaml or "
+            "finetune.KEY=VALUE to change it)"
+        )
+        return recipe
+    raise ConfigError(
+        f"no default fine-tune recipe for data.name={run_data.name} and method {method[0] or '?'}"
+        f": pass --recipe (e.g. {RECIPES / 'simmim_vit_base_in1k.yaml'})"
+    )
+
+
 def load_finetune_config(
-    run_data: DataConfig, recipe: str | Path | None, overrides: list[str] | tuple[str, ...] = ()
+    run_data: DataConfig,
+    recipe: str | Path | None,
+    overrides: list[str] | tuple[str, ...] = (),
+    method: tuple[str, str] = ("", ""),
 ) -> tuple[FinetuneConfig, DataConfig]:
-    """The fine-tune recipe (default: the CPU recipe of the run's data set) with ``overrides``
+    """The fine-tune recipe (default: :func:`default_recipe`) with ``overrides``
     (``finetune.*`` and ``data.*`` keys) applied; ``data`` starts from the run's own."""
     if recipe is None:
-        if run_data.name not in DEFAULT_RECIPES:
-            raise ConfigError(
-                f"no default fine-tune recipe for data.name={run_data.name}: pass --recipe "
-                f"(e.g. {RECIPES / 'simmim_vit_base_in1k.yaml'})"
-            )
-        recipe = RECIPES / DEFAULT_RECIPES[run_data.name]
+        recipe = default_recipe(run_data, method)
     raw = read_recipe(recipe)
     unknown = sorted(set(raw) - {"finetune", "data"})
     if unknown:

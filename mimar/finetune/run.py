@@ -72,7 +72,7 @@ def finetune(
     out = finetune_dir(runs.run_dir_of(source), scratch)
     if not resume:
         refuse_existing(out, "fine-tune")
-    ft, data = load_finetune_config(source_data, recipe, overrides)
+    ft, data = load_finetune_config(source_data, recipe, overrides, (method, source_backbone.name))
     if spec is not None:
         data, note = data_for_backbone(source_data, *spec, base=data)
         print(note)
