@@ -74,6 +74,7 @@ def _finetune(request: EvalRequest) -> dict:
             resume=opts.resume,
             data_spec=_data_spec(run.data_root),
             unknown_classes=run.unknown_classes,
+            eval_out=run.out,
         )
         if res.get("stopped_by"):
             raise Stopped(res["stopped_by"], "fine-tuning")
@@ -113,6 +114,7 @@ def _dense(task: str):
                 scratch=scratch,
                 neck=opts.neck,
                 resume=opts.resume,
+                eval_out=run.out,
             )
             if res.get("stopped_by"):
                 raise Stopped(res["stopped_by"], task)
@@ -155,7 +157,7 @@ def _robustness(request: EvalRequest) -> dict:
     rows, curves, test = [], [], None
     spec = parse_data_spec(run.data_root)  # the fine-tune's own test set unless KIND:PATH
     for scratch in _rows_of(request):
-        classifier, ft_cfg = load_finetuned(run_dir, scratch)  # one clear line if missing
+        classifier, ft_cfg = load_finetuned(run_dir, scratch, run.out)  # one line if missing
         data = build_section(DataConfig, ft_cfg["data"], "data")
         if spec is not None and test is None:  # KIND:PATH: another test set, as fine-tuned
             data = replace(data, name=spec[0], root=spec[1])
@@ -182,7 +184,7 @@ def _robustness(request: EvalRequest) -> dict:
         res_row = res | {"top1": res["mean_corruption_top1"]}
         rows.append(result_row(name, "robustness", "mean corruption", res_row, notes))
         curves.append((f"{name} fine-tune", res))
-    out = run_dir / runs.EVAL
+    out = runs.eval_folder(run_dir, run.out)
     plot_robustness(curves, out / "robustness.png")
     plot_corruptions(test.images[0], out / "corruptions.png")
     return {"rows": rows, "n_test": len(test)}

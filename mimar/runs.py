@@ -71,6 +71,13 @@ def run_dir_of(source: str | Path) -> Path:
     return path if path.is_dir() else path.parent
 
 
+def eval_folder(source: str | Path, out: str | Path | None = None) -> Path:
+    """Where an evaluation of ``source`` writes: ``out`` (``mimar eval --out DIR``: a read-only
+    run can be evaluated), else ``eval/`` of the run ``source`` belongs to
+    (:func:`run_dir_of`). Frozen results and the trained protocols' run folders alike."""
+    return Path(out) if out else run_dir_of(source) / EVAL
+
+
 def run_of_checkpoint(ckpt: str | Path) -> Path:
     """The run folder a checkpoint file (or DCP folder) belongs to (its folder's parent for
     ``checkpoints/*.pt`` and ``checkpoints/*.dcp``, else the folder it sits in)."""

@@ -188,6 +188,22 @@ def test_robustness_without_a_finetune_is_one_clear_line(run, tmp_path, capsys):
     assert len(err) == 1 and "mimar eval finetune --checkpoint" in err[0]
 
 
+def test_out_takes_the_finetune_and_robustness_reads_it_there(run, tmp_path):
+    """``mimar eval ... --out DIR`` (a read-only run): the fine-tune's own run folder and its
+    JSON go under DIR, robustness reads the fine-tune from there, and the run folder gains
+    nothing."""
+    copy, out = _fresh(run, tmp_path), tmp_path / "results"
+    before = sorted(p.relative_to(copy) for p in copy.rglob("*"))
+    small = ["finetune.epochs=1", "--max-train", "32", "--max-test", "16"]
+    assert _ft(copy, *small, "--out", str(out)) == 0
+    assert (out / "finetune" / "checkpoints" / "last.pt").is_file()
+    assert json.loads((out / "finetune.json").read_text())["rows"][0]["protocol"] == "finetune"
+    argv = ["eval", "robustness", "--checkpoint", str(copy), "--max-test", "8", "--out", str(out)]
+    assert main(argv) == 0
+    assert json.loads((out / "robustness.json").read_text())["n_test"] == 8
+    assert sorted(p.relative_to(copy) for p in copy.rglob("*")) == before
+
+
 PAPER = {
     "simmim_vit_base_in1k": "configs/simmim/vit_base_in1k.yaml",
     "simmim_swin_base_in1k": "configs/simmim/swin_base_in1k.yaml",

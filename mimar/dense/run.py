@@ -44,10 +44,17 @@ DEFAULT_DATA = "data/fmnist-scenes"  # where `mimar data scenes` builds the benc
 HEADLINE = {"segment": "miou", "detect": "ap"}
 
 
-def dense_dir(run_dir: str | Path, task: str, scratch: bool = False, neck: str = "pretrained"):
-    """``RUN_DIR/eval/<task>[-scratch | -scratch-neck]``: a dense fine-tune's run folder."""
+def dense_dir(
+    run_dir: str | Path,
+    task: str,
+    scratch: bool = False,
+    neck: str = "pretrained",
+    out: str | Path | None = None,
+) -> Path:
+    """``RUN_DIR/eval/<task>[-scratch | -scratch-neck]`` (under ``out`` with ``--out``): a dense
+    fine-tune's run folder."""
     suffix = "-scratch" if scratch else "-scratch-neck" if neck == "scratch" else ""
-    return Path(run_dir) / runs.EVAL / f"{task}{suffix}"
+    return runs.eval_folder(run_dir, out) / f"{task}{suffix}"
 
 
 def data_root(spec: str | None) -> Path:
@@ -69,6 +76,7 @@ def dense_finetune(
     scratch: bool = False,
     neck: str = "pretrained",
     resume: bool = False,
+    eval_out: str | Path | None = None,
 ) -> dict:
     """Train ``task``'s head (and the whole backbone, with layer decay) on the dense data from
     the run ``source``'s pretrained backbone (``scratch``: from random initialisation); returns
@@ -77,7 +85,7 @@ def dense_finetune(
         raise ConfigError("dense evaluation needs a run folder or checkpoint, not an export")
     run_cfg, state = load_run(source)
     check_neck(run_cfg, neck)
-    out = dense_dir(runs.run_dir_of(source), task, scratch, neck)
+    out = dense_dir(source, task, scratch, neck, eval_out)
     dense = load_dense_config(task, recipe, overrides)
     root = data_root(data)
     in_chans = run_cfg.backbone.in_chans

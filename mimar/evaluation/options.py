@@ -90,7 +90,7 @@ class RunOptions:
         "auto", "where features and probes run: auto (cuda if available, else cpu), cpu, cuda, ..."
     )
     out: str | None = option(
-        None, "frozen protocols: the results folder (default RUN_DIR/eval; for a read-only run)"
+        None, "the results folder, fine-tunes included (default RUN_DIR/eval; a read-only run)"
     )
     unknown_classes: Literal["error", "wrong"] = option(
         "error",

@@ -41,7 +41,7 @@ def eval_dir(checkpoint: str | Path, out: str | Path | None = None) -> Path:
     """Where results go: ``out`` (``--out``: a read-only run can be evaluated), else ``eval/``
     of the run a checkpoint belongs to (:func:`runs.run_dir_of`), or ``eval/`` beside an
     exported file."""
-    return Path(out) if out else runs.run_dir_of(checkpoint) / runs.EVAL
+    return runs.eval_folder(checkpoint, out)
 
 
 @dataclass(frozen=True)

@@ -42,9 +42,10 @@ log = logging.getLogger("mimar")
 FOLDERS = {False: "finetune", True: "finetune-scratch"}
 
 
-def finetune_dir(run_dir: str | Path, scratch: bool = False) -> Path:
-    """``RUN_DIR/eval/finetune`` (or ``finetune-scratch``): a fine-tune's own run folder."""
-    return Path(run_dir) / runs.EVAL / FOLDERS[scratch]
+def finetune_dir(run_dir: str | Path, scratch: bool = False, out: str | Path | None = None) -> Path:
+    """``RUN_DIR/eval/finetune`` (or ``finetune-scratch``; under ``out`` with ``--out``): a
+    fine-tune's own run folder."""
+    return runs.eval_folder(run_dir, out) / FOLDERS[scratch]
 
 
 def finetune(
@@ -58,6 +59,7 @@ def finetune(
     resume: bool = False,
     data_spec: str | None = None,
     unknown_classes: str = "error",
+    eval_out: str | Path | None = None,
 ) -> dict:
     """Fine-tune the backbone of ``source`` (a run folder, a checkpoint, or an exported
     ``.safetensors`` backbone, whose fine-tune goes to ``eval/`` beside it); returns the summary
@@ -66,10 +68,11 @@ def finetune(
     ``data_spec``: ``KIND:PATH`` (``--data``) fine-tunes on those images instead of the recipe's,
     with the backbone's channels and the run's statistics (:mod:`mimar.data.eval_data`).
     ``unknown_classes="wrong"``: test images of a class the train split lacks count as wrong
-    (:func:`mimar.data.image_set.align_classes`; the summary's ``unknown_classes``)."""
+    (:func:`mimar.data.image_set.align_classes`; the summary's ``unknown_classes``).
+    ``eval_out``: ``--out``, the folder that takes ``finetune/`` instead of ``RUN/eval``."""
     spec = parse_data_spec(data_spec)  # a bad KIND fails before anything is read
     source_backbone, source_data, method, state = _source(source)
-    out = finetune_dir(runs.run_dir_of(source), scratch)
+    out = finetune_dir(source, scratch, eval_out)
     if not resume:
         refuse_existing(out, "fine-tune")
     ft, data = load_finetune_config(source_data, recipe, overrides, (method, source_backbone.name))
@@ -210,9 +213,12 @@ def summarize(out: Path, result: RunResult, ft, n_train: int, n_test: int) -> di
     }
 
 
-def load_finetuned(run_dir: str | Path, scratch: bool = False) -> tuple[Classifier, dict]:
-    """The fine-tuned classifier of ``RUN_DIR/eval/finetune`` (eval mode) and its config."""
-    out = finetune_dir(run_dir, scratch)
+def load_finetuned(
+    run_dir: str | Path, scratch: bool = False, eval_out: str | Path | None = None
+) -> tuple[Classifier, dict]:
+    """The fine-tuned classifier of ``RUN_DIR/eval/finetune`` (or ``eval_out/finetune``; eval
+    mode) and its config."""
+    out = finetune_dir(run_dir, scratch, eval_out)
     ckpt = runs.last_checkpoint(out)
     if not ckpt.is_file():
         what = "from-scratch fine-tune" if scratch else "fine-tuned model"
