@@ -270,6 +270,77 @@ def _trial_recipes(tmp: Path) -> bool:
     return ok
 
 
+def _trial_resume_copy(tmp: Path) -> bool:
+    """Class 3: config.yaml edited to agree with a change; the resume still refuses it."""
+    import yaml
+
+    run = tmp / "copy"
+    done = _cli("pretrain", RECIPE, *TINY[:-2], "train.steps=2", "--run-dir", str(run),
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=300)  # fmt: skip
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["optim"]["lr"] = 0.5
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    resume = ["train.steps=3", "optim.lr=0.5", "--run-dir", str(run), "--resume"]
+    proc = _cli("pretrain", RECIPE, *TINY[:-2], *resume, stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE)  # fmt: skip
+    _, err = proc.communicate(timeout=300)
+    return done == 0 and proc.returncode == 2 and _one_line(err) and "optim.lr" in err
+
+
+def _trial_dcp_eval(tmp: Path) -> bool:
+    """Class 4: eval of RUN/checkpoints/last.dcp writes RUN/eval, nothing inside the DCP."""
+    run = tmp / "dcp"
+    done = _cli("pretrain", RECIPE, *TINY[:-2], "train.steps=2", "train.strategy=fsdp",
+                "--run-dir", str(run), stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL).wait(timeout=300)  # fmt: skip
+    last = run / "checkpoints" / "last.dcp"
+    inside = sorted(p.name for p in last.iterdir())
+    proc = _cli("eval", "knn", "--checkpoint", str(last), "--max-train", "64",
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    return (
+        done == 0
+        and proc.wait(timeout=300) == 0
+        and (run / "eval" / "knn.json").is_file()
+        and sorted(p.name for p in last.iterdir()) == inside
+    )
+
+
+def _trial_partial(tmp: Path) -> bool:
+    """Class 10: shards with no shards.json (a killed `mimar data shard`, or another tool's)
+    and a truncated export .json are one line each."""
+    import numpy as np
+    from PIL import Image
+
+    for c in ("a", "b"):
+        (tmp / "img" / "train" / c).mkdir(parents=True)
+        for i in range(4):
+            Image.fromarray(np.full((8, 8), 60 * i, np.uint8)).save(
+                tmp / "img/train" / c / f"{i}.png"
+            )
+    pattern = str(tmp / "shards" / "train-%06d.tar")
+    shard = _cli("data", "shard", str(tmp / "img" / "train"), pattern, "--shard-size", "4",
+                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    shard = shard.wait(timeout=300)
+    (tmp / "shards" / "shards.json").unlink()  # as a kill before the index, or another tool
+    root = str(tmp / "shards" / "train-{000000..000001}.tar")
+    train = _cli("pretrain", RECIPE, *TINY[:-2], "train.steps=1", "data.name=webdataset",
+                 f"data.root={root}", "--run-dir", str(tmp / "run"),
+                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)  # fmt: skip
+    _, err = train.communicate(timeout=300)
+    refused = train.returncode == 2 and _one_line(err) and "mimar data index" in err
+    run, out = tmp / "ok", tmp / "x.safetensors"
+    _cli("pretrain", RECIPE, *TINY[:-2], "train.steps=1", "--run-dir", str(run),
+         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=300)  # fmt: skip
+    _cli("export", "--checkpoint", str(run), "--out", str(out),
+         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL).wait(timeout=300)  # fmt: skip
+    meta = out.with_suffix(".json")
+    meta.write_text(meta.read_text()[:40])
+    ev = _cli("eval", "finetune", "--checkpoint", str(out), stdout=subprocess.DEVNULL,
+              stderr=subprocess.PIPE)  # fmt: skip
+    _, err = ev.communicate(timeout=300)
+    return shard == 0 and refused and ev.returncode == 2 and _one_line(err)
+
+
 def _trial_signal(tmp: Path, name: str) -> bool:
     run = tmp / f"sig-{name}"
     proc = _cli("pretrain", RECIPE, *TINY[:-2], "train.steps=100000", "--run-dir", str(run),
@@ -310,11 +381,14 @@ def _trial_harness(tmp: Path) -> bool:
 HOSTILE = [
     ("1 labels: empty class folder first; test class unknown to training", _trial_labels),
     ("2 a second pretrain / --resume auto on a live run folder", _trial_lock),
+    ("3 config.yaml edited to agree with a changed lr, then --resume", _trial_resume_copy),
+    ("4 eval knn of RUN/checkpoints/last.dcp (one-process FSDP)", _trial_dcp_eval),
     ("5 every write site fails (ENOSPC, EROFS, torch), real full tmpfs", _trial_harness),
     ("6 stdout+stderr closed after one line (2>&1 piped into head -1)", _trial_pipe),
     ("7 alias bomb (10^9 values), 5000-deep nesting, a repeated section", _trial_recipes),
     ("8 embed_dim=1048576, depth=100000, img_size=100000", _trial_sizes),
     ("9 SIGHUP to a training run", lambda tmp: _trial_signal(tmp, "SIGHUP")),
+    ("10 shards without shards.json; a truncated export .json", _trial_partial),
 ]
 
 
