@@ -110,3 +110,15 @@ def tiny_teacher_run(run_dir: Path) -> Path:
     argv = ["pretrain", DEMO, *TINY, "train.steps=1", "--run-dir", str(run_dir)]
     assert main(argv) == 0
     return Path(run_dir)
+
+
+def default_signals() -> None:
+    """``preexec_fn`` of a child that a user's shell would start: SIGINT, SIGTERM and SIGHUP at
+    their defaults. A suite run under ``nohup`` or as a background job (``&``) hands its
+    children SIGHUP / SIGINT ignored, and mimar leaves an ignored signal ignored by design
+    (docs/reliability.md), so a signal test would otherwise test the launcher."""
+    import signal
+
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+

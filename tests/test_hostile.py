@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from helpers import default_signals
 from PIL import Image
 
 from mimar.config import load_config
@@ -360,7 +361,11 @@ def test_sighup_checkpoints_a_run_like_sigterm(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(MetricsLog, "write", write_then_hang_up)
     run = tmp_path / "run"
     argv = ["pretrain", DEMO, *TINY_RUN, "train.steps=10", "--run-dir", str(run)]
-    assert main(argv) == 129
+    before = signal.signal(signal.SIGHUP, signal.SIG_DFL)  # as a terminal's child (not nohup)
+    try:
+        assert main(argv) == 129
+    finally:
+        signal.signal(signal.SIGHUP, before)
     assert "stopped by SIGHUP after step 2" in capsys.readouterr().err
     assert checkpoint.load(run / "checkpoints/last.pt")["step"] == 2
 
@@ -381,7 +386,7 @@ def test_a_signal_outside_training_is_one_line_and_128_plus_n(name, code):
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     out = subprocess.run(
         [sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=120,
+        timeout=120, preexec_fn=default_signals,
     )  # fmt: skip
     assert out.returncode == code and "Traceback" not in out.stderr, out.stderr
     assert out.stderr.strip() == f"mimar export: stopped by {name}"
